@@ -1,0 +1,206 @@
+"""The frozen backbone on the device: forward only, tapped layers handed out as they finish."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from mobillm.backbone.families import export_head, family_of
+from mobillm.backbone.loader import load_model_and_tokenizer
+from mobillm.config import Config, check
+from mobillm.fingerprint import BackboneFingerprint
+from mobillm.side.head import HeadSpec, tensors_sha256
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config keys that do not change what the layers compute.
+_VOLATILE_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "use_cache",
+    "architectures",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "_commit_hash",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig(Config):
+    """Which model to load and which layers to tap.
+
+    ``source``: a Hugging Face folder, a ``.gguf`` file, an alias (``smollm2-135m``) or a hub id.
+    ``taps``: ``"all"``, ``"every:K"`` (layers K-1, 2K-1, ...) or a comma list ``"3,7,11"``
+    (0-based decoder layer indices). The last layer is always tapped: the head needs it.
+    """
+
+    source: str = "smollm2-135m"
+    dtype: str = "float32"
+    taps: str = "all"
+
+    def validate(self) -> None:
+        check(bool(self.source), "BackboneConfig.source is empty")
+        check(self.dtype in DTYPES, f"BackboneConfig.dtype must be one of {sorted(DTYPES)}")
+        _parse_taps(self.taps)
+
+
+def _parse_taps(spec: str) -> tuple[str, int | tuple[int, ...]]:
+    spec = spec.strip()
+    if spec == "all":
+        return "all", 1
+    if spec.startswith("every:"):
+        k = spec.split(":", 1)[1]
+        check(
+            k.isdigit() and int(k) > 0, f"taps 'every:K' needs a positive integer K, got {spec!r}"
+        )
+        return "every", int(k)
+    try:
+        idx = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        idx = ()
+    check(bool(idx), f"taps must be 'all', 'every:K' or a comma list of layer indices: {spec!r}")
+    return "list", idx
+
+
+def resolve_taps(spec: str, num_layers: int) -> tuple[int, ...]:
+    """Sorted 0-based layer indices to tap; always includes the last layer."""
+    kind, arg = _parse_taps(spec)
+    if kind == "all":
+        taps = set(range(num_layers))
+    elif kind == "every":
+        assert isinstance(arg, int)
+        taps = set(range(arg - 1, num_layers, arg))
+    else:
+        assert isinstance(arg, tuple)
+        bad = [i for i in arg if not 0 <= i < num_layers]
+        check(not bad, f"tap indices {bad} out of range for a model with {num_layers} layers")
+        taps = set(arg)
+    taps.add(num_layers - 1)
+    return tuple(sorted(taps))
+
+
+LayerCallback = Callable[[int, torch.Tensor], None]
+
+
+class Backbone:
+    """A frozen causal LM whose tapped decoder layers report their outputs one by one.
+
+    ``run`` calls ``on_layer(tap_index, hidden)`` with ``hidden`` of shape (batch, seq, hidden)
+    as soon as each tapped layer finishes; nothing keeps a reference, so at most one layer's
+    output is alive beyond the model's own working set, and no LM logits are ever computed.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: object, cfg: BackboneConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.family = family_of(model)
+        self.layers = self.family.layers(model)
+        self.taps = resolve_taps(cfg.taps, len(self.layers))
+
+    @classmethod
+    def load(cls, cfg: BackboneConfig) -> Backbone:
+        model, tok = load_model_and_tokenizer(cfg.source, DTYPES[cfg.dtype])
+        return cls(model, tok, cfg)
+
+    def set_taps(self, taps: tuple[int, ...] | list[int]) -> None:
+        """Tap exactly these layers (e.g. the ones a saved side network was trained on)."""
+        taps = tuple(int(t) for t in taps)
+        n = self.num_layers
+        check(
+            bool(taps) and list(taps) == sorted(set(taps)) and taps[0] >= 0 and taps[-1] == n - 1,
+            f"taps {taps} must be sorted, unique, within [0, {n}) and end at layer {n - 1}",
+        )
+        self.taps = taps
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        c = self.model.config
+        return int(getattr(c, "hidden_size", None) or c.n_embd)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pid if pid is not None else 0)
+
+    @cached_property
+    def fingerprint(self) -> BackboneFingerprint:
+        cfg = {k: v for k, v in self.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+        blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+        _, head = export_head(self.model)
+        return BackboneFingerprint(
+            architecture=self.model.config.model_type,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            vocab_size=int(self.model.config.vocab_size),
+            config_sha256=hashlib.sha256(blob).hexdigest(),
+            head_sha256=tensors_sha256(head),
+        )
+
+    def export_head(
+        self, rows: list[int] | None = None
+    ) -> tuple[HeadSpec, dict[str, torch.Tensor]]:
+        """Final norm (+ projection) and LM-head rows for the server (``families.export_head``)."""
+        return export_head(self.model, rows)
+
+    def word_token_ids(self, words: tuple[str, ...] | list[str]) -> list[int]:
+        """First token id of ``" " + word`` per word: what a prompt ending in ':' predicts."""
+        ids = []
+        for w in words:
+            toks = self.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+            if not toks:
+                raise ValueError(f"word {w!r} tokenizes to nothing")
+            ids.append(int(toks[0]))
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"verbalizers {list(words)} share a first token: {ids}")
+        return ids
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        on_layer: LayerCallback,
+        cache: object | None = None,
+        use_cache: bool = False,
+    ) -> object | None:
+        """Forward (batch, seq) ids through the frozen layers, calling ``on_layer`` per tap.
+
+        Returns the KV cache when ``use_cache`` (generation), else None.
+        """
+        tap_of = {layer: i for i, layer in enumerate(self.taps)}
+        handles = []
+        for layer_idx, tap_idx in tap_of.items():
+
+            def hook(_m: nn.Module, _inp: object, out: object, tap_idx: int = tap_idx) -> None:
+                on_layer(tap_idx, out[0] if isinstance(out, tuple) else out)
+
+            handles.append(self.layers[layer_idx].register_forward_hook(hook))
+        try:
+            with torch.inference_mode():
+                out = self.family.base(self.model)(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    cache=cache,
+                    use_cache=use_cache,
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        return out.cache if use_cache else None

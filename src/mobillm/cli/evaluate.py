@@ -1,0 +1,62 @@
+"""``mobillm eval``: accuracy or held-out loss of a saved side network, on the device alone."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mobillm.backbone import Backbone, BackboneConfig
+from mobillm.cli import common
+from mobillm.data import load_examples, tokenize_examples
+from mobillm.device.local import LocalModel
+from mobillm.device.runtime import build_side_config
+from mobillm.errors import MobiLLMError
+from mobillm.side.io import read_meta
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a saved side network locally (no server)", description=__doc__
+    )
+    common.add_model_args(p)
+    p.add_argument("--side", default="", help="folder of a saved side network")
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="no side network: the frozen backbone prompted with the verbalizers",
+    )
+    common.add_data_args(p, train=False)
+    p.add_argument("--out", default="", help="write the JSON result here too")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    common.setup(args)
+    if bool(args.side) == bool(args.zero_shot):
+        raise MobiLLMError("give exactly one of --side FOLDER or --zero-shot")
+    base = read_meta(args.side).task.get("data", {}) if args.side else {}
+    dcfg = common.data_config(args, base)
+    if not dcfg.eval_path and not dcfg.eval_fraction:
+        raise MobiLLMError("nothing to evaluate: give --eval-file or --data")
+    backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype))
+    if args.side:
+        model = LocalModel.load(backbone, args.side)
+    else:
+        side = build_side_config(backbone, dcfg.task, len(dcfg.labels), dcfg.verbalizers)
+        model = LocalModel.untrained(backbone, side)
+    data = tokenize_examples(load_examples(dcfg, "eval"), backbone.tokenizer, dcfg)
+    common.say(f"[eval] {len(data)} examples")
+    res = model.evaluate(data, batch_size=dcfg.batch_size * 2)
+    preds = res.pop("predictions", None)
+    out = {
+        "command": "eval",
+        "model": args.model,
+        "side": args.side or "zero-shot",
+        "eval_file": dcfg.eval_path,
+        **res,
+    }
+    if preds is not None:
+        out["labels"] = list(dcfg.labels)
+    if args.out:
+        common.write_json(args.out, out)
+    return out

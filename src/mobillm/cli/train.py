@@ -1,0 +1,157 @@
+"""``mobillm train``: side-tune a frozen backbone, in-process or against a ``mobillm serve``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from mobillm.backbone import Backbone, BackboneConfig
+from mobillm.cli import common
+from mobillm.data import DataConfig, load_examples, tokenize_examples
+from mobillm.device.local import LocalModel
+from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.transport.base import Transport
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="side-tune a model (device side; server in-process or remote)",
+        description=__doc__,
+    )
+    common.add_model_args(p)
+    common.add_data_args(p)
+    common.add_train_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument(
+        "--server",
+        default="",
+        help="HOST:PORT of a `mobillm serve`; empty = run the server in-process",
+    )
+    g.add_argument("--tls-ca", default="", help="CA certificate that signed the server's (PEM)")
+    g.add_argument("--tls-cert", default="", help="client certificate for mutual TLS (PEM)")
+    g.add_argument("--tls-key", default="", help="client key for mutual TLS (PEM)")
+    g.add_argument("--server-device", default="cpu", help="in-process server: cpu or cuda")
+    p.add_argument("--no-eval", action="store_true", help="skip accuracy/loss before and after")
+    p.set_defaults(func=run)
+
+
+def make_transport(args: argparse.Namespace, out: Path) -> Transport:
+    link = common.link_config(args)
+    if args.server:
+        from mobillm.transport.grpc_client import GrpcTransport, TlsClientConfig
+
+        tls = TlsClientConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+        return GrpcTransport(args.server, tls=tls, link=link)
+    from mobillm.server.sessions import ServerConfig, SessionManager
+    from mobillm.transport.inprocess import InProcessTransport
+
+    manager = SessionManager(ServerConfig(device=args.server_device, workdir=str(out / "server")))
+    return InProcessTransport(manager, link)
+
+
+def evaluate(model: LocalModel, data: Any, batch_size: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    res = model.evaluate(data, batch_size=batch_size)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    res.pop("predictions", None)
+    return res
+
+
+def task_meta(dcfg: DataConfig, labels: tuple[str, ...]) -> dict[str, Any]:
+    """What a device needs later to evaluate or generate with the saved side network."""
+    keep = (
+        "task",
+        "labels",
+        "verbalizers",
+        "template",
+        "max_length",
+        "text_column",
+        "label_column",
+        "prompt_column",
+        "response_column",
+        "format",
+        "encoding",
+    )
+    d = {k: v for k, v in dcfg.to_dict().items() if k in keep}
+    d["labels"] = list(labels)
+    return {"data": d}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    common.setup(args)
+    out = Path(args.out)
+    dcfg = common.data_config(args)
+    t0 = time.perf_counter()
+    backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype, taps=args.taps))
+    common.say(
+        f"[train] backbone {backbone.fingerprint.short()} loaded in "
+        f"{time.perf_counter() - t0:.1f}s; {len(backbone.taps)} tapped layers"
+    )
+    train_ex = load_examples(dcfg, "train")
+    eval_ex = load_examples(dcfg, "eval") if dcfg.eval_path or dcfg.eval_fraction else []
+    labels = dcfg.labels
+    train = tokenize_examples(train_ex, backbone.tokenizer, dcfg)
+    held = tokenize_examples(eval_ex, backbone.tokenizer, dcfg) if eval_ex else None
+    common.say(
+        f"[train] {len(train)} training and {len(held) if held else 0} held-out "
+        f"examples ({dcfg.task})"
+    )
+    options: dict[str, Any] = {
+        "reduction": args.reduction,
+        "pooling": args.pooling,
+        "dropout": args.dropout,
+    }
+    if args.head_init:
+        options["head_init"] = args.head_init
+    side = build_side_config(backbone, dcfg.task, len(labels), dcfg.verbalizers, **options)
+    result: dict[str, Any] = {
+        "command": "train",
+        "model": args.model,
+        "backbone": backbone.fingerprint.to_dict(),
+        "data": dcfg.to_dict(),
+        "codec": args.codec,
+        "positions": args.positions,
+        "side": side.to_dict(),
+    }
+    if held is not None and not args.no_eval:
+        common.say("[train] evaluating the untrained side network (= the frozen backbone)")
+        result["before"] = evaluate(
+            LocalModel.untrained(backbone, side, dcfg.seed), held, dcfg.batch_size * 2
+        )
+        common.say(f"[train] before: {_fmt(result['before'])}")
+    transport = make_transport(args, out)
+    trainer = DeviceTrainer(
+        backbone,
+        side,
+        transport,
+        codec=common.codec_config(args),
+        train=common.train_config(args, dcfg.seed),
+        device=DeviceConfig(
+            positions=args.positions,
+            window=args.window,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            log_every=args.log_every,
+        ),
+    )
+    progress = common.Progress(args.log_every)
+    result["train"] = trainer.train(train, dcfg.batch_size, seed=dcfg.seed, progress=progress)
+    trainer.download(out, task_meta(dcfg, labels))
+    result["server"] = transport.close()
+    trainer.write_log(out / "train_log.jsonl")
+    common.say(f"[train] side network saved to {out}")
+    if held is not None and not args.no_eval:
+        model = LocalModel.load(backbone, out)
+        result["after"] = evaluate(model, held, dcfg.batch_size * 2)
+        common.say(f"[train] after: {_fmt(result['after'])}")
+    common.write_json(out / "summary.json", result)
+    return result
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    if "accuracy" in r:
+        return f"accuracy {r['accuracy']:.4f} on {r['samples']} samples ({r['seconds']}s)"
+    return f"loss {r['loss']:.4f} (ppl {r['perplexity']:.2f}) on {r['tokens']} tokens"

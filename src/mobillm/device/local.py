@@ -1,0 +1,159 @@
+"""Inference on the device alone: frozen backbone + a downloaded side network, no server.
+
+The side network runs inside the backbone's layer callbacks, one tapped layer at a time, so
+inference holds the ladder state ``(rows, width)`` and never all tapped layers at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mobillm.backbone import Backbone
+from mobillm.data import IGNORE_INDEX, Batch, TokenizedDataset, collate
+from mobillm.device.rows import RowPlan, plan_rows
+from mobillm.side.config import SideConfig
+from mobillm.side.head import FrozenHead
+from mobillm.side.io import SideFileError, SideMeta, load_side
+from mobillm.side.model import SideNetwork
+
+
+class LocalModel:
+    """Backbone + side network, for accuracy, held-out loss and generation."""
+
+    def __init__(self, backbone: Backbone, side: SideNetwork, meta: SideMeta | None = None) -> None:
+        if side.cfg.num_taps != len(backbone.taps):
+            raise SideFileError(
+                f"side network has {side.cfg.num_taps} taps, backbone taps {len(backbone.taps)}"
+            )
+        self.backbone = backbone
+        self.side = side.eval()
+        self.meta = meta
+
+    @classmethod
+    def load(cls, backbone: Backbone, folder: str | Path) -> LocalModel:
+        """Load a saved side network for ``backbone`` (its fingerprint must match)."""
+        from mobillm.side.io import read_meta
+
+        meta = read_meta(folder)
+        backbone.set_taps(meta.taps)
+        head = FrozenHead(*backbone.export_head(meta.side.head_rows))
+        side, meta = load_side(folder, head, expect=backbone.fingerprint)
+        return cls(backbone, side, meta)
+
+    @classmethod
+    def untrained(cls, backbone: Backbone, side_cfg: SideConfig, seed: int = 0) -> LocalModel:
+        """A fresh side network: with a verbalizer head this is zero-shot prompting exactly."""
+        torch.manual_seed(seed)
+        head = FrozenHead(*backbone.export_head(side_cfg.head_rows))
+        return cls(backbone, SideNetwork(side_cfg, head))
+
+    # --- the one forward path ---------------------------------------------------------------
+    def _features(self, batch: Batch, plan: RowPlan) -> torch.Tensor:
+        state: dict[str, Any] = {"s": None, "h": None}
+
+        def on_layer(tap: int, hidden: torch.Tensor) -> None:
+            rows = plan.gather(hidden)
+            state["s"] = self.side.step(state["s"], tap, rows)
+            state["h"] = rows
+
+        with torch.inference_mode():
+            self.backbone.run(batch.input_ids, batch.attention_mask, on_layer)
+            return self.side.finish(state["s"], state["h"])
+
+    def class_logits(self, batch: Batch) -> torch.Tensor:
+        """Classification logits ``(B, num_labels)`` for a batch."""
+        positions = "valid" if self.side.cfg.pooling == "mean" else "loss"
+        plan = plan_rows(batch, positions)
+        feats = self._features(batch, plan)
+        row_sample = torch.repeat_interleave(torch.arange(len(batch)), plan.rows_per_sample.long())
+        with torch.inference_mode():
+            return self.side.logits(feats, plan.pool_rows, row_sample, len(batch))
+
+    def evaluate(self, data: TokenizedDataset, batch_size: int = 16) -> dict[str, Any]:
+        """Accuracy (classification) or mean token loss and perplexity (causal LM)."""
+        if data.task == "classification":
+            preds = [0] * len(data)
+            correct = 0
+            for idx, batch in _batches(data, batch_size):
+                p = self.class_logits(batch).argmax(-1)
+                for i, v in zip(idx, p.tolist(), strict=True):
+                    preds[i] = v
+                correct += int((p == batch.labels).sum())
+            return {
+                "accuracy": correct / max(1, len(data)),
+                "samples": len(data),
+                "predictions": preds,
+            }
+        total, tokens = 0.0, 0
+        for _, batch in _batches(data, batch_size):
+            plan = plan_rows(batch, "loss")
+            feats = self._features(batch, plan)
+            keep = plan.targets != IGNORE_INDEX
+            with torch.inference_mode():
+                logits = self.side.logits(feats[keep])
+                total += float(F.cross_entropy(logits, plan.targets[keep], reduction="sum"))
+            tokens += int(keep.sum())
+        loss = total / max(1, tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
+
+    # --- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str:
+        """Continue ``prompt`` (formatted as in training: ``prompt + "\\n"``) token by token."""
+        tok = self.backbone.tokenizer
+        ids = torch.tensor([tok(prompt + "\n", add_special_tokens=True)["input_ids"]])
+        gen = torch.Generator().manual_seed(seed)
+        eos = tok.eos_token_id
+        out: list[int] = []
+        cache = None
+        cur, mask = ids, torch.ones_like(ids)
+        for _ in range(max_new_tokens):
+            state: dict[str, Any] = {"s": None, "h": None}
+
+            def on_layer(tap: int, hidden: torch.Tensor, state: dict = state) -> None:
+                last = hidden[:, -1, :].float()
+                state["s"] = self.side.step(state["s"], tap, last)
+                state["h"] = last
+
+            with torch.inference_mode():
+                cache = self.backbone.run(cur, mask, on_layer, cache=cache, use_cache=True)
+                logits = self.side.logits(self.side.finish(state["s"], state["h"]))[0]
+            nxt = _sample(logits, temperature, top_p, gen)
+            if nxt == eos:
+                break
+            out.append(nxt)
+            cur = torch.tensor([[nxt]])
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        return tok.decode(out, skip_special_tokens=True)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        cut = torch.cumsum(sorted_p, 0) - sorted_p > top_p
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+def _batches(data: TokenizedDataset, batch_size: int) -> Iterator[tuple[list[int], Batch]]:
+    # Sorting by length cuts padding (and time) a lot; callers map results back by index.
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, collate(data, idx)

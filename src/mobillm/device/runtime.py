@@ -1,0 +1,277 @@
+"""The device's training loop: batches -> frozen backbone -> codec -> transport, overlapped.
+
+Per step the device sends the labels and row layout (``StepBegin``), then runs the backbone
+forward; every tapped layer is gathered at the selected rows, encoded and queued the moment it
+finishes. Sending happens on the transport's thread, so the next batch's forward starts while
+the server is still training on this one; at most ``window`` steps are unacknowledged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from mobillm.backbone import Backbone
+from mobillm.codec import CodecConfig, encode
+from mobillm.config import Config, check
+from mobillm.data import TokenizedDataset, collate, epoch_order, num_batches
+from mobillm.device.rows import plan_rows
+from mobillm.side.config import SideConfig
+from mobillm.side.head import tensors_sha256
+from mobillm.side.io import META, WEIGHTS, SideMeta, weights_from_bytes
+from mobillm.transport.base import Transport
+from mobillm.transport.messages import (
+    POSITIONS,
+    Ack,
+    SessionInfo,
+    SessionSpec,
+    StepBegin,
+    TrainConfig,
+    chunk_frame,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig(Config):
+    """How the device streams: which rows, how many steps in flight, how long to train."""
+
+    positions: str = "loss"
+    window: int = 2
+    epochs: int = 1
+    max_steps: int = 0
+    log_every: int = 10
+
+    def validate(self) -> None:
+        check(self.positions in POSITIONS, f"DeviceConfig.positions must be one of {POSITIONS}")
+        check(self.window >= 1, f"DeviceConfig.window must be >= 1, got {self.window}")
+        check(self.epochs >= 1, "DeviceConfig.epochs must be >= 1")
+        check(self.max_steps >= 0, "DeviceConfig.max_steps must be >= 0 (0 = all)")
+        check(self.log_every >= 1, "DeviceConfig.log_every must be >= 1")
+
+
+@dataclasses.dataclass
+class StepRecord:
+    step: int
+    loss: float
+    samples: int
+    seconds: float
+    bytes_encoded: int
+    bytes_sent: int
+    metrics: dict[str, float]
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def build_side_config(
+    backbone: Backbone, task: str, num_labels: int, verbalizers: tuple[str, ...], **options: Any
+) -> SideConfig:
+    """A SideConfig sized to ``backbone``; verbalizer words become LM-head rows to start from."""
+    head_init = options.pop("head_init", "verbalizer" if verbalizers else "random")
+    ids = tuple(backbone.word_token_ids(verbalizers)) if head_init == "verbalizer" else ()
+    return SideConfig(
+        hidden_size=backbone.hidden_size,
+        num_taps=len(backbone.taps),
+        task=task,
+        num_labels=num_labels if task == "classification" else 2,
+        head_init=head_init,
+        verbalizer_ids=ids,
+        **options,
+    )
+
+
+def build_session(
+    backbone: Backbone,
+    side: SideConfig,
+    codec: CodecConfig,
+    train: TrainConfig,
+    positions: str = "loss",
+) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
+    """The session proposal for ``backbone`` and the frozen head tensors it promises."""
+    head_spec, head = backbone.export_head(side.head_rows)
+    spec = SessionSpec(
+        fingerprint=backbone.fingerprint,
+        taps=backbone.taps,
+        side=side,
+        head=head_spec,
+        head_sha256=tensors_sha256(head),
+        codec=codec,
+        train=train,
+        positions=positions,
+        client="mobillm-device",
+    )
+    return spec, head
+
+
+class DeviceTrainer:
+    """Runs one training session against any ``Transport``."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        side: SideConfig,
+        transport: Transport,
+        codec: CodecConfig | None = None,
+        train: TrainConfig | None = None,
+        device: DeviceConfig | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.side = side
+        self.transport = transport
+        self.codec = codec or CodecConfig()
+        self.train_cfg = train or TrainConfig()
+        self.cfg = device or DeviceConfig()
+        self.records: list[StepRecord] = []
+        self.bytes_encoded = 0
+        self.forward_seconds = 0.0
+        self.info: SessionInfo | None = None
+
+    def open(self, total_steps: int) -> SessionInfo:
+        """Propose the session and upload the frozen head if the server lacks it."""
+        spec, head = build_session(
+            self.backbone,
+            self.side,
+            self.codec,
+            self.train_cfg.replace(total_steps=total_steps),
+            self.cfg.positions,
+        )
+        self.info = self.transport.open(spec)
+        if self.info.need_head:
+            self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
+        return self.info
+
+    def _send_step(self, step: int, batch: Any) -> int:
+        assert self.info is not None
+        plan = plan_rows(batch, self.cfg.positions)
+        sid, chunk = self.info.session_id, self.info.max_chunk_bytes
+        self.transport.send(
+            StepBegin(sid, step, plan.rows_per_sample, plan.pool_rows, batch.labels, plan.targets)
+        )
+
+        def on_layer(tap: int, hidden: torch.Tensor) -> None:
+            frame = encode(plan.gather(hidden), self.codec)
+            self.bytes_encoded += len(frame)
+            for part in chunk_frame(sid, step, tap, frame, chunk):
+                self.transport.send(part)
+
+        t0 = time.perf_counter()
+        self.backbone.run(batch.input_ids, batch.attention_mask, on_layer)
+        self.forward_seconds += time.perf_counter() - t0
+        return len(batch)
+
+    def train(
+        self,
+        data: TokenizedDataset,
+        batch_size: int,
+        seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Stream ``data`` for the configured epochs/steps; returns a summary dict."""
+        per_epoch = num_batches(len(data), batch_size)
+        total = per_epoch * self.cfg.epochs
+        if self.cfg.max_steps:
+            total = min(total, self.cfg.max_steps)
+        if total == 0:
+            raise ValueError("no training batches: the training set is empty")
+        self.open(total)
+        t_start = time.perf_counter()
+        in_flight: dict[int, tuple[int, float]] = {}
+        step = 0
+
+        def collect() -> None:
+            ack = self.transport.next_ack(timeout=600)
+            samples, sent_at = in_flight.pop(ack.step)
+            self._record(ack, samples, time.perf_counter() - sent_at, t_start, total, progress)
+
+        for epoch in range(self.cfg.epochs):
+            order = epoch_order(len(data), shuffle=True, seed=seed, epoch=epoch)
+            for start in range(0, len(order), batch_size):
+                if step >= total:
+                    break
+                batch = collate(data, order[start : start + batch_size])
+                sent_at = time.perf_counter()
+                in_flight[step] = (self._send_step(step, batch), sent_at)
+                step += 1
+                while len(in_flight) >= self.cfg.window:
+                    collect()
+        while in_flight:
+            collect()
+        wall = time.perf_counter() - t_start
+        samples = sum(r.samples for r in self.records)
+        return {
+            "steps": len(self.records),
+            "samples": samples,
+            "wall_seconds": round(wall, 3),
+            "forward_seconds": round(self.forward_seconds, 3),
+            "samples_per_second": round(samples / wall, 3),
+            "bytes_encoded": self.bytes_encoded,
+            "bytes_sent": self.transport.bytes_sent,
+            "bytes_per_sample": round(self.bytes_encoded / max(1, samples), 1),
+            "final_loss": self.records[-1].loss,
+            "mean_loss_last_10pct": _tail_mean([r.loss for r in self.records]),
+        }
+
+    def _record(
+        self,
+        ack: Ack,
+        samples: int,
+        seconds: float,
+        t_start: float,
+        total: int,
+        progress: ProgressFn | None,
+    ) -> None:
+        rec = StepRecord(
+            ack.step,
+            ack.loss,
+            samples,
+            seconds,
+            self.bytes_encoded,
+            self.transport.bytes_sent,
+            ack.metrics,
+        )
+        self.records.append(rec)
+        if progress is None:
+            return
+        wall = time.perf_counter() - t_start
+        done = sum(r.samples for r in self.records)
+        progress(
+            {
+                "step": ack.step + 1,
+                "total": total,
+                "loss": ack.loss,
+                "samples_per_s": done / max(wall, 1e-9),
+                "mb_encoded": self.bytes_encoded / 1e6,
+                "mb_sent": self.transport.bytes_sent / 1e6,
+                "link_mb_s": self.transport.bytes_sent / 1e6 / max(wall, 1e-9),
+                **ack.metrics,
+            }
+        )
+
+    def download(self, out_dir: str | Path, task_meta: dict[str, Any]) -> Path:
+        """Fetch the trained side network and save it with the device's task metadata."""
+        blob = self.transport.download()
+        meta = SideMeta.from_dict(json.loads(blob.meta_json))
+        meta.task.update(task_meta)
+        weights_from_bytes(blob.weights)  # refuse a malformed download before writing it
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / WEIGHTS).write_bytes(blob.weights)
+        (out / META).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
+        return out
+
+    def write_log(self, path: str | Path) -> None:
+        with Path(path).open("w") as f:
+            for r in self.records:
+                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+
+
+def _tail_mean(xs: list[float]) -> float:
+    k = max(1, len(xs) // 10)
+    return round(sum(xs[-k:]) / k, 5)

@@ -1,0 +1,68 @@
+"""Side-network config: the ladder's width, the adapters, and the task head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mobillm.config import Config, check
+
+TASKS = ("classification", "causal_lm")
+POOLINGS = ("last", "mean")
+HEAD_INITS = ("verbalizer", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SideConfig(Config):
+    """Shape and task of a side network.
+
+    ``hidden_size`` and ``num_taps`` come from the backbone; the ladder runs at width
+    ``hidden_size // reduction``. ``adapter_ratio`` sets each adapter's bottleneck relative to
+    that width. ``head_init="verbalizer"`` starts a classifier from the frozen LM-head rows of
+    ``verbalizer_ids`` (so the untrained model is exactly zero-shot prompting); "random" starts
+    it from scratch.
+    """
+
+    hidden_size: int = 0
+    num_taps: int = 0
+    reduction: int = 8
+    adapter_ratio: float = 2.0
+    dropout: float = 0.1
+    gate_temperature: float = 0.1
+    task: str = "classification"
+    num_labels: int = 2
+    pooling: str = "last"
+    head_init: str = "verbalizer"
+    verbalizer_ids: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        check(self.hidden_size > 0, f"SideConfig.hidden_size must be > 0, got {self.hidden_size}")
+        check(self.num_taps > 0, f"SideConfig.num_taps must be > 0, got {self.num_taps}")
+        check(
+            1 <= self.reduction <= self.hidden_size,
+            f"SideConfig.reduction must be in [1, hidden_size], got {self.reduction}",
+        )
+        check(self.adapter_ratio > 0, "SideConfig.adapter_ratio must be > 0")
+        check(0.0 <= self.dropout < 1.0, "SideConfig.dropout must be in [0, 1)")
+        check(self.gate_temperature > 0, "SideConfig.gate_temperature must be > 0")
+        check(self.task in TASKS, f"SideConfig.task must be one of {TASKS}, got {self.task!r}")
+        check(self.pooling in POOLINGS, f"SideConfig.pooling must be one of {POOLINGS}")
+        check(self.head_init in HEAD_INITS, f"SideConfig.head_init must be one of {HEAD_INITS}")
+        if self.task == "classification":
+            check(self.num_labels >= 2, "SideConfig.num_labels must be >= 2 for classification")
+            if self.head_init == "verbalizer":
+                check(
+                    len(self.verbalizer_ids) == self.num_labels,
+                    f"SideConfig: head_init='verbalizer' needs one verbalizer id per label "
+                    f"({self.num_labels}), got {len(self.verbalizer_ids)}",
+                )
+
+    @property
+    def width(self) -> int:
+        return max(1, self.hidden_size // self.reduction)
+
+    @property
+    def head_rows(self) -> list[int] | None:
+        """LM-head rows the frozen head must carry: all (LM), verbalizers, or none."""
+        if self.task == "causal_lm":
+            return None
+        return list(self.verbalizer_ids) if self.head_init == "verbalizer" else []

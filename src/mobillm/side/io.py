@@ -1,0 +1,132 @@
+"""Save and load a side network: ``side.safetensors`` (trainable weights) + ``side.json``.
+
+``side.json`` holds the side config, the backbone fingerprint it was trained against, the tapped
+layer indices and the task metadata (labels, prompt template) the device needs for inference.
+Loading against a different backbone fails with a message that says what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save, save_file
+
+from mobillm.errors import MobiLLMError
+from mobillm.fingerprint import BackboneFingerprint
+from mobillm.side.config import SideConfig
+from mobillm.side.head import FrozenHead
+from mobillm.side.model import SideNetwork
+
+FORMAT = "mobillm-side/1"
+WEIGHTS = "side.safetensors"
+META = "side.json"
+
+
+class SideFileError(MobiLLMError):
+    """A saved side network is missing, malformed, or was trained for another backbone."""
+
+
+@dataclasses.dataclass
+class SideMeta:
+    """Everything about a side network except its weights."""
+
+    side: SideConfig
+    fingerprint: BackboneFingerprint
+    taps: tuple[int, ...]
+    task: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "side": self.side.to_dict(),
+            "fingerprint": self.fingerprint.to_dict(),
+            "taps": list(self.taps),
+            "task": self.task,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SideMeta:
+        if d.get("format") != FORMAT:
+            raise SideFileError(f"unknown side-network format {d.get('format')!r}; want {FORMAT}")
+        try:
+            return cls(
+                side=SideConfig.from_dict(d["side"]),
+                fingerprint=BackboneFingerprint.from_dict(d["fingerprint"]),
+                taps=tuple(int(t) for t in d["taps"]),
+                task=dict(d.get("task", {})),
+            )
+        except KeyError as e:
+            raise SideFileError(f"side metadata lacks field {e}") from None
+
+
+def weights_to_bytes(net: SideNetwork) -> bytes:
+    return save({k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()})
+
+
+def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise SideFileError(f"side weights are not valid safetensors: {e}") from None
+
+
+def save_side(net: SideNetwork, meta: SideMeta, folder: str | Path) -> Path:
+    """Write ``side.safetensors`` and ``side.json`` into ``folder`` (created if needed)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
+    (out / META).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_meta(folder: str | Path) -> SideMeta:
+    p = Path(folder)
+    if not p.is_dir():
+        raise SideFileError(f"side network folder not found: {p}")
+    mp = p / META
+    if not mp.is_file():
+        raise SideFileError(f"{p} has no {META}: not a saved side network")
+    try:
+        return SideMeta.from_dict(json.loads(mp.read_text()))
+    except (json.JSONDecodeError, MobiLLMError, ValueError) as e:
+        raise SideFileError(f"{mp} is malformed: {e}") from None
+
+
+def load_weights_into(net: SideNetwork, state: dict[str, torch.Tensor]) -> None:
+    """Copy trainable weights into ``net``, refusing missing, extra or mis-shaped tensors."""
+    own = net.trainable_state()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise SideFileError(f"side weights do not fit: missing {missing[:5]}, extra {extra[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise SideFileError(
+                f"side weight {k} has shape {tuple(v.shape)}, want {tuple(own[k].shape)}"
+            )
+    net.load_state_dict(state, strict=False)
+
+
+def load_side(
+    folder: str | Path, head: FrozenHead, expect: BackboneFingerprint | None = None
+) -> tuple[SideNetwork, SideMeta]:
+    """Rebuild a saved side network on ``head``; ``expect``: the fingerprint it must match."""
+    meta = read_meta(folder)
+    if expect is not None and (diff := meta.fingerprint.mismatch(expect)):
+        raise SideFileError(
+            f"side network in {folder} was trained for another backbone "
+            f"({meta.fingerprint.short()}) than the one loaded ({expect.short()}): {diff}"
+        )
+    wp = Path(folder) / WEIGHTS
+    if not wp.is_file():
+        raise SideFileError(f"{folder} has no {WEIGHTS}")
+    state = weights_from_bytes(wp.read_bytes())
+    net = SideNetwork(meta.side, head)
+    load_weights_into(net, state)
+    net.eval()
+    return net, meta

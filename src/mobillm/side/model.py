@@ -1,0 +1,138 @@
+"""The side network: a gated ladder of parallel adapters beside a frozen backbone.
+
+For tapped hidden states ``h_1..h_K`` (each ``(rows, hidden)``, one row per selected token
+position) the ladder keeps a state ``s`` of width ``r = hidden // reduction``::
+
+    s_1 = down_1(norm_1(h_1))
+    s_i = g_i * down_i(norm_i(h_i)) + (1 - g_i) * s_{i-1}      g_i = sigmoid(alpha_i / T)
+    s_i = s_i + adapter_i(s_i)
+    out = h_K + up(s_K)                                       up starts at zero
+
+and the head turns ``out`` into logits: the backbone's frozen final norm and LM head for
+causal-LM tuning, or the frozen final norm and a trainable classifier for classification.
+The network is position-wise (no mixing across tokens; the backbone already did that), so the
+device may send only the positions the loss needs. Because ``up`` starts at zero, an untrained
+side network reproduces the frozen backbone exactly.
+
+The same code trains on the server and runs inference on the device, layer by layer
+(``start`` / ``step`` / ``finish``) so the device never holds all tapped layers at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobillm.side.config import SideConfig
+from mobillm.side.head import FrozenHead
+
+
+class Adapter(nn.Module):
+    """Pre-norm bottleneck MLP with a residual: ``(rows, r) -> (rows, r)``."""
+
+    def __init__(self, width: int, ratio: float, dropout: float) -> None:
+        super().__init__()
+        inner = max(1, round(width * ratio))
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, inner)
+        self.fc2 = nn.Linear(inner, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return s + self.drop(self.fc2(F.gelu(self.fc1(self.norm(s)))))
+
+
+class SideNetwork(nn.Module):
+    """Trainable ladder + head over frozen hidden states; see the module docstring."""
+
+    def __init__(self, cfg: SideConfig, head: FrozenHead) -> None:
+        super().__init__()
+        if head.spec.hidden_size != cfg.hidden_size:
+            raise ValueError(
+                f"frozen head width {head.spec.hidden_size} != side hidden_size {cfg.hidden_size}"
+            )
+        rows = cfg.head_rows
+        if rows is not None and head.spec.vocab_rows != len(rows):
+            raise ValueError(
+                f"frozen head has {head.spec.vocab_rows} LM rows, task needs {len(rows)}"
+            )
+        self.cfg = cfg
+        r, d = cfg.width, cfg.hidden_size
+        self.in_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.num_taps))
+        self.down = nn.ModuleList(nn.Linear(d, r) for _ in range(cfg.num_taps))
+        self.gates = nn.Parameter(torch.zeros(cfg.num_taps))
+        self.adapters = nn.ModuleList(
+            Adapter(r, cfg.adapter_ratio, cfg.dropout) for _ in range(cfg.num_taps)
+        )
+        self.up = nn.Linear(r, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.frozen = head
+        self.classifier: nn.Linear | None = None
+        if cfg.task == "classification":
+            self.classifier = nn.Linear(head.spec.out_size, cfg.num_labels)
+            if cfg.head_init == "verbalizer":
+                with torch.no_grad():
+                    self.classifier.weight.copy_(head.lm_head_weight)
+                    bias = head.lm_head_bias if head.spec.has_lm_bias else 0.0
+                    self.classifier.bias.copy_(torch.zeros(cfg.num_labels) + bias)
+
+    # Layer-by-layer interface: the device's inference and the server's training both use it.
+    def start(self) -> None:
+        """Return the empty ladder state (``None``): the first ``step`` initialises it."""
+        return None
+
+    def step(self, state: torch.Tensor | None, tap: int, h: torch.Tensor) -> torch.Tensor:
+        """Fold tapped layer ``tap``'s hidden states ``(rows, hidden)`` into the ladder state."""
+        x = self.down[tap](self.in_norms[tap](h.to(self.up.weight.dtype)))
+        if state is not None:
+            g = torch.sigmoid(self.gates[tap] / self.cfg.gate_temperature)
+            x = g * x + (1.0 - g) * state
+        return self.adapters[tap](x)
+
+    def finish(self, state: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
+        """Head features ``(rows, out_size)`` from the final state and the last layer's output."""
+        return self.frozen.features(h_last.to(self.up.weight.dtype) + self.up(state))
+
+    def features(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """All taps at once, in tap order: ``K x (rows, hidden) -> (rows, out)``."""
+        if len(hidden) != self.cfg.num_taps:
+            raise ValueError(f"expected {self.cfg.num_taps} tapped layers, got {len(hidden)}")
+        state = self.start()
+        for tap, h in enumerate(hidden):
+            state = self.step(state, tap, h)
+        return self.finish(state, hidden[-1])
+
+    def logits(
+        self,
+        feats: torch.Tensor,
+        pool_rows: torch.Tensor | None = None,
+        row_sample: torch.Tensor | None = None,
+        num_samples: int = 0,
+    ) -> torch.Tensor:
+        """Task logits from head features.
+
+        Classification: pools rows per sample (``pool_rows`` (B,) for "last", or ``row_sample``
+        (rows,) sample ids for "mean") -> (B, num_labels). Causal LM: (rows, vocab).
+        """
+        if self.classifier is None:
+            return self.frozen.logits_from_features(feats)
+        if self.cfg.pooling == "last":
+            if pool_rows is None:
+                raise ValueError("pooling='last' needs pool_rows")
+            pooled = feats[pool_rows]
+        else:
+            if row_sample is None or num_samples <= 0:
+                raise ValueError("pooling='mean' needs row_sample and num_samples")
+            sums = feats.new_zeros(num_samples, feats.shape[-1]).index_add_(0, row_sample, feats)
+            counts = torch.bincount(row_sample, minlength=num_samples).clamp_min(1)
+            pooled = sums / counts.unsqueeze(-1).to(feats.dtype)
+        return self.classifier(pooled)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable weights only (the frozen head is the backbone's, not ours to ship)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,37 @@
+"""The device's view of a transport: one interface for the in-process and the gRPC client."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from mobillm.transport.messages import (
+    Ack,
+    ActivationChunk,
+    SessionInfo,
+    SessionSpec,
+    SideBlob,
+    StepBegin,
+)
+
+
+class Transport(Protocol):
+    """A device-side session client.
+
+    ``send`` queues a message for the sender thread and returns at once unless the queue is
+    full (back-pressure); ``next_ack`` blocks for the next step's ack and raises ``RemoteError``
+    if the server refused anything sent before it.
+    """
+
+    bytes_sent: int
+
+    def open(self, spec: SessionSpec) -> SessionInfo: ...
+
+    def upload_head(self, blob: bytes) -> None: ...
+
+    def send(self, msg: StepBegin | ActivationChunk) -> None: ...
+
+    def next_ack(self, timeout: float | None = None) -> Ack: ...
+
+    def download(self) -> SideBlob: ...
+
+    def close(self) -> dict[str, float]: ...

@@ -1,0 +1,222 @@
+"""The messages device and server exchange: the only types the two sides share.
+
+A session is: ``SessionSpec`` -> ``SessionInfo``; optionally the frozen head (safetensors bytes);
+then per training step one ``StepBegin`` (labels and row layout) followed by, for each tapped
+layer in order, one or more ``ActivationChunk`` (codec bytes, split into bounded chunks); the
+server answers each completed step with an ``Ack``. At the end the device downloads the side
+network (``SideBlob``). No token ids and no text ever appear in these types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from mobillm.codec import CodecConfig
+from mobillm.config import Config, check
+from mobillm.errors import MobiLLMError
+from mobillm.fingerprint import BackboneFingerprint
+from mobillm.side.config import SideConfig
+from mobillm.side.head import HeadSpec
+
+PROTOCOL_VERSION = 1
+POSITIONS = ("loss", "valid", "all")
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """Server-side optimisation: AdamW with linear warm-up then ``schedule`` decay to 0."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"
+    total_steps: int = 0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 0
+
+    def validate(self) -> None:
+        check(0 < self.lr < 1, f"TrainConfig.lr must be in (0, 1), got {self.lr}")
+        check(self.weight_decay >= 0, "TrainConfig.weight_decay must be >= 0")
+        check(0 <= self.warmup_ratio < 1, "TrainConfig.warmup_ratio must be in [0, 1)")
+        check(self.schedule in SCHEDULES, f"TrainConfig.schedule must be one of {SCHEDULES}")
+        check(self.total_steps >= 0, "TrainConfig.total_steps must be >= 0")
+        check(self.grad_clip >= 0, "TrainConfig.grad_clip must be >= 0 (0 = off)")
+        check(0 <= self.label_smoothing < 1, "TrainConfig.label_smoothing must be in [0, 1)")
+        check(self.checkpoint_every >= 0, "TrainConfig.checkpoint_every must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSpec(Config):
+    """What a device proposes: backbone identity, taps, codec, task, side network, training."""
+
+    fingerprint: BackboneFingerprint
+    taps: tuple[int, ...]
+    side: SideConfig
+    head: HeadSpec
+    head_sha256: str
+    codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    positions: str = "loss"
+    protocol: int = PROTOCOL_VERSION
+    client: str = ""
+
+    def validate(self) -> None:
+        fp = self.fingerprint
+        check(self.positions in POSITIONS, f"SessionSpec.positions must be one of {POSITIONS}")
+        check(
+            len(self.taps) > 0 and list(self.taps) == sorted(set(self.taps)),
+            f"SessionSpec.taps must be sorted, unique and non-empty: {self.taps}",
+        )
+        check(
+            all(0 <= t < fp.num_layers for t in self.taps),
+            f"SessionSpec.taps {self.taps} out of range for {fp.num_layers} layers",
+        )
+        check(
+            self.taps[-1] == fp.num_layers - 1,
+            "SessionSpec.taps must include the last layer (the head reads it)",
+        )
+        check(
+            self.side.num_taps == len(self.taps),
+            f"side network has {self.side.num_taps} taps, session taps {len(self.taps)} layers",
+        )
+        check(
+            self.side.hidden_size == fp.hidden_size == self.head.hidden_size,
+            "hidden sizes of side network, head and backbone differ",
+        )
+        rows = self.side.head_rows
+        check(
+            rows is None or self.head.vocab_rows == len(rows),
+            "head spec carries the wrong number of LM rows for this task",
+        )
+        check(
+            rows is not None or self.head.vocab_rows == fp.vocab_size,
+            "causal-LM tuning needs the whole LM head",
+        )
+        check(
+            not (self.side.pooling == "mean" and self.positions != "valid"),
+            "pooling='mean' needs positions='valid' (every real token, no padding)",
+        )
+        check(
+            not (self.side.task == "causal_lm" and self.positions == "all"),
+            "causal-LM tuning takes positions 'loss' or 'valid'",
+        )
+        check(len(self.head_sha256) == 64, "SessionSpec.head_sha256 must be a sha256 hex digest")
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionInfo:
+    """The server's acceptance: ids, the bearer token, and whether it needs the head uploaded."""
+
+    session_id: str
+    token: str
+    need_head: bool
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    server: str = ""
+
+
+@dataclasses.dataclass
+class StepBegin:
+    """Opens step ``step``: the row layout of its activations and its labels.
+
+    Rows are the selected token positions of the batch, grouped by sample in order.
+    ``rows_per_sample`` (B,) int; ``pool_rows`` (B,) the row each sample's classifier reads;
+    ``labels`` (B,) class ids (classification) or None; ``targets`` (rows,) next-token ids with
+    -100 where no loss is taken (causal LM) or None.
+    """
+
+    session_id: str
+    step: int
+    rows_per_sample: torch.Tensor
+    pool_rows: torch.Tensor
+    labels: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.rows_per_sample.numel())
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.rows_per_sample.sum())
+
+
+@dataclasses.dataclass
+class ActivationChunk:
+    """Part ``seq`` of tapped layer ``tap``'s codec frame for step ``step``; ``last`` ends it."""
+
+    session_id: str
+    step: int
+    tap: int
+    seq: int
+    last: bool
+    data: bytes
+
+
+@dataclasses.dataclass
+class Ack:
+    """The server trained step ``step``: its loss and a few metrics (lr, accuracy, ...)."""
+
+    step: int
+    loss: float
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SideBlob:
+    """A downloaded side network: ``side.json`` text and ``side.safetensors`` bytes."""
+
+    meta_json: str
+    weights: bytes
+
+
+# Status codes shared by every transport; gRPC maps them to grpc.StatusCode of the same name.
+CODES = (
+    "INVALID_ARGUMENT",
+    "FAILED_PRECONDITION",
+    "NOT_FOUND",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "ALREADY_EXISTS",
+    "INTERNAL",
+    "UNAVAILABLE",
+)
+
+
+class RemoteError(MobiLLMError):
+    """The other side refused a message; ``code`` is one of ``CODES``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def chunk_frame(
+    session_id: str, step: int, tap: int, frame: bytes, max_chunk: int
+) -> list[ActivationChunk]:
+    """Split one layer's codec frame into chunks of at most ``max_chunk`` bytes."""
+    parts = [frame[i : i + max_chunk] for i in range(0, len(frame), max_chunk)] or [b""]
+    return [
+        ActivationChunk(session_id, step, tap, i, i == len(parts) - 1, p)
+        for i, p in enumerate(parts)
+    ]
+
+
+def spec_summary(spec: SessionSpec) -> dict[str, Any]:
+    """A short description of a session for logs."""
+    return {
+        "backbone": spec.fingerprint.short(),
+        "taps": len(spec.taps),
+        "codec": spec.codec.scheme,
+        "task": spec.side.task,
+        "positions": spec.positions,
+        "width": spec.side.width,
+    }

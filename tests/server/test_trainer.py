@@ -1,0 +1,179 @@
+"""The server's trainer on real codec frames from a tiny backbone: learns, and refuses bad input."""
+
+import pytest
+import torch
+
+from mobillm.codec import CodecConfig, encode
+from mobillm.device.runtime import build_session
+from mobillm.server.trainer import Trainer, lr_lambda
+from mobillm.side.config import SideConfig
+from mobillm.side.head import FrozenHead
+from mobillm.transport.messages import (
+    ActivationChunk,
+    RemoteError,
+    StepBegin,
+    TrainConfig,
+    chunk_frame,
+)
+
+
+def _setup(bb, codec="int8", task="classification", lr=1e-2):
+    side = SideConfig(
+        hidden_size=bb.hidden_size,
+        num_taps=len(bb.taps),
+        task=task,
+        head_init="random",
+        dropout=0.0,
+    )
+    spec, head = build_session(bb, side, CodecConfig(codec), TrainConfig(lr=lr, total_steps=40))
+    return Trainer(spec, FrozenHead(spec.head, head)), spec
+
+
+def _frames(bb, ids, codec="int8"):
+    frames = []
+    bb.run(
+        ids,
+        torch.ones_like(ids),
+        lambda tap, h: frames.append(encode(h[:, -1, :].float(), CodecConfig(codec))),
+    )
+    return frames
+
+
+def _step(trainer, spec, step, frames, labels, chunk=1 << 20):
+    b = labels.numel()
+    trainer.begin(StepBegin("s", step, torch.ones(b, dtype=torch.int32), torch.arange(b), labels))
+    ack = None
+    for tap, f in enumerate(frames):
+        for c in chunk_frame("s", step, tap, f, chunk):
+            ack = trainer.add_chunk(c)
+    return ack
+
+
+def test_learns_a_separable_task(make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    trainer, spec = _setup(bb)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (16, 4))
+    labels = (ids[:, -1] % 2).long()  # the label is a function of the last token
+    frames = _frames(bb, ids)
+    losses = [_step(trainer, spec, s, frames, labels, chunk=100).loss for s in range(40)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert trainer.steps_done == 40 and trainer.samples_seen == 640
+
+
+def test_lr_schedule_warmup_and_decay():
+    f = lr_lambda(100, 0.1, "cosine")
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=0.02) and f(99) < 0.01
+    assert lr_lambda(100, 0.1, "linear")(55) == pytest.approx(0.5, abs=0.02)
+    assert lr_lambda(0, 0.1, "cosine")(1000) == 1.0
+
+
+def _expect(code, fn, match=None):
+    with pytest.raises(RemoteError) as e:
+        fn()
+    assert e.value.code == code
+    if match:
+        assert match in e.value.message
+
+
+def test_rejects_bad_messages(make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    trainer, spec = _setup(bb)
+    ids = torch.randint(3, 300, (2, 4))
+    frames = _frames(bb, ids)
+    ok = StepBegin("s", 0, torch.ones(2, dtype=torch.int32), torch.arange(2), torch.tensor([0, 1]))
+    _expect(
+        "FAILED_PRECONDITION",
+        lambda: trainer.add_chunk(ActivationChunk("s", 0, 0, 0, True, frames[0])),
+    )
+    _expect(
+        "FAILED_PRECONDITION",
+        lambda: trainer.begin(StepBegin("s", 5, ok.rows_per_sample, ok.pool_rows, ok.labels)),
+    )
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.begin(
+            StepBegin("s", 0, ok.rows_per_sample, ok.pool_rows, torch.tensor([0, 7]))
+        ),
+        "labels",
+    )
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.begin(
+            StepBegin("s", 0, ok.rows_per_sample, torch.tensor([0, 9]), ok.labels)
+        ),
+        "pool_rows",
+    )
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.begin(StepBegin("s", 0, ok.rows_per_sample, ok.pool_rows, None)),
+    )
+    trainer.begin(ok)
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.add_chunk(ActivationChunk("s", 0, 1, 0, True, frames[1])),
+        "in order",
+    )
+    _expect(
+        "RESOURCE_EXHAUSTED",
+        lambda: trainer.add_chunk(ActivationChunk("s", 0, 0, 0, False, frames[0] + b"x" * 10)),
+        "exceeds",
+    )
+    trainer.abort_step()
+    trainer.begin(ok)
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.add_chunk(ActivationChunk("s", 0, 0, 0, True, frames[0][:-3])),
+        "tap 0",
+    )
+    trainer.abort_step()
+    trainer.begin(ok)
+    other = encode(torch.randn(1, 16), CodecConfig("fp16"))  # small enough to be read
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.add_chunk(ActivationChunk("s", 0, 0, 0, True, other)),
+        "codec",
+    )
+    trainer.abort_step()
+    trainer.begin(ok)
+    wrong_shape = encode(torch.randn(1, 64), CodecConfig("int8"))  # fits the byte budget
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.add_chunk(ActivationChunk("s", 0, 0, 0, True, wrong_shape)),
+        "shape",
+    )
+    trainer.abort_step()
+    # after all that the session still trains normally
+    assert _step(trainer, spec, 0, frames, torch.tensor([0, 1])).step == 0
+
+
+def test_causal_lm_targets_checked(make_tiny_backbone):
+    bb = make_tiny_backbone("qwen2")
+    trainer, _ = _setup(bb, task="causal_lm")
+    rows = torch.tensor([2], dtype=torch.int32)
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.begin(
+            StepBegin("s", 0, rows, torch.tensor([1]), None, torch.tensor([5, 99999]))
+        ),
+        "targets",
+    )
+    _expect(
+        "INVALID_ARGUMENT",
+        lambda: trainer.begin(
+            StepBegin("s", 0, rows, torch.tensor([1]), None, torch.tensor([-100, -100]))
+        ),
+        "no loss",
+    )
+    trainer.begin(StepBegin("s", 0, rows, torch.tensor([1]), None, torch.tensor([5, -100])))
+    frames = []
+    bb.run(
+        torch.tensor([[7, 8]]),
+        torch.ones(1, 2, dtype=torch.long),
+        lambda tap, h: frames.append(encode(h[0].float(), CodecConfig("int8"))),
+    )
+    ack = None
+    for tap, f in enumerate(frames):
+        ack = trainer.add_chunk(ActivationChunk("s", 0, tap, 0, True, f))
+    assert ack is not None and ack.metrics["tokens"] == 1.0
