@@ -1,0 +1,128 @@
+"""Device and server end to end through the in-process transport, on tiny real models."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from mobillm.codec import CodecConfig
+from mobillm.data import ClassificationExample, DataConfig, LMExample, tokenize_examples
+from mobillm.device.local import LocalModel
+from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.server.sessions import ServerConfig, SessionManager
+from mobillm.side.io import SideFileError
+from mobillm.transport.inprocess import InProcessTransport
+from mobillm.transport.messages import TrainConfig
+
+
+def _cls_data(tok, n=192, seed=0):
+    rnd = random.Random(seed)
+    heads = ["the quick fox", "lazy dog", "it 's a journey"]
+    ex = []
+    for _ in range(n):
+        word = rnd.choice(["good", "bad"])
+        ex.append(ClassificationExample(f"{rnd.choice(heads)} {word}", int(word == "good")))
+    cfg = DataConfig(labels=("0", "1"), verbalizers=("bad", "good"), batch_size=16)
+    return tokenize_examples(ex, tok, cfg), cfg
+
+
+def _trainer(bb, side, mgr, codec="int8", positions="loss", window=2, epochs=2, lr=5e-3):
+    return DeviceTrainer(
+        bb,
+        side,
+        InProcessTransport(mgr),
+        CodecConfig(codec),
+        TrainConfig(lr=lr),
+        DeviceConfig(positions=positions, window=window, epochs=epochs),
+    )
+
+
+@pytest.mark.parametrize(
+    ("codec", "positions", "pooling", "min_acc"),
+    # mean pooling dilutes the one decisive token among several, so it learns slower
+    [("int8", "loss", "last", 0.95), ("int4", "valid", "mean", 0.8), ("fp16", "all", "last", 0.95)],
+)
+def test_classification_learns_and_downloads(
+    tmp_path, make_tiny_backbone, codec, positions, pooling, min_acc
+):
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls_data(bb.tokenizer)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers, pooling=pooling)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path / "server")))
+    before = LocalModel.untrained(bb, side).evaluate(data)["accuracy"]
+    tr = _trainer(bb, side, mgr, codec, positions, epochs=4)
+    progress = []
+    summary = tr.train(data, 16, progress=progress.append)
+    assert summary["steps"] == 48 and len(progress) == 48
+    assert progress[-1]["step"] == 48 and progress[-1]["mb_sent"] > 0
+    assert summary["mean_loss_last_10pct"] < tr.records[0].loss
+    out = tr.download(tmp_path / "side", {"data": {"labels": ["0", "1"]}})
+    server_blob = mgr.download(tr.info.session_id, tr.info.token)
+    assert (out / "side.safetensors").read_bytes() == server_blob.weights
+    assert json.loads((out / "side.json").read_text())["task"]["data"]["labels"] == ["0", "1"]
+    tr.transport.close()
+    after = LocalModel.load(bb, out).evaluate(data)["accuracy"]
+    assert after >= min_acc and after > before
+
+
+def test_window_one_and_bytes_accounting(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("gpt2")
+    data, cfg = _cls_data(bb.tokenizer, n=32)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    tr = _trainer(bb, side, SessionManager(ServerConfig(workdir=str(tmp_path))), window=1, epochs=1)
+    s = tr.train(data, 16)
+    # int8 rows: 32 samples x 3 taps x (32 + 4) bytes + 36-byte headers per frame
+    assert s["bytes_encoded"] == 32 * 3 * 36 + 2 * 3 * 36
+    assert s["bytes_sent"] > s["bytes_encoded"]  # plus labels and chunk headers
+
+
+def test_causal_lm_learns_a_fixed_reply_and_generates_it(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("qwen2")
+    rnd = random.Random(0)
+    prompts = ["the quick brown fox", "lazy dog", "a bad movie", "a good movie", "journey"]
+    ex = [LMExample(rnd.choice(prompts), "Answer: four") for _ in range(96)]
+    cfg = DataConfig(task="causal_lm", batch_size=8)
+    data = tokenize_examples(ex, bb.tokenizer, cfg)
+    side = build_side_config(bb, "causal_lm", 0, (), dropout=0.0, reduction=2)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path / "server")))
+    before = LocalModel.untrained(bb, side).evaluate(data)["loss"]
+    tr = _trainer(bb, side, mgr, epochs=6, lr=1e-2)
+    tr.train(data, 8)
+    out = tr.download(tmp_path / "side", {})
+    tr.transport.close()
+    model = LocalModel.load(bb, out)
+    assert model.evaluate(data)["loss"] < 0.25 * before
+    assert model.generate("lazy dog", max_new_tokens=8) == "Answer: four"
+
+
+def test_side_for_another_backbone_is_refused(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls_data(bb.tokenizer, n=16)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    tr = _trainer(bb, side, SessionManager(ServerConfig(workdir=str(tmp_path))), epochs=1)
+    tr.train(data, 16)
+    out = tr.download(tmp_path / "side", {})
+    with pytest.raises(SideFileError, match="another backbone"):
+        LocalModel.load(make_tiny_backbone("llama", seed=3), out)
+
+
+def test_local_eval_matches_server_network(tmp_path, make_tiny_backbone):
+    """Predictions on the device equal those of the server's own copy of the side network."""
+    from mobillm.side.head import FrozenHead
+
+    bb = make_tiny_backbone("opt")
+    data, cfg = _cls_data(bb.tokenizer, n=48)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path)))
+    tr = _trainer(bb, side, mgr, epochs=1)
+    tr.train(data, 16)
+    out = tr.download(tmp_path / "side", {})
+    server_net = mgr._sessions[tr.info.session_id].trainer.net.eval()
+    local = LocalModel.load(bb, out)
+    ref = LocalModel(bb, server_net)
+    assert local.evaluate(data)["predictions"] == ref.evaluate(data)["predictions"]
+    assert isinstance(server_net.frozen, FrozenHead)
+    with torch.no_grad():
+        for k, v in server_net.trainable_state().items():
+            assert torch.equal(v, local.side.trainable_state()[k])
