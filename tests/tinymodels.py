@@ -55,8 +55,14 @@ def tiny_model(family: str, vocab: int = 400, layers: int = 3, seed: int = 0):
     )
 
     # A wide init gives the tied LM head logits large enough to fit (0.02 caps them near 1).
-    common = {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-              "initializer_range": 0.3, "init_std": 0.3}
+    common = {
+        "vocab_size": vocab,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "initializer_range": 0.3,
+        "init_std": 0.3,
+    }
     cfg = {
         "llama": lambda: LlamaConfig(
             hidden_size=32,

@@ -14,6 +14,7 @@ from torch import nn
 from mobillm.backbone.families import export_head, family_of
 from mobillm.backbone.loader import load_model_and_tokenizer
 from mobillm.config import Config, check
+from mobillm.errors import ConfigError
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.head import HeadSpec, tensors_sha256
 
@@ -166,10 +167,10 @@ class Backbone:
         for w in words:
             toks = self.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
             if not toks:
-                raise ValueError(f"word {w!r} tokenizes to nothing")
+                raise ConfigError(f"verbalizer {w!r} tokenizes to nothing")
             ids.append(int(toks[0]))
         if len(set(ids)) != len(ids):
-            raise ValueError(f"verbalizers {list(words)} share a first token: {ids}")
+            raise ConfigError(f"verbalizers {list(words)} share a first token {ids}")
         return ids
 
     def run(

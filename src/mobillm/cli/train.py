@@ -9,7 +9,7 @@ from typing import Any
 
 from mobillm.backbone import Backbone, BackboneConfig
 from mobillm.cli import common
-from mobillm.data import DataConfig, load_examples, tokenize_examples
+from mobillm.data import DataConfig, load_examples, resolve_labels, tokenize_examples
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
 from mobillm.transport.base import Transport
@@ -84,15 +84,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common.setup(args)
     out = Path(args.out)
     dcfg = common.data_config(args)
+    # Read the data before loading the model: a bad file should fail in a second, not a minute.
+    train_ex = load_examples(dcfg, "train")
+    eval_ex = load_examples(dcfg, "eval") if dcfg.eval_path or dcfg.eval_fraction else []
+    labels = resolve_labels(dcfg) if dcfg.task == "classification" else ()
+    dcfg = dcfg.replace(labels=labels)
     t0 = time.perf_counter()
     backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype, taps=args.taps))
     common.say(
         f"[train] backbone {backbone.fingerprint.short()} loaded in "
         f"{time.perf_counter() - t0:.1f}s; {len(backbone.taps)} tapped layers"
     )
-    train_ex = load_examples(dcfg, "train")
-    eval_ex = load_examples(dcfg, "eval") if dcfg.eval_path or dcfg.eval_fraction else []
-    labels = dcfg.labels
     train = tokenize_examples(train_ex, backbone.tokenizer, dcfg)
     held = tokenize_examples(eval_ex, backbone.tokenizer, dcfg) if eval_ex else None
     common.say(

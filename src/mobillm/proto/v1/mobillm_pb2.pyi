@@ -1,0 +1,148 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("spec_json",)
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    spec_json: str
+    def __init__(self, spec_json: _Optional[str] = ...) -> None: ...
+
+class OpenSessionReply(_message.Message):
+    __slots__ = ("session_id", "token", "need_head", "max_chunk_bytes", "server")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEED_HEAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token: str
+    need_head: bool
+    max_chunk_bytes: int
+    server: str
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., need_head: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., server: _Optional[str] = ...) -> None: ...
+
+class HeadChunk(_message.Message):
+    __slots__ = ("session_id", "seq", "last", "data")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    seq: int
+    last: bool
+    data: bytes
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeadReply(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class StepBegin(_message.Message):
+    __slots__ = ("session_id", "step", "rows_per_sample", "pool_rows", "labels", "targets")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    POOL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    rows_per_sample: bytes
+    pool_rows: bytes
+    labels: bytes
+    targets: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows_per_sample: _Optional[bytes] = ..., pool_rows: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., targets: _Optional[bytes] = ...) -> None: ...
+
+class ActivationChunk(_message.Message):
+    __slots__ = ("session_id", "step", "tap", "seq", "last", "data")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TAP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    tap: int
+    seq: int
+    last: bool
+    data: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., tap: _Optional[int] = ..., seq: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("begin", "chunk")
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    begin: StepBegin
+    chunk: ActivationChunk
+    def __init__(self, begin: _Optional[_Union[StepBegin, _Mapping]] = ..., chunk: _Optional[_Union[ActivationChunk, _Mapping]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("step", "loss", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("seq", "last", "data", "meta_json")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    META_JSON_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    last: bool
+    data: bytes
+    meta_json: str
+    def __init__(self, seq: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ..., meta_json: _Optional[str] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionReply(_message.Message):
+    __slots__ = ("summary", "notes")
+    class SummaryEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class NotesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    summary: _containers.ScalarMap[str, float]
+    notes: _containers.ScalarMap[str, str]
+    def __init__(self, summary: _Optional[_Mapping[str, float]] = ..., notes: _Optional[_Mapping[str, str]] = ...) -> None: ...
