@@ -44,10 +44,13 @@ def generate(out_root: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed (see above)")
-    # Every folder of the generated package needs an __init__.py to be importable.
+    # Every folder of the generated package needs an __init__.py; folders above it (the
+    # hand-written ``mobillm`` package) are not ours to touch.
     for f in files:
+        if PACKAGE not in f.parents:
+            raise SystemExit(f"{f}: every .proto must sit under proto/{PACKAGE}/")
         pkg = f.parent
-        while pkg != Path():
+        while pkg != PACKAGE.parent:
             (out_root / pkg / "__init__.py").write_text(INIT)
             pkg = pkg.parent
     return generated(out_root)

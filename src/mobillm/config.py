@@ -82,6 +82,14 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_SCALARS: dict[type, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    bool: (bool,),
+}
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Turn JSON values back into the declared field type (nested configs, tuples)."""
     origin = typing.get_origin(tp)
@@ -94,6 +102,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if isinstance(tp, type) and issubclass(tp, Config):
         return tp.from_dict(value)
+    if tp in _SCALARS:
+        ok = isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(
+                f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return float(value) if tp is float else value
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")

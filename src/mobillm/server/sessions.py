@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from mobillm.config import Config, check
 from mobillm.server.trainer import Trainer
@@ -146,12 +147,19 @@ class SessionManager:
         self._get(session_id, token)
 
     # --- frozen head upload -----------------------------------------------------------------
-    def upload_head(self, session_id: str, token: str, data: bytes, last: bool) -> None:
-        """Take one chunk of the head's safetensors bytes; on ``last`` verify and start training."""
+    def upload_head(
+        self, session_id: str, token: str, data: bytes, last: bool, first: bool = False
+    ) -> None:
+        """Take one chunk of the head's safetensors bytes; on ``last`` verify and start training.
+
+        ``first`` marks chunk 0: it drops whatever a previous, broken-off upload left behind.
+        """
         sess = self._get(session_id, token)
         with sess.lock:
             if sess.trainer is not None:
                 raise RemoteError("FAILED_PRECONDITION", "the server already has this head")
+            if first:
+                sess.head_parts, sess.head_bytes = [], 0
             sess.head_bytes += len(data)
             if sess.head_bytes > self.cfg.max_head_bytes:
                 sess.head_parts.clear()
@@ -261,13 +269,13 @@ class SessionManager:
             "bytes_received": t.bytes_received if t else 0,
         }
 
-    def close(self, session_id: str, token: str) -> dict[str, float]:
+    def close(self, session_id: str, token: str) -> dict[str, Any]:
         """End a session: a final checkpoint is written and its memory is released."""
         sess = self._get(session_id, token)
         with sess.lock:
-            summary = self.stats(session_id, token)
+            summary: dict[str, Any] = dict(self.stats(session_id, token))
             if sess.trainer is not None and sess.trainer.steps_done:
-                summary["checkpoint"] = str(self.checkpoint(sess))  # type: ignore[assignment]
+                summary["checkpoint"] = str(self.checkpoint(sess))
             sess.closed = True
             sess.trainer = None
         log.info(json.dumps({"event": "close", "session": session_id, **summary}))

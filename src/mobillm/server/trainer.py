@@ -8,6 +8,7 @@ the trainer computes the loss, back-propagates through the side network only, an
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import torch
@@ -19,6 +20,7 @@ from mobillm.side.model import SideNetwork
 from mobillm.transport.messages import Ack, ActivationChunk, RemoteError, SessionSpec, StepBegin
 
 IGNORE = -100
+_INIT_LOCK = threading.Lock()
 
 
 def lr_lambda(total: int, warmup_ratio: float, schedule: str):
@@ -69,8 +71,12 @@ class Trainer:
         self.spec = spec
         self.device = torch.device(device)
         self.max_rows = max_rows
-        torch.manual_seed(spec.train.seed)
-        self.net = SideNetwork(spec.side, head).to(self.device)
+        # Seed the initial weights without touching other sessions' random streams. Dropout
+        # still draws from the process-wide generator, so concurrent sessions with dropout
+        # are not bit-reproducible; with dropout 0 they are.
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.train.seed)
+            self.net = SideNetwork(spec.side, head).to(self.device)
         self.net.train()
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():

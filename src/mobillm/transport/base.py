@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from mobillm.transport.messages import (
     Ack,
@@ -34,4 +34,4 @@ class Transport(Protocol):
 
     def download(self) -> SideBlob: ...
 
-    def close(self) -> dict[str, float]: ...
+    def close(self) -> dict[str, Any]: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
 from mobillm.server.sessions import SessionManager
 from mobillm.transport.link import Link, LinkConfig
@@ -71,7 +72,9 @@ class InProcessTransport:
         parts = [blob[i : i + step] for i in range(0, len(blob), step)] or [b""]
         for i, part in enumerate(parts):
             self.link.send(len(part))
-            self.manager.upload_head(info.session_id, info.token, part, i == len(parts) - 1)
+            self.manager.upload_head(
+                info.session_id, info.token, part, i == len(parts) - 1, first=i == 0
+            )
 
     def send(self, msg: StepBegin | ActivationChunk) -> None:
         if self._error is not None:
@@ -109,7 +112,7 @@ class InProcessTransport:
         info = self._session()
         return self.manager.download(info.session_id, info.token)
 
-    def close(self) -> dict[str, float]:
+    def close(self) -> dict[str, Any]:
         info = self._session()
         if self._thread is not None:
             self._out.put(_STOP)

@@ -108,6 +108,11 @@ class SessionSpec(Config):
             "causal-LM tuning takes positions 'loss' or 'valid'",
         )
         check(len(self.head_sha256) == 64, "SessionSpec.head_sha256 must be a sha256 hex digest")
+        check(
+            rows is not None or self.head_sha256 == fp.head_sha256,
+            "SessionSpec.head_sha256 differs from the backbone's head hash: the head to upload "
+            "is not this backbone's",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

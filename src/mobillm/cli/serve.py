@@ -1,0 +1,105 @@
+"""``mobillm serve``: the edge server that trains side networks for devices over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from mobillm.cli import common
+from mobillm.errors import ConfigError
+from mobillm.transport.messages import DEFAULT_CHUNK_BYTES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the server that trains side networks for devices (gRPC)",
+        description=__doc__,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="0 = any free port (default: 50051)")
+    p.add_argument("--port-file", default="", help="write the bound port to this file once ready")
+    p.add_argument("--workdir", default="runs/server", help="logs and checkpoints go here")
+    p.add_argument("--device", default="cpu", help="where side networks train: cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    g = p.add_argument_group("limits and policy")
+    g.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default: 16)")
+    g.add_argument(
+        "--max-chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help="largest chunk a device may send, 4 KiB..4 MiB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--allow-backbone",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="accept only backbones with this config sha256 (repeatable; default: any)",
+    )
+    g = p.add_argument_group("TLS")
+    g.add_argument("--tls-cert", default="", help="server certificate chain (PEM)")
+    g.add_argument("--tls-key", default="", help="server private key (PEM)")
+    g.add_argument("--tls-client-ca", default="", help="require client certs signed by this CA")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback address (tokens and activations in the clear)",
+    )
+    g.add_argument(
+        "--make-certs",
+        default="",
+        metavar="DIR",
+        help="write a CA, a server cert and a client cert to DIR, then exit",
+    )
+    g.add_argument(
+        "--cert-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="with --make-certs: extra name or IP for the server cert (repeatable)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    common.setup(args)
+    from mobillm.server.sessions import ServerConfig
+    from mobillm.transport.grpc_server import GrpcServer, serve
+    from mobillm.transport.tls import TlsServerConfig, make_certs
+
+    if args.make_certs:
+        hosts = ("localhost", "127.0.0.1", *args.cert_host)
+        files = make_certs(args.make_certs, hosts=hosts)
+        common.say(
+            f"[serve] certificates in {args.make_certs}: serve with --tls-cert {files['cert']} "
+            f"--tls-key {files['key']} [--tls-client-ca {files['ca']}]; train with --tls-ca "
+            f"{files['ca']} [--tls-cert {files['client_cert']} --tls-key {files['client_key']}]"
+        )
+        return {"certs": files}
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        tls = TlsServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    cfg = ServerConfig(
+        device=args.device,
+        max_sessions=args.max_sessions,
+        max_chunk_bytes=args.max_chunk_bytes,
+        allowed_backbones=tuple(args.allow_backbone),
+        workdir=args.workdir,
+    )
+    for sha in cfg.allowed_backbones:
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ConfigError(f"--allow-backbone takes a config sha256 hex digest, got {sha!r}")
+
+    def ready(server: GrpcServer) -> None:
+        if args.port_file:
+            Path(args.port_file).write_text(f"{server.port}\n")
+        print(f"serving on {server.address} ({server.mode})", file=sys.stderr, flush=True)
+
+    serve(cfg, args.host, args.port, tls=tls, insecure=args.insecure, on_ready=ready)
+    common.say("[serve] stopped")
+    return None

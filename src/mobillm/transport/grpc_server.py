@@ -1,0 +1,478 @@
+"""The gRPC server: a ``SessionManager`` behind the ``SideTuning`` service (grpc.aio).
+
+Every manager call runs on a thread pool, so one session's CPU-bound training never stalls
+another session's I/O on the event loop; the calls of one Train stream are awaited one after
+the other, so they stay in order, and a stream reads its next message only when the previous
+one is handled (gRPC flow control then backpressures the device). Errors are ``RemoteError``s
+mapped to the gRPC status of the same name. Each RPC after OpenSession must carry the session
+id and its bearer token in the metadata. The server writes one JSON object per line to
+``<workdir>/server.jsonl`` and each session's steps to ``<workdir>/sessions/<id>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from mobillm.config import check
+from mobillm.errors import MobiLLMError
+from mobillm.proto.v1 import mobillm_pb2_grpc as pb_grpc
+from mobillm.server.sessions import ServerConfig, SessionManager
+from mobillm.transport import serde
+from mobillm.transport.messages import RemoteError, StepBegin, spec_summary
+from mobillm.transport.tls import TlsServerConfig, is_loopback, server_credentials
+
+log = logging.getLogger("mobillm.grpc")
+
+SESSION_KEY = "x-mobillm-session"
+AUTH_KEY = "authorization"
+# A StepBegin costs at most 8 bytes per row (int64 targets) plus 4 + 8 + 8 per sample
+# (rows_per_sample, pool_rows, labels) and a step has no more samples than rows.
+STEP_BEGIN_BYTES_PER_ROW = 28
+# How long a new Train stream waits for the session's previous one to wind down.
+STREAM_HANDOVER_SECONDS = 30.0
+
+
+class ServeError(MobiLLMError):
+    """The server could not start (port taken, bad address)."""
+
+
+def max_message_bytes(cfg: ServerConfig) -> int:
+    """The largest message either side may send: a full chunk or a largest StepBegin, plus room.
+
+    Set on purpose instead of gRPC's 4 MB default or a 2 GB ceiling: a bigger message is a
+    protocol error (bulk data travels in chunks), refused by gRPC with RESOURCE_EXHAUSTED.
+    """
+    bulk = max(cfg.max_chunk_bytes, STEP_BEGIN_BYTES_PER_ROW * cfg.max_rows_per_step)
+    return bulk + serde.ENVELOPE_BYTES
+
+
+def status_code(code: str) -> grpc.StatusCode:
+    """The gRPC status named ``code`` (UNKNOWN if there is none)."""
+    return grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+
+
+class JsonlLog:
+    """Appends JSON lines: server events to ``server.jsonl``, steps to each session's file."""
+
+    def __init__(self, workdir: str | Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = (self.workdir / "server.jsonl").open("a", encoding="utf-8")
+
+    def _write(self, f: Any, rec: dict[str, Any]) -> None:
+        f.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
+        f.flush()
+
+    def event(self, event: str, **fields: Any) -> None:
+        rec = {"time": round(time.time(), 3), "event": event, **fields}
+        with self._lock:
+            if not self._file.closed:
+                self._write(self._file, rec)
+
+    def step(self, session: str, rec: dict[str, Any]) -> None:
+        self.event("step", session=session, **rec)
+        folder = self.workdir / "sessions" / session
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock, (folder / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            self._write(f, {"time": round(time.time(), 3), **rec})
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _as_remote(e: BaseException, rpc: str) -> RemoteError:
+    if isinstance(e, RemoteError):
+        return e
+    log.exception("%s failed", rpc, exc_info=e)
+    return RemoteError("INTERNAL", f"server error in {rpc}: {type(e).__name__}: {e}")
+
+
+def _in_pool(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """``fn(*args)`` on ``pool`` as an awaitable; UNAVAILABLE once the server is stopping."""
+    try:
+        return asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+    except RuntimeError:  # the pool is shut down
+        raise RemoteError("UNAVAILABLE", "the server is shutting down") from None
+
+
+class _Stream:
+    """One Train stream of a session: its manager call in flight, takeover, and its end."""
+
+    def __init__(self) -> None:
+        self.inflight: asyncio.Future | None = None
+        self.superseded = asyncio.get_running_loop().create_future()
+        self.done = asyncio.Event()
+
+    async def next(self, requests: Any) -> Any:
+        """The next request, None at the end; ABORTED once a newer stream took over."""
+        read = asyncio.ensure_future(anext(requests, None))
+        await asyncio.wait({read, self.superseded}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            read.cancel()
+            raise RemoteError("ABORTED", "a newer Train stream of this session took over")
+        return read.result()
+
+    async def run(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
+        self.inflight = _in_pool(pool, fn, *args)
+        # shield: if the stream is cancelled, the call still completes (a thread cannot stop)
+        # and _release waits for it before another stream touches the session.
+        return await asyncio.shield(self.inflight)
+
+
+class SideTuningServicer(pb_grpc.SideTuningServicer):
+    """The service's RPCs over a ``SessionManager``; see ``proto/mobillm/proto/v1``."""
+
+    def __init__(self, manager: SessionManager, jlog: JsonlLog, pool: ThreadPoolExecutor) -> None:
+        self.manager = manager
+        self.jlog = jlog
+        self.pool = pool
+        self._streams: dict[str, _Stream] = {}  # the live Train stream of each session
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await _in_pool(self.pool, fn, *args)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        md = {k.lower(): v for k, v in context.invocation_metadata() or ()}
+        sid = md.get(SESSION_KEY, "")
+        scheme, _, token = md.get(AUTH_KEY, "").partition(" ")
+        if not sid or scheme.lower() != "bearer" or not token:
+            raise RemoteError(
+                "UNAUTHENTICATED",
+                f"missing credentials: send metadata '{SESSION_KEY}: <session id>' and "
+                f"'{AUTH_KEY}: Bearer <token>' as returned by OpenSession",
+            )
+        await self._run(self.manager.authorize, sid, token)
+        return sid, token
+
+    @staticmethod
+    def _same(sid: str, named: str) -> None:
+        if named != sid:
+            raise RemoteError(
+                "PERMISSION_DENIED",
+                f"frame for another session: the message names {named!r}, this call "
+                f"belongs to {sid!r}",
+            )
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, rpc: str, err: RemoteError, sid: str = ""
+    ) -> None:
+        self.jlog.event(
+            "refuse" if rpc == "OpenSession" else "error",
+            rpc=rpc,
+            session=sid,
+            code=err.code,
+            message=err.message,
+            peer=context.peer(),
+        )
+        await context.abort(status_code(err.code), err.message)
+
+    async def OpenSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            spec = serde.spec_from_proto(request)
+            info = await self._run(self.manager.open, spec)
+        except Exception as e:
+            await self._abort(context, "OpenSession", _as_remote(e, "OpenSession"))
+            raise  # unreachable: abort raises
+        self.jlog.event(
+            "open",
+            session=info.session_id,
+            peer=context.peer(),
+            need_head=info.need_head,
+            **spec_summary(spec),
+        )
+        return serde.session_info_to_proto(info)
+
+    async def UploadHead(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        sid, seq, total, done = "", 0, 0, False
+        try:
+            sid, token = await self._authorize(context)
+            async for req in request_iterator:
+                part = serde.head_part_from_proto(req)
+                self._same(sid, part.session_id)
+                if done or part.seq != seq:
+                    raise RemoteError(
+                        "INVALID_ARGUMENT",
+                        f"head chunk {part.seq} arrived as chunk {seq}"
+                        + (" after the last one" if done else ""),
+                    )
+                await self._run(
+                    self.manager.upload_head, sid, token, part.data, part.last, part.seq == 0
+                )
+                seq, total, done = seq + 1, total + len(part.data), part.last
+            if not done:
+                raise RemoteError("INVALID_ARGUMENT", "head upload ended before its last chunk")
+        except Exception as e:
+            await self._abort(context, "UploadHead", _as_remote(e, "UploadHead"), sid)
+            raise
+        self.jlog.event("head", session=sid, bytes=total)
+        return serde.upload_reply_to_proto(total)
+
+    async def Train(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        sid = token = ""
+        err: RemoteError | None = None
+        me: _Stream | None = None
+        try:
+            sid, token = await self._authorize(context)
+            me = await self._claim(sid)
+            await me.run(self.pool, self._drop_step, sid, token)  # a step an old stream left
+            wire = 0
+            while (req := await me.next(request_iterator)) is not None:
+                wire += req.ByteSize()
+                msg = serde.train_request_from_proto(req)
+                self._same(sid, msg.session_id)
+                if isinstance(msg, StepBegin):
+                    await me.run(self.pool, self.manager.begin_step, sid, token, msg)
+                    continue
+                ack = await me.run(self.pool, self.manager.add_chunk, sid, token, msg)
+                if ack is not None:
+                    rec = {"step": ack.step, "loss": ack.loss, "bytes": wire, **ack.metrics}
+                    self.jlog.step(sid, rec)
+                    wire = 0
+                    yield serde.ack_to_proto(ack)
+        except Exception as e:
+            err = _as_remote(e, "Train")
+        finally:
+            if me is not None:
+                await self._release(sid, token, me)
+        if err is not None:
+            await self._abort(context, "Train", err, sid)
+
+    async def _claim(self, sid: str) -> _Stream:
+        """Make the calling stream the session's only one: the newest stream wins.
+
+        A device that reconnects after a dropped link must not wait until the server notices
+        the dead stream, and two live streams must never interleave one session's steps: the
+        old stream ends with ABORTED once its manager call in flight has finished.
+        """
+        old = self._streams.get(sid)
+        me = self._streams[sid] = _Stream()
+        if old is not None and not old.done.is_set():
+            if not old.superseded.done():
+                old.superseded.set_result(True)
+            try:
+                await asyncio.wait_for(old.done.wait(), STREAM_HANDOVER_SECONDS)
+            except TimeoutError:
+                raise RemoteError(
+                    "UNAVAILABLE", f"session {sid}'s previous Train stream is still busy; retry"
+                ) from None
+        return me
+
+    async def _release(self, sid: str, token: str, me: _Stream) -> None:
+        """End a stream: wait for its manager call, drop its half-received step, hand over."""
+        try:
+            if me.inflight is not None and not me.inflight.done():
+                await asyncio.wait([me.inflight])  # a thread cannot be cancelled: let it finish
+            if self._streams.get(sid) is me:
+                del self._streams[sid]
+                await me.run(self.pool, self._drop_step, sid, token)
+        except RemoteError:
+            pass  # the server is stopping; nothing will train this step
+        finally:
+            me.done.set()
+
+    def _drop_step(self, sid: str, token: str) -> None:
+        with contextlib.suppress(RemoteError):  # a closed session has nothing pending
+            self.manager.abort_step(sid, token)
+
+    async def Download(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        sid = ""
+        try:
+            sid, token = await self._authorize(context)
+            self._same(sid, serde.download_request_from_proto(request))
+            blob = await self._run(self.manager.download, sid, token)
+        except Exception as e:
+            await self._abort(context, "Download", _as_remote(e, "Download"), sid)
+            return
+        for chunk in serde.blob_to_proto(blob, self.manager.cfg.max_chunk_bytes):
+            yield chunk
+        self.jlog.event("download", session=sid, bytes=len(blob.weights))
+
+    async def CloseSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        sid = ""
+        try:
+            sid, token = await self._authorize(context)
+            self._same(sid, serde.close_request_from_proto(request))
+            summary = await self._run(self.manager.close, sid, token)
+        except Exception as e:
+            await self._abort(context, "CloseSession", _as_remote(e, "CloseSession"), sid)
+            raise
+        self.jlog.event("close", session=sid, **summary)
+        return serde.summary_to_proto(summary)
+
+
+class GrpcServer:
+    """A ``SideTuning`` server on ``host:port`` (0 = any free port), TLS or loopback plaintext.
+
+    In a background thread (tests, notebooks)::
+
+        with GrpcServer(ServerConfig(workdir=tmp)) as server:   # start() returns the port
+            GrpcTransport(f"127.0.0.1:{server.port}")
+
+    or on the caller's event loop with ``await start_async()`` / ``await stop_async()``.
+    """
+
+    def __init__(
+        self,
+        cfg: ServerConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: TlsServerConfig | None = None,
+        insecure: bool = False,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        manager: SessionManager | None = None,
+    ) -> None:
+        check(
+            tls is not None or insecure or is_loopback(host),
+            f"refusing to serve without TLS on {host}: session tokens and activations would "
+            "cross the network in the clear; give --tls-cert/--tls-key, or --insecure if the "
+            "network is trusted",
+        )
+        self.manager = manager or SessionManager(cfg)
+        self.cfg = self.manager.cfg
+        self.host, self.port, self.tls = host, port, tls
+        self.interceptors = tuple(interceptors)
+        self._server: grpc.aio.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._jlog: JsonlLog | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def mode(self) -> str:
+        if self.tls is None:
+            return "insecure"
+        return "mutual tls" if self.tls.client_ca else "tls"
+
+    async def start_async(self) -> int:
+        """Bind and start serving on the running loop; returns the bound port."""
+        limit = max_message_bytes(self.cfg)
+        self._jlog = JsonlLog(self.cfg.workdir)
+        # One worker per session it may hold, plus a few for handshakes and refusals.
+        self._pool = ThreadPoolExecutor(self.cfg.max_sessions + 4, "mobillm-session")
+        server = grpc.aio.server(
+            interceptors=self.interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # A second server on a busy port must fail, not silently share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_SideTuningServicer_to_server(
+            SideTuningServicer(self.manager, self._jlog, self._pool), server
+        )
+        try:
+            if self.tls is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, server_credentials(self.tls))
+        except RuntimeError as e:
+            port, why = 0, str(e)
+        else:
+            why = "address in use or not available"
+        if port == 0:
+            self._jlog.close()
+            raise ServeError(f"cannot listen on {self.address}: {why}")
+        self.port = port
+        await server.start()
+        self._server = server
+        self._jlog.event(
+            "serving",
+            address=self.address,
+            mode=self.mode,
+            max_message_bytes=limit,
+            **self.cfg.to_dict(),
+        )
+        return port
+
+    async def stop_async(self, grace: float = 2.0) -> None:
+        """Stop taking calls, give running ones ``grace`` seconds, then release everything."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._jlog is not None:
+            self._jlog.event("stop", address=self.address)
+            self._jlog.close()
+
+    def start(self) -> int:
+        """Serve from a background thread with its own event loop; returns the bound port."""
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="mobillm-grpc", daemon=True)
+        self._thread.start()
+        try:
+            return asyncio.run_coroutine_threadsafe(self.start_async(), loop).result()
+        except BaseException:
+            self._shutdown_loop()
+            raise
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop a server started with ``start``."""
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop_async(grace), self._loop).result()
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        assert self._loop is not None and self._thread is not None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._loop = self._thread = None
+
+    def __enter__(self) -> GrpcServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(
+    cfg: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    tls: TlsServerConfig | None = None,
+    insecure: bool = False,
+    on_ready: Callable[[GrpcServer], None] | None = None,
+    grace: float = 5.0,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully; ``on_ready`` runs once bound."""
+
+    async def main() -> None:
+        server = GrpcServer(cfg, host, port, tls, insecure)
+        await server.start_async()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if on_ready is not None:
+                on_ready(server)
+            await stop.wait()
+        finally:
+            await server.stop_async(grace)
+
+    asyncio.run(main())

@@ -1,0 +1,266 @@
+"""Conversions between the wire (generated protobuf classes) and ``transport.messages`` types.
+
+The only module that imports the generated message code: everything else speaks the Python
+types of ``messages.py``. Every ``*_from_proto`` validates what it reads and raises
+``RemoteError("INVALID_ARGUMENT", ...)`` with a message a person can act on, so a malformed
+message is refused at the boundary, before it reaches a trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from mobillm.errors import ConfigError
+from mobillm.proto.v1 import mobillm_pb2 as pb
+from mobillm.transport.messages import (
+    Ack,
+    ActivationChunk,
+    RemoteError,
+    SessionInfo,
+    SessionSpec,
+    SideBlob,
+    StepBegin,
+)
+
+# Integer arrays travel as packed little-endian bytes; this caps the values in one array. It
+# is a sanity bound far above any real batch: the gRPC message size limit binds first.
+MAX_ITEMS = 1 << 22
+# Room for a message's fields around its bulk bytes (ids, flags, the spec, a chunk's meta).
+ENVELOPE_BYTES = 64 << 10
+# The largest chunk any server may announce (the upper bound ServerConfig accepts).
+MAX_CHUNK_BYTES = 4 << 20
+INT32, INT64 = np.dtype("<i4"), np.dtype("<i8")
+
+
+def _bad(msg: str) -> RemoteError:
+    return RemoteError("INVALID_ARGUMENT", msg)
+
+
+# --- session handshake ----------------------------------------------------------------------
+def spec_to_proto(spec: SessionSpec) -> pb.OpenSessionRequest:
+    return pb.OpenSessionRequest(spec_json=spec.to_json(indent=None))
+
+
+def spec_from_proto(req: pb.OpenSessionRequest) -> SessionSpec:
+    """The proposed spec; its Config classes validate it and say precisely what is wrong."""
+    try:
+        return SessionSpec.from_json(req.spec_json)
+    except ConfigError as e:
+        raise _bad(f"session spec refused: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # A value of the wrong JSON type can fail inside validate() before check() sees it.
+        raise _bad(f"session spec malformed: {type(e).__name__}: {e}") from None
+
+
+def session_info_to_proto(info: SessionInfo) -> pb.OpenSessionReply:
+    return pb.OpenSessionReply(
+        session_id=info.session_id,
+        token=info.token,
+        need_head=info.need_head,
+        max_chunk_bytes=info.max_chunk_bytes,
+        server=info.server,
+    )
+
+
+def session_info_from_proto(msg: pb.OpenSessionReply) -> SessionInfo:
+    if not msg.session_id or not msg.token or msg.max_chunk_bytes <= 0:
+        raise _bad("server's session reply lacks an id, a token or a chunk size")
+    return SessionInfo(
+        msg.session_id, msg.token, msg.need_head, int(msg.max_chunk_bytes), msg.server
+    )
+
+
+# --- frozen head upload ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HeadPart:
+    """Chunk ``seq`` of the frozen head's safetensors bytes; ``last`` ends the upload."""
+
+    session_id: str
+    seq: int
+    last: bool
+    data: bytes
+
+
+def head_parts(session_id: str, blob: bytes, max_chunk: int) -> list[HeadPart]:
+    """Split the head's bytes into chunks of at most ``max_chunk`` bytes."""
+    parts = [blob[i : i + max_chunk] for i in range(0, len(blob), max_chunk)] or [b""]
+    return [HeadPart(session_id, i, i == len(parts) - 1, p) for i, p in enumerate(parts)]
+
+
+def head_part_to_proto(part: HeadPart) -> pb.HeadChunk:
+    return pb.HeadChunk(session_id=part.session_id, seq=part.seq, last=part.last, data=part.data)
+
+
+def head_part_from_proto(msg: pb.HeadChunk) -> HeadPart:
+    return HeadPart(msg.session_id, msg.seq, msg.last, msg.data)
+
+
+def upload_reply_to_proto(nbytes: int) -> pb.UploadHeadReply:
+    return pb.UploadHeadReply(bytes=nbytes)
+
+
+def upload_reply_from_proto(msg: pb.UploadHeadReply) -> int:
+    return int(msg.bytes)
+
+
+# --- training stream ------------------------------------------------------------------------
+def _pack(t: torch.Tensor, dtype: np.dtype, name: str) -> bytes:
+    arr = t.detach().cpu().reshape(-1).to(torch.int64).numpy()
+    info = np.iinfo(dtype)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise _bad(f"StepBegin.{name} holds values outside {dtype.name}")
+    return arr.astype(dtype).tobytes()
+
+
+def _unpack(data: bytes, dtype: np.dtype, name: str, max_items: int) -> torch.Tensor:
+    size = dtype.itemsize
+    if len(data) % size:
+        raise _bad(
+            f"StepBegin.{name}: {len(data)} bytes is not a whole number of {size}-byte "
+            f"little-endian int{8 * size} values (truncated or wrong type)"
+        )
+    n = len(data) // size
+    if n > max_items:
+        raise _bad(f"StepBegin.{name}: {n} values; limit {max_items}")
+    native = np.int32 if size == 4 else np.int64
+    # astype copies into a writable native array, which torch can own.
+    return torch.from_numpy(np.frombuffer(data, dtype=dtype).astype(native))
+
+
+def step_begin_to_proto(msg: StepBegin) -> pb.StepBegin:
+    out = pb.StepBegin(
+        session_id=msg.session_id,
+        step=msg.step,
+        rows_per_sample=_pack(msg.rows_per_sample, INT32, "rows_per_sample"),
+        pool_rows=_pack(msg.pool_rows, INT64, "pool_rows"),
+    )
+    if msg.labels is not None:
+        out.labels = _pack(msg.labels, INT64, "labels")
+    if msg.targets is not None:
+        out.targets = _pack(msg.targets, INT64, "targets")
+    return out
+
+
+def step_begin_from_proto(msg: pb.StepBegin, max_items: int = MAX_ITEMS) -> StepBegin:
+    """A StepBegin with (B,) int32 rows, (B,) int64 pool rows, int64 labels/targets or None."""
+    rows = _unpack(msg.rows_per_sample, INT32, "rows_per_sample", max_items)
+    if rows.numel() == 0:
+        raise _bad("StepBegin.rows_per_sample is empty: a step needs at least one sample")
+    pool = _unpack(msg.pool_rows, INT64, "pool_rows", max_items)
+    labels = _unpack(msg.labels, INT64, "labels", max_items) if msg.HasField("labels") else None
+    targets = _unpack(msg.targets, INT64, "targets", max_items) if msg.HasField("targets") else None
+    return StepBegin(msg.session_id, int(msg.step), rows, pool, labels, targets)
+
+
+def chunk_to_proto(msg: ActivationChunk) -> pb.ActivationChunk:
+    return pb.ActivationChunk(
+        session_id=msg.session_id,
+        step=msg.step,
+        tap=msg.tap,
+        seq=msg.seq,
+        last=msg.last,
+        data=msg.data,
+    )
+
+
+def chunk_from_proto(msg: pb.ActivationChunk) -> ActivationChunk:
+    return ActivationChunk(
+        msg.session_id, int(msg.step), int(msg.tap), int(msg.seq), msg.last, msg.data
+    )
+
+
+def train_request_to_proto(msg: StepBegin | ActivationChunk) -> pb.TrainRequest:
+    if isinstance(msg, StepBegin):
+        return pb.TrainRequest(begin=step_begin_to_proto(msg))
+    return pb.TrainRequest(chunk=chunk_to_proto(msg))
+
+
+def train_request_from_proto(
+    msg: pb.TrainRequest, max_items: int = MAX_ITEMS
+) -> StepBegin | ActivationChunk:
+    kind = msg.WhichOneof("msg")
+    if kind == "begin":
+        return step_begin_from_proto(msg.begin, max_items)
+    if kind == "chunk":
+        return chunk_from_proto(msg.chunk)
+    raise _bad("empty TrainRequest: it must carry a StepBegin or an ActivationChunk")
+
+
+def ack_to_proto(ack: Ack) -> pb.Ack:
+    return pb.Ack(step=ack.step, loss=ack.loss, metrics=ack.metrics)
+
+
+def ack_from_proto(msg: pb.Ack) -> Ack:
+    return Ack(int(msg.step), float(msg.loss), dict(msg.metrics))
+
+
+# --- download and close ---------------------------------------------------------------------
+def download_request_to_proto(session_id: str) -> pb.DownloadRequest:
+    return pb.DownloadRequest(session_id=session_id)
+
+
+def download_request_from_proto(msg: pb.DownloadRequest) -> str:
+    return msg.session_id
+
+
+def blob_to_proto(blob: SideBlob, max_chunk: int) -> Iterator[pb.WeightsChunk]:
+    """The side network in chunks of at most ``max_chunk`` weight bytes; meta in the first."""
+    w = blob.weights
+    n = max(1, -(-len(w) // max_chunk))
+    for i in range(n):
+        yield pb.WeightsChunk(
+            seq=i,
+            last=i == n - 1,
+            data=w[i * max_chunk : (i + 1) * max_chunk],
+            meta_json=blob.meta_json if i == 0 else "",
+        )
+
+
+def blob_from_proto(chunks: Iterable[pb.WeightsChunk]) -> SideBlob:
+    """Reassemble a download; refuses chunks out of order or a stream without its last chunk."""
+    meta, parts, done = "", [], False
+    for i, c in enumerate(chunks):
+        if done:
+            raise RemoteError("INTERNAL", "download went on after its last chunk")
+        if c.seq != i:
+            raise RemoteError("INTERNAL", f"download chunk {c.seq} arrived as chunk {i}")
+        if i == 0:
+            meta = c.meta_json
+        parts.append(c.data)
+        done = c.last
+    if not done:
+        raise RemoteError("INTERNAL", "download ended before its last chunk")
+    return SideBlob(meta, b"".join(parts))
+
+
+def close_request_to_proto(session_id: str) -> pb.CloseSessionRequest:
+    return pb.CloseSessionRequest(session_id=session_id)
+
+
+def close_request_from_proto(msg: pb.CloseSessionRequest) -> str:
+    return msg.session_id
+
+
+def summary_to_proto(summary: dict[str, Any]) -> pb.CloseSessionReply:
+    """Numbers go to ``summary``, anything else (a checkpoint path) to ``notes`` as text."""
+    out = pb.CloseSessionReply()
+    for k, v in summary.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out.summary[k] = float(v)
+        else:
+            out.notes[k] = str(v)
+    return out
+
+
+def summary_from_proto(msg: pb.CloseSessionReply) -> dict[str, Any]:
+    # Counts come back as ints, as the in-process transport returns them.
+    out: dict[str, Any] = {
+        k: int(v) if float(v).is_integer() else float(v) for k, v in msg.summary.items()
+    }
+    out.update(msg.notes)
+    return out
