@@ -136,3 +136,24 @@ def test_batch_to_device(tiny_tokenizer):
     (b,) = iter_batches([LMExample("a", "b")], tiny_tokenizer, cfg, shuffle=False, seed=0)
     moved = b.to("cpu")
     assert moved.labels is None and torch.equal(moved.targets, b.targets)
+
+
+def test_epoch_batches_group_lengths_and_cover_every_example():
+    import random
+
+    from mobillm.data import epoch_batches
+
+    rnd = random.Random(1)
+    lengths = [rnd.randint(3, 60) for _ in range(1000)]
+    grouped = epoch_batches(lengths, 16, seed=0, epoch=0, group=8)
+    plain = epoch_batches(lengths, 16, seed=0, epoch=0, group=0)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert len(batches) == 63
+    assert grouped == epoch_batches(lengths, 16, seed=0, epoch=0, group=8)
+    assert grouped != epoch_batches(lengths, 16, seed=0, epoch=1, group=8)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.8 * padded(plain)

@@ -87,7 +87,7 @@ def test_causal_lm_learns_a_fixed_reply_and_generates_it(tmp_path, make_tiny_bac
     side = build_side_config(bb, "causal_lm", 0, (), dropout=0.0, reduction=2)
     mgr = SessionManager(ServerConfig(workdir=str(tmp_path / "server")))
     before = LocalModel.untrained(bb, side).evaluate(data)["loss"]
-    tr = _trainer(bb, side, mgr, epochs=6, lr=1e-2)
+    tr = _trainer(bb, side, mgr, epochs=12, lr=1e-2)
     tr.train(data, 8)
     out = tr.download(tmp_path / "side", {})
     tr.transport.close()

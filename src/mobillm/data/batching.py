@@ -99,6 +99,30 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int = 0) -> list[int]:
     return order
 
 
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0, group: int = 32
+) -> list[list[int]]:
+    """Index lists of one epoch's batches, shuffled, with similar lengths grouped together.
+
+    The seeded order is cut into windows of ``group`` batches; each window is sorted by length
+    before it is split into batches, and the batches are shuffled again. Padding (and so the
+    device's forward time) drops a lot on data of mixed lengths, while every batch still mixes
+    random examples. ``group <= 1`` gives plain shuffled batches.
+    """
+    order = epoch_order(len(lengths), True, seed, epoch)
+    if group > 1:
+        window = batch_size * group
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: lengths[j])
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group > 1:
+        random.Random(f"groups:{seed}:{epoch}").shuffle(batches)
+    return batches
+
+
 def iter_batches(
     examples: Sequence[Example] | TokenizedDataset,
     tokenizer: PreTrainedTokenizerBase | None,

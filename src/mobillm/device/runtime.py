@@ -21,7 +21,7 @@ from safetensors.torch import save
 from mobillm.backbone import Backbone
 from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, check
-from mobillm.data import TokenizedDataset, collate, epoch_order, num_batches
+from mobillm.data import TokenizedDataset, collate, epoch_batches, num_batches
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import tensors_sha256
@@ -47,6 +47,7 @@ class DeviceConfig(Config):
     epochs: int = 1
     max_steps: int = 0
     log_every: int = 10
+    length_group: int = 32
 
     def validate(self) -> None:
         check(self.positions in POSITIONS, f"DeviceConfig.positions must be one of {POSITIONS}")
@@ -54,6 +55,7 @@ class DeviceConfig(Config):
         check(self.epochs >= 1, "DeviceConfig.epochs must be >= 1")
         check(self.max_steps >= 0, "DeviceConfig.max_steps must be >= 0 (0 = all)")
         check(self.log_every >= 1, "DeviceConfig.log_every must be >= 1")
+        check(self.length_group >= 0, "DeviceConfig.length_group must be >= 0 (0 = off)")
 
 
 @dataclasses.dataclass
@@ -191,11 +193,11 @@ class DeviceTrainer:
             self._record(ack, samples, time.perf_counter() - sent_at, t_start, total, progress)
 
         for epoch in range(self.cfg.epochs):
-            order = epoch_order(len(data), shuffle=True, seed=seed, epoch=epoch)
-            for start in range(0, len(order), batch_size):
+            group = self.cfg.length_group
+            for idx in epoch_batches(data.lengths, batch_size, seed, epoch, group):
                 if step >= total:
                     break
-                batch = collate(data, order[start : start + batch_size])
+                batch = collate(data, idx)
                 sent_at = time.perf_counter()
                 in_flight[step] = (self._send_step(step, batch), sent_at)
                 step += 1

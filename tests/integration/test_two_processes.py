@@ -1,0 +1,65 @@
+"""Server and device as two OS processes over gRPC on loopback, on the real SmolLM2 weights."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mobillm.data import DataConfig, load_examples, resolve_preset, tokenize_examples
+from mobillm.device.local import LocalModel
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "mobillm.cli.main"]
+
+
+def _wait_port(path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        if path.is_file() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the server did not start")
+
+
+def test_train_over_grpc_then_infer_alone(tmp_path, smollm2):
+    assert subprocess.run([*CLI, "serve", "--make-certs", str(tmp_path / "certs")]).returncode == 0
+    certs = tmp_path / "certs"
+    port_file, workdir, out = tmp_path / "port", tmp_path / "server", tmp_path / "side"
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--port-file", str(port_file), "--workdir", str(workdir),
+         "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = _wait_port(port_file, server)
+        device = subprocess.run(
+            [*CLI, "train", "--server", f"127.0.0.1:{port}", "--tls-ca", str(certs / "ca.pem"),
+             "--data", "sst2", "--max-train-samples", "96", "--batch-size", "16",
+             "--no-eval", "--out", str(out)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert device.returncode == 0, device.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, server_err = server.communicate(timeout=60)
+    assert server.returncode == 0, server_err
+    result = json.loads(device.stdout)
+    assert result["train"]["steps"] == 6 and result["server"]["steps"] == 6
+    assert "step 6/6" in device.stderr and "MB/s" in device.stderr
+    # the server's own copy: the checkpoint it wrote when the session closed
+    (ckpt,) = workdir.glob("sessions/*/step-000006")
+    assert (ckpt / "side.safetensors").read_bytes() == (out / "side.safetensors").read_bytes()
+    events = [json.loads(x) for x in (workdir / "server.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in events if e["event"] == "step"][:1]  # per-step JSONL metrics
+    # the server is gone: the device predicts alone, exactly as the server's copy does
+    cfg = resolve_preset(DataConfig(preset="sst2", max_eval_samples=48))
+    dev = tokenize_examples(load_examples(cfg, "eval"), smollm2.tokenizer, cfg)
+    mine = LocalModel.load(smollm2, out).evaluate(dev, 24)
+    theirs = LocalModel.load(smollm2, ckpt).evaluate(dev, 24)
+    assert mine["predictions"] == theirs["predictions"]
+    assert mine["accuracy"] == theirs["accuracy"] > 0.5
