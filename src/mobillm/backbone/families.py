@@ -111,15 +111,17 @@ def export_head(
         has_lm_bias=lm_bias is not None,
         softcap=softcap,
     )
+    # No copies: float() is a no-op on fp32 weights, so exporting the whole head of a big
+    # vocabulary costs no device memory (callers treat these tensors as read-only).
     tensors: dict[str, torch.Tensor] = {}
     if norm is not None:
-        tensors["norm.weight"] = norm.weight.detach().float().clone()
+        tensors["norm.weight"] = norm.weight.detach().float()
         if has_bias:
-            tensors["norm.bias"] = norm.bias.detach().float().clone()
+            tensors["norm.bias"] = norm.bias.detach().float()
     if proj is not None:
-        tensors["proj.weight"] = proj.weight.detach().float().clone()
+        tensors["proj.weight"] = proj.weight.detach().float()
     if spec.vocab_rows:
-        tensors["lm_head.weight"] = weight.float().clone()
+        tensors["lm_head.weight"] = weight.float()
         if lm_bias is not None:
-            tensors["lm_head.bias"] = lm_bias.detach().float().clone()
+            tensors["lm_head.bias"] = lm_bias.detach().float()
     return spec, tensors

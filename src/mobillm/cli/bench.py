@@ -34,6 +34,115 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--threads", type=int, default=0)
     o.add_argument("--out", default="results/overlap")
     o.set_defaults(func=run_overlap_cmd)
+    c = bsub.add_parser(
+        "compare",
+        help="MobiLLM vs on-device LoRA, full FT and side-tuning (memory, time, "
+        "accuracy, bytes); writes JSON, Markdown, PNGs and docs/benchmarks.md",
+    )
+    c.add_argument(
+        "--cost",
+        default="smollm2-135m=8x128,16x256,32x256;qwen2.5-coder-1.5b=2x128,4x128,8x128",
+        help="model=BxT,BxT;model=... settings for memory and s/sample ('' = skip)",
+    )
+    c.add_argument("--cost-methods", default="mobillm,lora,full,side_local")
+    c.add_argument("--cost-steps", type=int, default=2, help="measured steps after a warm-up")
+    c.add_argument(
+        "--codecs",
+        default="int8,int4,nf4,fp16",
+        help="codecs for the bytes-per-sample rows (SmolLM2, first setting)",
+    )
+    c.add_argument("--race-model", default="smollm2-135m")
+    c.add_argument("--race-budget", type=int, default=3000, help="SST-2 samples (0 = skip)")
+    c.add_argument("--race-batch", type=int, default=16)
+    c.add_argument("--race-methods", default="lora,mobillm,side_local")
+    c.add_argument("--checkpoints", type=int, default=5)
+    c.add_argument("--links", default="0,100,20", help="MobiLLM links in Mbit/s (0 = loopback)")
+    c.add_argument("--lr-mobillm", type=float, default=2e-3)
+    c.add_argument("--lr-lora", type=float, default=5e-4)
+    c.add_argument("--lr-full", type=float, default=2e-5)
+    c.add_argument("--mem-limit-mb", type=float, default=21000)
+    c.add_argument("--threads", type=int, default=0, help="worker torch threads (0 = all)")
+    c.add_argument("--out", default="results/compare")
+    c.add_argument("--doc", default="docs/benchmarks.md")
+    c.add_argument("--fresh", action="store_true", help="rerun jobs already in results.jsonl")
+    c.set_defaults(func=run_compare_cmd)
+
+
+def compare_jobs(args: argparse.Namespace) -> list[Any]:
+    """The job list: cost sweeps, codec rows, then the SST-2 race."""
+    from mobillm.bench.compare import Job
+
+    lrs = {
+        "mobillm": args.lr_mobillm,
+        "side_local": args.lr_mobillm,
+        "lora": args.lr_lora,
+        "full": args.lr_full,
+    }
+    jobs = []
+    for part in filter(None, args.cost.split(";")):
+        model, _, settings = part.partition("=")
+        for setting in settings.split(","):
+            b, s = (int(x) for x in setting.lower().split("x"))
+            for method in args.cost_methods.split(","):
+                jobs.append(
+                    Job("cost", method, model, b, seq=s, lr=lrs[method], steps=args.cost_steps)
+                )
+    first = next((j for j in jobs if j.model == "smollm2-135m"), None)
+    for codec in args.codecs.split(","):
+        if first is not None and codec != "int8":
+            jobs.append(
+                dataclasses.replace(first, method="mobillm", codec=codec, lr=lrs["mobillm"])
+            )
+    if args.race_budget:
+        for method in args.race_methods.split(","):
+            links = [float(x) for x in args.links.split(",")] if method == "mobillm" else [0.0]
+            for mbps in links:
+                jobs.append(
+                    Job(
+                        "race",
+                        method,
+                        args.race_model,
+                        args.race_batch,
+                        budget=args.race_budget,
+                        link_mbps=mbps,
+                        lr=lrs[method],
+                        checkpoints=args.checkpoints,
+                    )
+                )
+    return jobs
+
+
+def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from mobillm.bench.compare import run_job
+    from mobillm.bench.report import write_doc
+
+    common.setup(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.jsonl"
+    done = [json.loads(x) for x in store.read_text().splitlines()] if store.is_file() else []
+    if args.fresh:
+        done = []
+    jobs = compare_jobs(args)
+    t0 = time.time()
+    for i, job in enumerate(jobs, 1):
+        key = dataclasses.asdict(job)
+        if any(all(r.get(k) == v for k, v in key.items()) for r in done):
+            continue
+        common.say(f"[bench] job {i}/{len(jobs)} ({time.time() - t0:.0f}s elapsed)")
+        res = run_job(job, out / "work", args.mem_limit_mb, args.threads, common.say)
+        done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [res]
+        store.write_text("".join(json.dumps(r) + "\n" for r in done))
+    command = (
+        "mobillm bench compare " + " ".join(sys.argv[3:])
+        if len(sys.argv) > 3
+        else "mobillm bench compare"
+    )
+    write_doc(done, out, Path(args.doc), command.strip())
+    common.say(f"[bench] results in {store}, plots in {out}, report in {args.doc}")
+    return {"bench": "compare", "jobs": len(done), "results": str(store), "doc": args.doc}
 
 
 def start_server(workdir: Path, threads: int = 1) -> tuple[subprocess.Popen, int]:

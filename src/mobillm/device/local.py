@@ -47,6 +47,18 @@ class LocalModel:
         return cls(backbone, side, meta)
 
     @classmethod
+    def from_blob(cls, backbone: Backbone, meta_json: str, weights: bytes) -> LocalModel:
+        """A side network straight from a download, without touching the disk."""
+        import json
+
+        from mobillm.side.io import SideMeta, side_from_bytes
+
+        meta = SideMeta.from_dict(json.loads(meta_json))
+        backbone.set_taps(meta.taps)
+        head = FrozenHead(*backbone.export_head(meta.side.head_rows))
+        return cls(backbone, side_from_bytes(meta, weights, head, backbone.fingerprint), meta)
+
+    @classmethod
     def untrained(cls, backbone: Backbone, side_cfg: SideConfig, seed: int = 0) -> LocalModel:
         """A fresh side network: with a verbalizer head this is zero-shot prompting exactly."""
         torch.manual_seed(seed)

@@ -168,6 +168,34 @@ class DeviceTrainer:
         self.forward_seconds += time.perf_counter() - t0
         return len(batch)
 
+    def begin(self, total_steps: int, progress: ProgressFn | None = None) -> None:
+        """Open the session for ``total_steps`` steps (the server's LR schedule needs it)."""
+        self.open(total_steps)
+        self._total, self._progress = total_steps, progress
+        self._t_start = time.perf_counter()
+        self._in_flight: dict[int, tuple[int, float]] = {}
+        self._next_step = 0
+
+    def step(self, batch: Any) -> None:
+        """Stream one batch; returns once fewer than ``window`` steps are unacknowledged."""
+        sent_at = time.perf_counter()
+        step = self._next_step
+        self._in_flight[step] = (self._send_step(step, batch), sent_at)
+        self._next_step += 1
+        while len(self._in_flight) >= self.cfg.window:
+            self._collect()
+
+    def drain(self) -> None:
+        """Wait until the server has acknowledged every step sent so far."""
+        while self._in_flight:
+            self._collect()
+
+    def _collect(self) -> None:
+        ack = self.transport.next_ack(timeout=600)
+        samples, sent_at = self._in_flight.pop(ack.step)
+        seconds = time.perf_counter() - sent_at
+        self._record(ack, samples, seconds, self._t_start, self._total, self._progress)
+
     def train(
         self,
         data: TokenizedDataset,
@@ -182,30 +210,18 @@ class DeviceTrainer:
             total = min(total, self.cfg.max_steps)
         if total == 0:
             raise ValueError("no training batches: the training set is empty")
-        self.open(total)
-        t_start = time.perf_counter()
-        in_flight: dict[int, tuple[int, float]] = {}
-        step = 0
-
-        def collect() -> None:
-            ack = self.transport.next_ack(timeout=600)
-            samples, sent_at = in_flight.pop(ack.step)
-            self._record(ack, samples, time.perf_counter() - sent_at, t_start, total, progress)
-
+        self.begin(total, progress)
         for epoch in range(self.cfg.epochs):
             group = self.cfg.length_group
             for idx in epoch_batches(data.lengths, batch_size, seed, epoch, group):
-                if step >= total:
+                if self._next_step >= total:
                     break
-                batch = collate(data, idx)
-                sent_at = time.perf_counter()
-                in_flight[step] = (self._send_step(step, batch), sent_at)
-                step += 1
-                while len(in_flight) >= self.cfg.window:
-                    collect()
-        while in_flight:
-            collect()
-        wall = time.perf_counter() - t_start
+                self.step(collate(data, idx))
+        self.drain()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._t_start
         samples = sum(r.samples for r in self.records)
         return {
             "steps": len(self.records),
@@ -216,7 +232,7 @@ class DeviceTrainer:
             "bytes_encoded": self.bytes_encoded,
             "bytes_sent": self.transport.bytes_sent,
             "bytes_per_sample": round(self.bytes_encoded / max(1, samples), 1),
-            "final_loss": self.records[-1].loss,
+            "final_loss": self.records[-1].loss if self.records else float("nan"),
             "mean_loss_last_10pct": _tail_mean([r.loss for r in self.records]),
         }
 
@@ -275,5 +291,7 @@ class DeviceTrainer:
 
 
 def _tail_mean(xs: list[float]) -> float:
+    if not xs:
+        return float("nan")
     k = max(1, len(xs) // 10)
     return round(sum(xs[-k:]) / k, 5)

@@ -89,7 +89,8 @@ class FrozenHead(nn.Module):
                 )
         self.spec = spec
         for name in expected:
-            self.register_buffer(name.replace(".", "_"), tensors[name].detach().float().clone())
+            # float() shares fp32 storage: on the device the head *is* the backbone's weights
+            self.register_buffer(name.replace(".", "_"), tensors[name].detach().float())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n.replace(".", "_")) for n in self.spec.tensor_shapes()}
@@ -131,5 +132,5 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().to(torch.float32).contiguous().cpu()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.numpy())  # hashes the buffer in place: no copy of a large head
     return h.hexdigest()

@@ -112,21 +112,36 @@ def load_weights_into(net: SideNetwork, state: dict[str, torch.Tensor]) -> None:
     net.load_state_dict(state, strict=False)
 
 
+def check_fingerprint(meta: SideMeta, expect: BackboneFingerprint | None, where: str) -> None:
+    if expect is not None and (diff := meta.fingerprint.mismatch(expect)):
+        raise SideFileError(
+            f"side network in {where} was trained for another backbone "
+            f"({meta.fingerprint.short()}) than the one loaded ({expect.short()}): {diff}"
+        )
+
+
+def side_from_bytes(
+    meta: SideMeta,
+    weights: bytes,
+    head: FrozenHead,
+    expect: BackboneFingerprint | None = None,
+    where: str = "the download",
+) -> SideNetwork:
+    """Rebuild a side network from its metadata and safetensors bytes (e.g. a download)."""
+    check_fingerprint(meta, expect, where)
+    net = SideNetwork(meta.side, head)
+    load_weights_into(net, weights_from_bytes(weights))
+    return net.eval()
+
+
 def load_side(
     folder: str | Path, head: FrozenHead, expect: BackboneFingerprint | None = None
 ) -> tuple[SideNetwork, SideMeta]:
     """Rebuild a saved side network on ``head``; ``expect``: the fingerprint it must match."""
     meta = read_meta(folder)
-    if expect is not None and (diff := meta.fingerprint.mismatch(expect)):
-        raise SideFileError(
-            f"side network in {folder} was trained for another backbone "
-            f"({meta.fingerprint.short()}) than the one loaded ({expect.short()}): {diff}"
-        )
+    check_fingerprint(meta, expect, str(folder))
     wp = Path(folder) / WEIGHTS
     if not wp.is_file():
         raise SideFileError(f"{folder} has no {WEIGHTS}")
-    state = weights_from_bytes(wp.read_bytes())
-    net = SideNetwork(meta.side, head)
-    load_weights_into(net, state)
-    net.eval()
+    net = side_from_bytes(meta, wp.read_bytes(), head, expect, str(folder))
     return net, meta

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import resource
 import signal
 import threading
 import time
@@ -413,7 +414,9 @@ class GrpcServer:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._jlog is not None:
-            self._jlog.event("stop", address=self.address)
+            # the server's own peak memory, for benchmarks that compare device and server
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self._jlog.event("stop", address=self.address, peak_rss_mb=round(peak_mb, 1))
             self._jlog.close()
 
     def start(self) -> int:

@@ -1,0 +1,129 @@
+"""Run every method of the comparison, each in its own process, and collect the results.
+
+The orchestrator starts one worker process per (method, setting); for MobiLLM it first starts a
+``mobillm serve`` process, so device and server are two processes as in deployment. A watchdog
+samples each child's memory and stops it above ``mem_limit_mb``, which is reported as
+"out of memory at the limit" instead of letting the kernel's OOM killer loose on the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from mobillm.cli.bench import start_server
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    mode: str  # "cost" | "race"
+    method: str  # "mobillm" | "lora" | "full" | "side_local"
+    model: str
+    batch: int
+    seq: int = 0  # cost mode: exact tokens per sequence
+    budget: int = 0  # race mode: training samples
+    link_mbps: float = 0.0
+    codec: str = "int8"
+    lr: float = 2e-3
+    steps: int = 2
+    checkpoints: int = 5
+    dtype: str = "float32"
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        link = f" @{self.link_mbps:g}Mbit/s" if self.link_mbps else ""
+        size = f"{self.batch}x{self.seq}" if self.mode == "cost" else f"{self.budget} samples"
+        return f"{self.mode} {self.method}{link} {self.model} {size}"
+
+
+class _Watch(threading.Thread):
+    """Samples a process tree's RSS; kills the tree above the limit."""
+
+    def __init__(self, pid: int, limit_mb: float) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.limit_mb = limit_mb
+        self.peak_mb = 0.0
+        self.killed = False
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                rss = self.proc.memory_info().rss / 2**20
+            except psutil.Error:
+                return
+            self.peak_mb = max(self.peak_mb, rss)
+            if rss > self.limit_mb:
+                self.killed = True
+                self.proc.kill()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_job(
+    job: Job, workdir: Path, mem_limit_mb: float, threads: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Run one job in a fresh worker process (plus a server process for MobiLLM)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec: dict[str, Any] = {**dataclasses.asdict(job), "threads": threads}
+    server = None
+    if job.method == "mobillm":
+        server, port = start_server(workdir / "server", threads=1)
+        spec["server"] = f"127.0.0.1:{port}"
+    job_file = Path(tempfile.mkstemp(suffix=".json", dir=workdir)[1])
+    out_file = job_file.with_suffix(".out.json")
+    job_file.write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    log(f"{job.label}: started")
+    # the worker's progress lines go straight to our stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mobillm.bench.worker", str(job_file), str(out_file)]
+    )
+    watch = _Watch(proc.pid, mem_limit_mb)
+    watch.start()
+    server_watch = _Watch(server.pid, 1e12) if server else None
+    if server_watch:
+        server_watch.start()
+    code = proc.wait()
+    watch.stop()
+    result: dict[str, Any] = dataclasses.asdict(job)
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=60)
+        assert server_watch is not None
+        server_watch.stop()
+        result["server_peak_rss_mb"] = round(server_watch.peak_mb, 1)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if watch.killed:
+        result.update(oom=True, peak_rss_mb=round(watch.peak_mb, 1), limit_mb=mem_limit_mb)
+        log(f"{job.label}: out of memory (over {mem_limit_mb:.0f} MB), stopped")
+    elif code != 0 or not out_file.is_file():
+        result.update(error=f"worker exited with code {code}")
+        log(f"{job.label}: FAILED (code {code})")
+    else:
+        result.update(json.loads(out_file.read_text()))
+        result["sampled_peak_rss_mb"] = round(watch.peak_mb, 1)
+        log(
+            f"{job.label}: peak RSS {result['peak_rss_mb']:.0f} MB"
+            + (
+                f", {result['seconds_per_sample']:.3f} s/sample"
+                if job.mode == "cost"
+                else f", dev accuracy {result['final_accuracy']:.4f} "
+                f"after {result['train_seconds']:.0f}s"
+            )
+        )
+    return result

@@ -1,0 +1,316 @@
+"""Turn comparison results into Markdown tables, PNG plots and ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+import platform
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+TARGET_MEMORY = {"qwen2.5-coder-1.5b": 4.0, "smollm2-135m": 3.0}
+TARGET_SPEED = 2.3
+TARGET_TIME = 2.3
+TARGET_ACC_GAP = 0.015
+METHOD_NAMES = {
+    "mobillm": "MobiLLM (device)",
+    "lora": "on-device LoRA r=8 q,v",
+    "full": "on-device full FT",
+    "side_local": "on-device side-tuning",
+}
+
+
+def _ok(cond: bool) -> str:
+    return "**met**" if cond else "**not met**"
+
+
+def _ok_result(r: dict[str, Any]) -> bool:
+    return not r.get("oom") and not r.get("error")
+
+
+def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """Memory and seconds/sample per model and setting, with LoRA/MobiLLM ratios."""
+    by: dict[tuple[str, int, int], dict[str, dict]] = defaultdict(dict)
+    for r in results:
+        if r["mode"] == "cost" and r.get("codec", "int8") == "int8":
+            by[(r["model"], r["batch"], r["seq"])][r["method"]] = r
+    lines, verdicts = [], []
+    models = sorted({k[0] for k in by}, key=lambda m: (m != "smollm2-135m", m))
+    for model in models:
+        keys = sorted((k for k in by if k[0] == model), key=lambda k: k[1] * k[2])
+        lines.append(f"\n#### {model}\n")
+        lines.append(
+            "| batch x seq | MobiLLM device | on-device LoRA | on-device full FT "
+            "| on-device side-tuning | server | memory LoRA / MobiLLM "
+            "| s/sample MobiLLM | s/sample LoRA | s/sample LoRA / MobiLLM |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        largest_fit = None
+        for k in keys:
+            row = by[k]
+            m, lo = row.get("mobillm"), row.get("lora")
+
+            def mem(r: dict | None) -> str:
+                if r is None:
+                    return "-"
+                if r.get("oom"):
+                    return f"OOM (> {r['limit_mb'] / 1024:.0f} GB)"
+                if r.get("error"):
+                    return "failed"
+                return f"{r['peak_rss_mb'] / 1024:.2f} GB"
+
+            mem_ratio = speed_ratio = None
+            if m and lo and _ok_result(m) and _ok_result(lo):
+                mem_ratio = lo["peak_rss_mb"] / m["peak_rss_mb"]
+                speed_ratio = lo["seconds_per_sample"] / m["seconds_per_sample"]
+                largest_fit = (k, mem_ratio, speed_ratio)
+            ok_m, ok_lo = bool(m and _ok_result(m)), bool(lo and _ok_result(lo))
+            cells = [
+                f"{k[1]}x{k[2]}",
+                mem(m),
+                mem(lo),
+                mem(row.get("full")),
+                mem(row.get("side_local")),
+                f"{m['server_peak_rss_mb'] / 1024:.2f} GB" if ok_m else "-",
+                f"**{mem_ratio:.2f}**" if mem_ratio else "-",
+                f"{m['seconds_per_sample']:.3f}" if ok_m else "-",
+                f"{lo['seconds_per_sample']:.3f}" if ok_lo else "-",
+                f"**{speed_ratio:.2f}**" if speed_ratio else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        if largest_fit:
+            (_, b, s), mr, sr = largest_fit
+            target = TARGET_MEMORY.get(model, 3.0)
+            verdicts.append(
+                f"- {model}: at the largest setting where LoRA fits ({b}x{s}), device "
+                f"memory LoRA / MobiLLM = {mr:.2f} (target >= {target:g}: "
+                f"{_ok(mr >= target)}); seconds per sample LoRA / MobiLLM = "
+                f"{sr:.2f} (target >= {TARGET_SPEED}: {_ok(sr >= TARGET_SPEED)})"
+            )
+    return "\n".join(lines), verdicts
+
+
+def time_to(curve: list[dict[str, Any]], target: float) -> float | None:
+    for p in curve:
+        if p["accuracy"] >= target:
+            return p["train_seconds"]
+    return None
+
+
+def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    races = [r for r in results if r["mode"] == "race" and _ok_result(r)]
+    lora = next((r for r in races if r["method"] == "lora"), None)
+    if not races:
+        return "", []
+    target = lora["final_accuracy"] - 0.01 if lora else None
+    lines = [
+        "| method | link | dev accuracy after budget | training wall time | "
+        "time to target | LoRA time / this | bytes uploaded per sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    lora_t = time_to(lora["curve"], target) if lora and target is not None else None
+    for r in sorted(races, key=lambda r: (r["method"] != "lora", r["method"], r["link_mbps"])):
+        t = time_to(r["curve"], target) if target is not None else None
+        link = (
+            ("unthrottled" if not r["link_mbps"] else f"{r['link_mbps']:g} Mbit/s")
+            if r["method"] == "mobillm"
+            else "-"
+        )
+        ratio = f"**{lora_t / t:.2f}**" if (t and lora_t) else "-"
+        best = max(r["curve"], key=lambda p: p["accuracy"])
+        reach = f"{t:.0f} s" if t is not None else (f"not reached (best {best['accuracy']:.4f})")
+        bps = f"{r['bytes_per_sample']:,.0f}" if "bytes_per_sample" in r else "0 (on device)"
+        lines.append(
+            f"| {METHOD_NAMES[r['method']]} | {link} | {r['final_accuracy']:.4f} | "
+            f"{r['train_seconds']:.0f} s | {reach} | {ratio} | {bps} |"
+        )
+        if r["method"] == "mobillm" and lora and target is not None:
+            gap = lora["final_accuracy"] - r["final_accuracy"]
+            if not r["link_mbps"]:
+                verdicts.append(
+                    f"- Wall time to the target accuracy ({target:.4f} = LoRA's "
+                    f"{lora['final_accuracy']:.4f} minus one point), LoRA / MobiLLM on an "
+                    "unthrottled link: "
+                    + (
+                        f"{lora_t / t:.2f} (target >= {TARGET_TIME}: "
+                        f"{_ok(lora_t / t >= TARGET_TIME)})"
+                        if t and lora_t
+                        else f"MobiLLM did not reach it within the budget ({_ok(False)}); best "
+                        f"{best['accuracy']:.4f}"
+                    )
+                )
+                verdicts.append(
+                    f"- Dev accuracy after the same budget: MobiLLM {r['final_accuracy']:.4f} vs "
+                    f"LoRA {lora['final_accuracy']:.4f}, gap {100 * gap:.2f} points (target <= "
+                    f"{100 * TARGET_ACC_GAP:.1f}: {_ok(gap <= TARGET_ACC_GAP)})"
+                )
+            else:
+                verdicts.append(
+                    f"- At {r['link_mbps']:g} Mbit/s: time to target "
+                    f"{reach}, LoRA / MobiLLM {ratio.strip('*')}"
+                )
+    return "\n".join(lines), verdicts
+
+
+def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    races = [r for r in results if r["mode"] == "race" and _ok_result(r)]
+    if races:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in races:
+            xs = [0] + [p["train_seconds"] for p in r["curve"]]
+            ys = [r.get("zero_shot", r["curve"][0]["accuracy"])] + [
+                p["accuracy"] for p in r["curve"]
+            ]
+            label = METHOD_NAMES[r["method"]] + (
+                f" @{r['link_mbps']:g} Mbit/s" if r["link_mbps"] else ""
+            )
+            ax.plot(xs[1:], ys[1:], marker="o", label=label)
+        ax.set_xlabel("device training wall time (s)")
+        ax.set_ylabel("SST-2 dev accuracy")
+        ax.set_title("Accuracy against wall time (SmolLM2-135M, same sample budget)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_time.png", dpi=120)
+        plt.close(fig)
+        made.append("accuracy_vs_time.png")
+    costs = [r for r in results if r["mode"] == "cost" and r.get("codec", "int8") == "int8"]
+    for model in sorted({r["model"] for r in costs}):
+        rows = [r for r in costs if r["model"] == model]
+        settings = sorted({(r["batch"], r["seq"]) for r in rows}, key=lambda s: s[0] * s[1])
+        methods = [
+            m
+            for m in ("mobillm", "side_local", "lora", "full")
+            if any(r["method"] == m for r in rows)
+        ]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            vals = []
+            for s in settings:
+                r = next(
+                    (r for r in rows if r["method"] == m and (r["batch"], r["seq"]) == s), None
+                )
+                vals.append(0 if r is None or r.get("error") else r["peak_rss_mb"] / 1024)
+            xs = [j + i * width for j in range(len(settings))]
+            bars = ax.bar(xs, vals, width, label=METHOD_NAMES[m])
+            for bar, s in zip(bars, settings, strict=True):
+                r = next(
+                    (r for r in rows if r["method"] == m and (r["batch"], r["seq"]) == s), None
+                )
+                if r is not None and r.get("oom"):
+                    ax.annotate(
+                        "OOM", (bar.get_x() + width / 2, bar.get_height()), ha="center", fontsize=7
+                    )
+        ax.set_xticks(
+            [j + 0.4 - width / 2 for j in range(len(settings))], [f"{b}x{s}" for b, s in settings]
+        )
+        ax.set_xlabel("batch x sequence length")
+        ax.set_ylabel("device peak RSS (GB)")
+        ax.set_title(f"Device memory per method: {model} (fp32 weights)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        name = f"memory_{model}.png"
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        made.append(name)
+    codecs = [
+        r
+        for r in results
+        if r["mode"] == "cost"
+        and r["method"] == "mobillm"
+        and _ok_result(r)
+        and r["model"] == "smollm2-135m"
+    ]
+    per_codec: dict[str, float] = {}
+    for r in sorted(codecs, key=lambda r: r["batch"] * r["seq"]):
+        per_codec.setdefault(r["codec"], r["bytes_per_sample"])
+    if per_codec:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = sorted(per_codec, key=lambda c: -per_codec[c])
+        ax.bar(names, [per_codec[c] / 1024 for c in names])
+        ax.set_ylabel("KiB uploaded per sample")
+        ax.set_title("Bytes per sample per codec (SmolLM2-135M, 30 taps, loss rows)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "bytes_per_codec.png", dpi=120)
+        plt.close(fig)
+        made.append("bytes_per_codec.png")
+    return made
+
+
+def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str) -> str:
+    """Write ``doc`` (Markdown) from ``results``; PNGs go to ``out``."""
+    import torch
+
+    images = plots(results, out)
+    cost_md, cost_verdicts = cost_tables(results)
+    race_md, race_verdicts = race_tables(results)
+    codec_rows = sorted(
+        {
+            (r["codec"], r["bytes_per_sample"])
+            for r in results
+            if r["mode"] == "cost"
+            and r["method"] == "mobillm"
+            and _ok_result(r)
+            and r["model"] == "smollm2-135m"
+        }
+    )
+    rel = Path(*([".."] * (len(doc.parent.parts)))) if doc.parent.parts else Path()
+    img = lambda name: f"![{name}]({(rel / out / name).as_posix()})"  # noqa: E731
+    parts = [
+        "# MobiLLM against on-device baselines",
+        "",
+        f"Generated by `{command}` on {platform.node() or 'this machine'}: "
+        f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
+        f"torch {torch.__version__}, fp32 weights on every side (like for like). Each method ran "
+        "as its own process; MobiLLM ran as a device process plus a `mobillm serve` process on "
+        "loopback. Device memory is the peak RSS of the device process. SmolLM2-135M and "
+        "Qwen2.5-Coder-1.5B are real pretrained weights (GGUF, 4-bit quantized upstream, "
+        "dequantized to fp32).",
+        "",
+        "## Verdicts against the targets",
+        "",
+        *cost_verdicts,
+        *race_verdicts,
+        "",
+        "## Device memory and seconds per sample",
+        "",
+        "One row per batch x sequence length; each method trains a few steps on batches of "
+        "exactly that many real SST-2 tokens; seconds per sample is the median step (after one "
+        "warm-up step) divided by the batch. For MobiLLM it is the device's compute per step "
+        "(forward, row gather, encode), not the server's.",
+        cost_md,
+        "",
+        *[img(i) for i in images if i.startswith("memory_")],
+        "",
+        "## Accuracy and wall time on SST-2 (SmolLM2-135M)",
+        "",
+        "Every method trains on the same SST-2 sample budget and batches; the clock runs only "
+        "while training (it stops for the dev evaluations at each checkpoint). The target is "
+        "LoRA's final dev accuracy minus one point.",
+        "",
+        race_md,
+        "",
+        *[img(i) for i in images if i.startswith("accuracy")],
+        "",
+        "## Bytes per sample per codec",
+        "",
+        "| codec | bytes uploaded per sample (SmolLM2, 30 taps, loss rows only) |",
+        "|---|---|",
+        *[f"| {c} | {b:,.0f} |" for c, b in codec_rows],
+        "",
+        *[img(i) for i in images if i.startswith("bytes")],
+        "",
+    ]
+    text = "\n".join(parts)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return text

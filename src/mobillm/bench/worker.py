@@ -1,0 +1,202 @@
+"""One benchmark method in its own process: ``python -m mobillm.bench.worker JOB_JSON OUT_JSON``.
+
+A job is ``{"mode": "cost" | "race", "method": "mobillm" | "lora" | "full" | "side_local", ...}``.
+*cost* trains a few steps on batches of exactly ``batch x seq`` tokens and reports the process's
+peak RSS and device seconds per sample. *race* trains on SST-2 for a sample budget and
+evaluates on the dev set at checkpoints (the clock stops while it evaluates), so accuracy can
+be plotted against training wall time. The process's peak RSS is what a phone's OS would
+count, so each method runs alone in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobillm.backbone import Backbone, BackboneConfig
+from mobillm.codec import CodecConfig
+from mobillm.data import (
+    Batch,
+    DataConfig,
+    TokenizedDataset,
+    collate,
+    epoch_batches,
+    load_examples,
+    resolve_preset,
+    tokenize_examples,
+)
+from mobillm.device.local import LocalModel
+from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.transport.link import LinkConfig
+from mobillm.transport.messages import TrainConfig
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def fixed_batches(backbone: Backbone, n: int, batch: int, seq: int, seed: int) -> list[Batch]:
+    """``n`` batches of ``batch`` x ``seq`` real SST-2 tokens (sentences packed end to end)."""
+    cfg = resolve_preset(DataConfig(preset="sst2", max_train_samples=4 * n * batch * seq // 8))
+    texts = [ex.text for ex in load_examples(cfg, "train")]
+    stream: list[int] = []
+    for t in texts:
+        stream += backbone.tokenizer(t + " .", add_special_tokens=False)["input_ids"]
+    need = n * batch * seq
+    while len(stream) < need:
+        stream += stream
+    ids = torch.tensor(stream[:need]).reshape(n, batch, seq)
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Batch(
+            ids[i],
+            torch.ones_like(ids[i]),
+            labels=torch.randint(0, 2, (batch,), generator=g),
+            loss_positions=torch.full((batch,), seq - 1),
+        )
+        for i in range(n)
+    ]
+
+
+def _mobillm(backbone: Backbone, job: dict[str, Any], total: int) -> DeviceTrainer:
+    from mobillm.transport.grpc_client import GrpcTransport
+
+    side = build_side_config(backbone, "classification", 2, ("negative", "positive"))
+    transport = GrpcTransport(job["server"], link=LinkConfig(mbps=job.get("link_mbps", 0.0)))
+    trainer = DeviceTrainer(
+        backbone,
+        side,
+        transport,
+        CodecConfig(job.get("codec", "int8")),
+        TrainConfig(lr=job["lr"]),
+        DeviceConfig(window=job.get("window", 2)),
+    )
+    trainer.begin(total)
+    return trainer
+
+
+def _method(backbone: Backbone, job: dict[str, Any], total: int) -> Any:
+    from mobillm.bench.baselines import METHODS
+
+    side = build_side_config(backbone, "classification", 2, ("negative", "positive"))
+    return METHODS[job["method"]](backbone, side, job["lr"], total)
+
+
+def run_cost(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
+    steps, b = job.get("steps", 2), job["batch"]
+    batches = fixed_batches(backbone, steps + 1, b, job["seq"], job.get("seed", 0))
+    times: list[float] = []
+    if job["method"] == "mobillm":
+        trainer = _mobillm(backbone, job, steps + 1)
+        for batch in batches:
+            before = trainer.forward_seconds
+            trainer.step(batch)
+            times.append(trainer.forward_seconds - before)  # forward + gather + encode
+        trainer.drain()
+        extra = {"bytes_per_sample": trainer.bytes_encoded / (b * len(batches))}
+        trainer.transport.close()
+    else:
+        method = _method(backbone, job, steps + 1)
+        for batch in batches:
+            t0 = time.perf_counter()
+            method.train_step(batch)
+            times.append(time.perf_counter() - t0)
+        extra = {"trainable": method.num_trainable}
+    measured = sorted(times[1:])  # the first step warms up allocators and kernels
+    return {"seconds_per_sample": measured[len(measured) // 2] / b, "step_seconds": times, **extra}
+
+
+def _evaluate(predict: Any, data: TokenizedDataset, batch: int) -> float:
+    correct = 0
+    for start in range(0, len(data), batch):
+        idx = list(range(start, min(start + batch, len(data))))
+        b = collate(data, idx)
+        correct += int((predict(b) == b.labels).sum())
+    return correct / len(data)
+
+
+def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
+    cfg = resolve_preset(
+        DataConfig(preset="sst2", max_train_samples=job["budget"], seed=job.get("seed", 0))
+    )
+    train = tokenize_examples(load_examples(cfg, "train"), backbone.tokenizer, cfg)
+    dev = tokenize_examples(load_examples(cfg, "eval"), backbone.tokenizer, cfg)
+    b = job["batch"]
+    batches = epoch_batches(train.lengths, b, job.get("seed", 0), 0, 32)
+    every = max(1, len(batches) // job.get("checkpoints", 5))
+    mobillm = job["method"] == "mobillm"
+    if mobillm:
+        trainer = _mobillm(backbone, job, len(batches))
+    else:
+        method = _method(backbone, job, len(batches))
+    curve, clock, samples = [], 0.0, 0
+    for i, idx in enumerate(batches, 1):
+        t0 = time.perf_counter()
+        if mobillm:
+            trainer.step(collate(train, idx))
+        else:
+            method.train_step(collate(train, idx))
+        samples += len(idx)
+        if i % every == 0 or i == len(batches):
+            if mobillm:
+                trainer.drain()  # the steps in flight are part of training, not of evaluation
+            clock += time.perf_counter() - t0
+            if mobillm:
+                blob = trainer.transport.download()
+                model = LocalModel.from_blob(backbone, blob.meta_json, blob.weights)
+                predict = lambda batch, m=model: m.class_logits(batch).argmax(-1)  # noqa: E731
+            else:
+                predict = method.predict
+            acc = _evaluate(predict, dev, 32)
+            curve.append({"samples": samples, "train_seconds": round(clock, 2), "accuracy": acc})
+            print(
+                f"[{job['method']}] {samples} samples, {clock:.0f}s: dev accuracy {acc:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            clock += time.perf_counter() - t0
+    extra: dict[str, Any] = {}
+    if mobillm:
+        s = trainer.summary()
+        extra = {"bytes_per_sample": s["bytes_per_sample"], "bytes_sent": s["bytes_sent"]}
+        trainer.transport.close()
+    return {
+        "curve": curve,
+        "final_accuracy": curve[-1]["accuracy"],
+        "samples": samples,
+        "train_seconds": clock,
+        **extra,
+    }
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    torch.manual_seed(job.get("seed", 0))
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    backbone = Backbone.load(BackboneConfig(source=job["model"], dtype=job.get("dtype", "float32")))
+    loaded_mb = peak_rss_mb()
+    run = run_cost if job["mode"] == "cost" else run_race
+    result = {
+        **job,
+        **run(backbone, job),
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_load_mb": loaded_mb,
+    }
+    Path(argv[1]).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
