@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save, save_file
+from safetensors.torch import load, save
 
 from mobillm.errors import MobiLLMError
 from mobillm.fingerprint import BackboneFingerprint
@@ -65,7 +65,9 @@ class SideMeta:
 
 
 def weights_to_bytes(net: SideNetwork) -> bytes:
-    return save({k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()})
+    """Trainable weights as safetensors bytes: what ``side.safetensors`` holds, byte for byte."""
+    state = {k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()}
+    return save(state, metadata={"format": FORMAT})
 
 
 def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
@@ -79,8 +81,7 @@ def save_side(net: SideNetwork, meta: SideMeta, folder: str | Path) -> Path:
     """Write ``side.safetensors`` and ``side.json`` into ``folder`` (created if needed)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
+    (out / WEIGHTS).write_bytes(weights_to_bytes(net))
     (out / META).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
     return out
 
