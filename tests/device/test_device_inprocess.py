@@ -126,3 +126,25 @@ def test_local_eval_matches_server_network(tmp_path, make_tiny_backbone):
     with torch.no_grad():
         for k, v in server_net.trainable_state().items():
             assert torch.equal(v, local.side.trainable_state()[k])
+
+
+def test_attention_mixer_trains_over_valid_rows(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("qwen2")
+    data, cfg = _cls_data(bb.tokenizer)
+    side = build_side_config(
+        bb, "classification", 2, cfg.verbalizers, mixer="attention", mixer_heads=2
+    )
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path / "server")))
+    with pytest.raises(Exception, match="positions='valid'"):
+        _trainer(bb, side, mgr, positions="loss").train(data, 16)
+    tr = _trainer(
+        bb,
+        side,
+        SessionManager(ServerConfig(workdir=str(tmp_path / "s2"))),
+        positions="valid",
+        epochs=6,
+    )
+    tr.train(data, 16)
+    out = tr.download(tmp_path / "side", {})
+    tr.transport.close()
+    assert LocalModel.load(bb, out).evaluate(data)["accuracy"] >= 0.9

@@ -129,3 +129,40 @@ def test_malformed_side_files(tmp_path):
     (tmp_path / "a" / "side.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(SideFileError, match="format"):
         read_meta(tmp_path / "a")
+
+
+def test_attention_mixer_keeps_samples_apart_and_starts_exact(make_tiny_backbone):
+    from mobillm.side.model import same_sample_mask
+
+    bb = make_tiny_backbone("llama")
+    cfg = SideConfig(
+        hidden_size=32,
+        num_taps=3,
+        head_init="random",
+        mixer="attention",
+        mixer_heads=2,
+        reduction=4,
+        dropout=0.0,
+    )
+    torch.manual_seed(0)
+    net = SideNetwork(cfg, FrozenHead(*bb.export_head([]))).eval()
+    hs = _hidden(bb, torch.randint(3, 300, (2, 4)))  # 8 rows: sample 0 = rows 0-3, 1 = 4-7
+    same = same_sample_mask(torch.tensor([4, 4]))
+    with torch.no_grad():
+        base = net.features(hs, same)
+        torch.testing.assert_close(base, net.frozen.features(hs[-1]))  # up = 0: exact at init
+        torch.nn.init.normal_(net.up.weight)
+        before = net.features(hs, same)
+        changed = [h.clone() for h in hs]
+        for h in changed:
+            h[5] += 10.0  # perturb one token of sample 1
+        after = net.features(changed, same)
+    torch.testing.assert_close(after[:4], before[:4])  # sample 0 cannot see sample 1
+    assert not torch.allclose(after[4:], before[4:])  # sample 1's other tokens do
+    with torch.no_grad(), pytest.raises(ValueError, match="same-sample mask"):
+        net.features(hs)
+
+
+def test_attention_mixer_needs_classification():
+    with pytest.raises(ConfigError, match="mixer"):
+        SideConfig(hidden_size=32, num_taps=2, task="causal_lm", mixer="attention")

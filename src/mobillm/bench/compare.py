@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from mobillm.cli.bench import start_server
+from mobillm.cli.bench import split_cores, start_server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +81,13 @@ def run_job(
     """Run one job in a fresh worker process (plus a server process for MobiLLM)."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec: dict[str, Any] = {**dataclasses.asdict(job), "threads": threads}
+    # Like for like: every method's device process gets the same cores; MobiLLM's server,
+    # which stands in for another machine, gets a core of its own (see split_cores).
+    device_cores, server_cores = split_cores()
+    spec["threads"] = threads or len(device_cores)
     server = None
     if job.method == "mobillm":
-        server, port = start_server(workdir / "server", threads=1)
+        server, port = start_server(workdir / "server", threads=1, cores=server_cores)
         spec["server"] = f"127.0.0.1:{port}"
     job_file = Path(tempfile.mkstemp(suffix=".json", dir=workdir)[1])
     out_file = job_file.with_suffix(".out.json")
@@ -93,6 +98,7 @@ def run_job(
     proc = subprocess.Popen(
         [sys.executable, "-m", "mobillm.bench.worker", str(job_file), str(out_file)]
     )
+    os.sched_setaffinity(proc.pid, device_cores)
     watch = _Watch(proc.pid, mem_limit_mb)
     watch.start()
     server_watch = _Watch(server.pid, 1e12) if server else None

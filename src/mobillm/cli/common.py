@@ -123,12 +123,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--taps", default="all", help="all | every:K | comma list of layer indices")
     g.add_argument(
         "--positions",
-        default="loss",
+        default=None,
         choices=["loss", "valid", "all"],
-        help="token positions sent to the server (default: loss positions only)",
+        help="token positions sent to the server (default: the loss positions only, or "
+        "every real token for --mixer attention / --pooling mean)",
     )
     g.add_argument("--reduction", type=int, default=8, help="side width = hidden / reduction")
     g.add_argument("--pooling", default="last", choices=["last", "mean"])
+    g.add_argument(
+        "--mixer",
+        default="none",
+        choices=["none", "attention"],
+        help="side network token mixing: attention across each sample's tokens "
+        "(classification; sends every real token)",
+    )
     g.add_argument("--head-init", default=None, choices=["verbalizer", "random"])
     g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--lr", type=float, default=TrainConfig.lr)

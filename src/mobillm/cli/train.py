@@ -105,17 +105,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reduction": args.reduction,
         "pooling": args.pooling,
         "dropout": args.dropout,
+        "mixer": args.mixer,
     }
     if args.head_init:
         options["head_init"] = args.head_init
     side = build_side_config(backbone, dcfg.task, len(labels), dcfg.verbalizers, **options)
+    # a side network that reads more than the loss rows needs every real token by default
+    positions = args.positions or (
+        "valid" if side.mixer != "none" or side.pooling == "mean" else "loss"
+    )
     result: dict[str, Any] = {
         "command": "train",
         "model": args.model,
         "backbone": backbone.fingerprint.to_dict(),
         "data": dcfg.to_dict(),
         "codec": args.codec,
-        "positions": args.positions,
+        "positions": positions,
         "side": side.to_dict(),
     }
     if held is not None and not args.no_eval:
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         codec=common.codec_config(args),
         train=common.train_config(args, dcfg.seed),
         device=DeviceConfig(
-            positions=args.positions,
+            positions=positions,
             window=args.window,
             epochs=args.epochs,
             max_steps=args.max_steps,

@@ -20,7 +20,7 @@ from mobillm.device.rows import RowPlan, plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.io import SideFileError, SideMeta, load_side
-from mobillm.side.model import SideNetwork
+from mobillm.side.model import SideNetwork, same_sample_mask
 
 
 class LocalModel:
@@ -68,10 +68,11 @@ class LocalModel:
     # --- the one forward path ---------------------------------------------------------------
     def _features(self, batch: Batch, plan: RowPlan) -> torch.Tensor:
         state: dict[str, Any] = {"s": None, "h": None}
+        same = same_sample_mask(plan.rows_per_sample) if self.side.mixers else None
 
         def on_layer(tap: int, hidden: torch.Tensor) -> None:
             rows = plan.gather(hidden)
-            state["s"] = self.side.step(state["s"], tap, rows)
+            state["s"] = self.side.step(state["s"], tap, rows, same)
             state["h"] = rows
 
         with torch.inference_mode():
@@ -80,7 +81,8 @@ class LocalModel:
 
     def class_logits(self, batch: Batch) -> torch.Tensor:
         """Classification logits ``(B, num_labels)`` for a batch."""
-        positions = "valid" if self.side.cfg.pooling == "mean" else "loss"
+        mixes = self.side.cfg.pooling == "mean" or self.side.cfg.mixer != "none"
+        positions = "valid" if mixes else "loss"
         plan = plan_rows(batch, positions)
         feats = self._features(batch, plan)
         row_sample = torch.repeat_interleave(torch.arange(len(batch)), plan.rows_per_sample.long())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
 from mobillm.side.head import FrozenHead
-from mobillm.side.model import SideNetwork
+from mobillm.side.model import SideNetwork, same_sample_mask
 from mobillm.transport.messages import Ack, ActivationChunk, RemoteError, SessionSpec, StepBegin
 
 IGNORE = -100
@@ -47,12 +47,13 @@ def _bad(msg: str) -> RemoteError:
 class _Pending:
     """One step in progress: its labels, the ladder state so far, and the chunks of one layer."""
 
-    def __init__(self, begin: StepBegin, frame_nbytes: int) -> None:
+    def __init__(self, begin: StepBegin, frame_nbytes: int, mixes: bool) -> None:
         self.begin = begin
         self.row_sample = torch.repeat_interleave(
             torch.arange(begin.num_samples), begin.rows_per_sample.long()
         )
         self.frame_nbytes = frame_nbytes
+        self.same = same_sample_mask(begin.rows_per_sample) if mixes else None
         self.next_tap = 0
         self.next_seq = 0
         self.parts: list[bytes] = []
@@ -111,7 +112,7 @@ class Trainer:
             )
         self._check_begin(msg)
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
-        self._pending = _Pending(msg, nbytes)
+        self._pending = _Pending(msg, nbytes, self.spec.side.mixer != "none")
 
     def _check_begin(self, msg: StepBegin) -> None:
         side = self.spec.side
@@ -166,7 +167,7 @@ class Trainer:
         frame = b"".join(p.parts)
         p.parts, p.next_seq, p.received = [], 0, 0
         h = self._decode(frame, p)
-        p.state = self.net.step(p.state, chunk.tap, h)
+        p.state = self.net.step(p.state, chunk.tap, h, p.same)
         p.next_tap += 1
         if p.next_tap < len(self.spec.taps):
             return None

@@ -9,6 +9,7 @@ from mobillm.config import Config, check
 TASKS = ("classification", "causal_lm")
 POOLINGS = ("last", "mean")
 HEAD_INITS = ("verbalizer", "random")
+MIXERS = ("none", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +20,9 @@ class SideConfig(Config):
     ``hidden_size // reduction``. ``adapter_ratio`` sets each adapter's bottleneck relative to
     that width. ``head_init="verbalizer"`` starts a classifier from the frozen LM-head rows of
     ``verbalizer_ids`` (so the untrained model is exactly zero-shot prompting); "random" starts
-    it from scratch.
+    it from scratch. ``mixer="attention"`` adds, at every tap, a small self-attention across
+    the rows of each sample: the side network then mixes tokens, so the device must send every
+    real token (positions "valid").
     """
 
     hidden_size: int = 0
@@ -33,6 +36,8 @@ class SideConfig(Config):
     pooling: str = "last"
     head_init: str = "verbalizer"
     verbalizer_ids: tuple[int, ...] = ()
+    mixer: str = "none"
+    mixer_heads: int = 4
 
     def validate(self) -> None:
         check(self.hidden_size > 0, f"SideConfig.hidden_size must be > 0, got {self.hidden_size}")
@@ -47,6 +52,17 @@ class SideConfig(Config):
         check(self.task in TASKS, f"SideConfig.task must be one of {TASKS}, got {self.task!r}")
         check(self.pooling in POOLINGS, f"SideConfig.pooling must be one of {POOLINGS}")
         check(self.head_init in HEAD_INITS, f"SideConfig.head_init must be one of {HEAD_INITS}")
+        check(self.mixer in MIXERS, f"SideConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.mixer == "attention":
+            check(
+                self.task == "classification",
+                "SideConfig.mixer='attention' is for classification (generation would need a "
+                "side KV cache)",
+            )
+            check(
+                self.mixer_heads >= 1 and self.width % self.mixer_heads == 0,
+                f"SideConfig.mixer_heads must divide the side width {self.width}",
+            )
         if self.task == "classification":
             check(self.num_labels >= 2, "SideConfig.num_labels must be >= 2 for classification")
             if self.head_init == "verbalizer":

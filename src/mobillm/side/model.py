@@ -43,6 +43,37 @@ class Adapter(nn.Module):
         return s + self.drop(self.fc2(F.gelu(self.fc1(self.norm(s)))))
 
 
+class RowMixer(nn.Module):
+    """Pre-norm self-attention among the rows of each sample: ``(rows, r) -> (rows, r)``.
+
+    ``same`` is a (rows, rows) bool mask, True where two rows belong to the same sample; the
+    rows of a sample are its real tokens, so attention is bidirectional within a sample and
+    never crosses samples.
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        n, w = s.shape
+        q, k, v = self.qkv(self.norm(s)).view(n, 3, self.heads, w // self.heads).unbind(1)
+        a = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=same
+        )
+        return s + self.drop(self.out(a.transpose(0, 1).reshape(n, w)))
+
+
+def same_sample_mask(rows_per_sample: torch.Tensor) -> torch.Tensor:
+    """(rows, rows) bool: True where two rows belong to the same sample."""
+    sample = torch.repeat_interleave(torch.arange(rows_per_sample.numel()), rows_per_sample.long())
+    return sample.unsqueeze(0) == sample.unsqueeze(1)
+
+
 class SideNetwork(nn.Module):
     """Trainable ladder + head over frozen hidden states; see the module docstring."""
 
@@ -65,6 +96,10 @@ class SideNetwork(nn.Module):
         self.adapters = nn.ModuleList(
             Adapter(r, cfg.adapter_ratio, cfg.dropout) for _ in range(cfg.num_taps)
         )
+        self.mixers = nn.ModuleList(
+            RowMixer(r, cfg.mixer_heads, cfg.dropout)
+            for _ in range(cfg.num_taps if cfg.mixer == "attention" else 0)
+        )
         self.up = nn.Linear(r, d)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -83,25 +118,40 @@ class SideNetwork(nn.Module):
         """Return the empty ladder state (``None``): the first ``step`` initialises it."""
         return None
 
-    def step(self, state: torch.Tensor | None, tap: int, h: torch.Tensor) -> torch.Tensor:
-        """Fold tapped layer ``tap``'s hidden states ``(rows, hidden)`` into the ladder state."""
+    def step(
+        self,
+        state: torch.Tensor | None,
+        tap: int,
+        h: torch.Tensor,
+        same: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fold tapped layer ``tap``'s hidden states ``(rows, hidden)`` into the ladder state.
+
+        ``same``: the ``same_sample_mask`` of the rows, needed when the network mixes rows.
+        """
         x = self.down[tap](self.in_norms[tap](h.to(self.up.weight.dtype)))
         if state is not None:
             g = torch.sigmoid(self.gates[tap] / self.cfg.gate_temperature)
             x = g * x + (1.0 - g) * state
+        if self.mixers:
+            if same is None:
+                raise ValueError("this side network mixes rows: pass their same-sample mask")
+            x = self.mixers[tap](x, same.to(x.device))
         return self.adapters[tap](x)
 
     def finish(self, state: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
         """Head features ``(rows, out_size)`` from the final state and the last layer's output."""
         return self.frozen.features(h_last.to(self.up.weight.dtype) + self.up(state))
 
-    def features(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+    def features(
+        self, hidden: list[torch.Tensor], same: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """All taps at once, in tap order: ``K x (rows, hidden) -> (rows, out)``."""
         if len(hidden) != self.cfg.num_taps:
             raise ValueError(f"expected {self.cfg.num_taps} tapped layers, got {len(hidden)}")
         state = self.start()
         for tap, h in enumerate(hidden):
-            state = self.step(state, tap, h)
+            state = self.step(state, tap, h, same)
         return self.finish(state, hidden[-1])
 
     def logits(

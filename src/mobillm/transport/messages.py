@@ -100,6 +100,10 @@ class SessionSpec(Config):
             "causal-LM tuning needs the whole LM head",
         )
         check(
+            self.side.mixer == "none" or self.positions == "valid",
+            "a side network that mixes rows (mixer='attention') needs positions='valid'",
+        )
+        check(
             not (self.side.pooling == "mean" and self.positions != "valid"),
             "pooling='mean' needs positions='valid' (every real token, no padding)",
         )
