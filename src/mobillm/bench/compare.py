@@ -40,10 +40,12 @@ class Job:
     checkpoints: int = 5
     dtype: str = "float32"
     seed: int = 0
+    mixer: str = "none"  # MobiLLM / side-tuning: "attention" sends every real token
 
     @property
     def label(self) -> str:
         link = f" @{self.link_mbps:g}Mbit/s" if self.link_mbps else ""
+        link += " +mixer" if self.mixer != "none" else ""
         size = f"{self.batch}x{self.seq}" if self.mode == "cost" else f"{self.budget} samples"
         return f"{self.mode} {self.method}{link} {self.model} {size}"
 

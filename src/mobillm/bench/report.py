@@ -23,6 +23,11 @@ def _ok(cond: bool) -> str:
     return "**met**" if cond else "**not met**"
 
 
+def _name(r: dict[str, Any]) -> str:
+    extra = " + attention mixer" if r.get("mixer", "none") != "none" else ""
+    return METHOD_NAMES[r["method"]] + extra
+
+
 def _ok_result(r: dict[str, Any]) -> bool:
     return not r.get("oom") and not r.get("error")
 
@@ -121,10 +126,14 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
         reach = f"{t:.0f} s" if t is not None else (f"not reached (best {best['accuracy']:.4f})")
         bps = f"{r['bytes_per_sample']:,.0f}" if "bytes_per_sample" in r else "0 (on device)"
         lines.append(
-            f"| {METHOD_NAMES[r['method']]} | {link} | {r['final_accuracy']:.4f} | "
+            f"| {_name(r)} | {link} | {r['final_accuracy']:.4f} | "
             f"{r['train_seconds']:.0f} s | {reach} | {ratio} | {bps} |"
         )
-        if r["method"] == "mobillm" and lora and target is not None:
+        if r["method"] == "mobillm" and r.get("mixer", "none") != "none" and lora:
+            verdicts.append(
+                f"- {_name(r)}: dev accuracy {r['final_accuracy']:.4f}, time to target {reach}"
+            )
+        elif r["method"] == "mobillm" and lora and target is not None:
             gap = lora["final_accuracy"] - r["final_accuracy"]
             if not r["link_mbps"]:
                 verdicts.append(
@@ -167,9 +176,7 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             ys = [r.get("zero_shot", r["curve"][0]["accuracy"])] + [
                 p["accuracy"] for p in r["curve"]
             ]
-            label = METHOD_NAMES[r["method"]] + (
-                f" @{r['link_mbps']:g} Mbit/s" if r["link_mbps"] else ""
-            )
+            label = _name(r) + (f" @{r['link_mbps']:g} Mbit/s" if r["link_mbps"] else "")
             ax.plot(xs[1:], ys[1:], marker="o", label=label)
         ax.set_xlabel("device training wall time (s)")
         ax.set_ylabel("SST-2 dev accuracy")

@@ -67,7 +67,8 @@ def fixed_batches(backbone: Backbone, n: int, batch: int, seq: int, seed: int) -
 def _mobillm(backbone: Backbone, job: dict[str, Any], total: int) -> DeviceTrainer:
     from mobillm.transport.grpc_client import GrpcTransport
 
-    side = build_side_config(backbone, "classification", 2, ("negative", "positive"))
+    mixer = job.get("mixer", "none")
+    side = build_side_config(backbone, "classification", 2, ("negative", "positive"), mixer=mixer)
     transport = GrpcTransport(job["server"], link=LinkConfig(mbps=job.get("link_mbps", 0.0)))
     trainer = DeviceTrainer(
         backbone,
@@ -75,7 +76,7 @@ def _mobillm(backbone: Backbone, job: dict[str, Any], total: int) -> DeviceTrain
         transport,
         CodecConfig(job.get("codec", "int8")),
         TrainConfig(lr=job["lr"]),
-        DeviceConfig(window=job.get("window", 2)),
+        DeviceConfig(window=job.get("window", 2), positions="valid" if mixer != "none" else "loss"),
     )
     trainer.begin(total)
     return trainer

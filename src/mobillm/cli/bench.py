@@ -61,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--race-model", default="smollm2-135m")
     c.add_argument("--race-budget", type=int, default=3000, help="SST-2 samples (0 = skip)")
     c.add_argument("--race-batch", type=int, default=16)
-    c.add_argument("--race-methods", default="lora,mobillm,side_local")
+    c.add_argument(
+        "--race-methods",
+        default="lora,mobillm,side_local,mobillm+mixer",
+        help="race methods; mobillm+mixer = MobiLLM with the attention mixer",
+    )
     c.add_argument("--checkpoints", type=int, default=5)
     c.add_argument("--links", default="0,100,20", help="MobiLLM links in Mbit/s (0 = loopback)")
     c.add_argument("--lr-mobillm", type=float, default=2e-3)
@@ -101,8 +105,12 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
                 dataclasses.replace(first, method="mobillm", codec=codec, lr=lrs["mobillm"])
             )
     if args.race_budget:
-        for method in args.race_methods.split(","):
-            links = [float(x) for x in args.links.split(",")] if method == "mobillm" else [0.0]
+        for name in args.race_methods.split(","):
+            # "mobillm+mixer": MobiLLM with the attention mixer (every real token sent)
+            method, _, variant = name.partition("+")
+            mixer = "attention" if variant == "mixer" else "none"
+            multi = method == "mobillm" and mixer == "none"
+            links = [float(x) for x in args.links.split(",")] if multi else [0.0]
             for mbps in links:
                 jobs.append(
                     Job(
@@ -114,6 +122,7 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
                         link_mbps=mbps,
                         lr=lrs[method],
                         checkpoints=args.checkpoints,
+                        mixer=mixer,
                     )
                 )
     return jobs
