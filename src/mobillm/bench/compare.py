@@ -38,6 +38,7 @@ class Job:
     lr: float = 2e-3
     steps: int = 2
     checkpoints: int = 5
+    eval_subset: int = 0  # race: dev sentences read at checkpoints (0 = all)
     dtype: str = "float32"
     seed: int = 0
     mixer: str = "none"  # MobiLLM / side-tuning: "attention" sends every real token

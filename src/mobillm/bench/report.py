@@ -101,6 +101,11 @@ def time_to(curve: list[dict[str, Any]], target: float) -> float | None:
     return None
 
 
+def _full(r: dict[str, Any]) -> float:
+    """Accuracy on the whole dev set after the budget (the checkpoints read a subset)."""
+    return r.get("full_dev_accuracy", r["final_accuracy"])
+
+
 def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
     races = [r for r in results if r["mode"] == "race" and _ok_result(r)]
     lora = next((r for r in races if r["method"] == "lora"), None)
@@ -108,9 +113,9 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
         return "", []
     target = lora["final_accuracy"] - 0.01 if lora else None
     lines = [
-        "| method | link | dev accuracy after budget | training wall time | "
-        "time to target | LoRA time / this | bytes uploaded per sample |",
-        "|---|---|---|---|---|---|---|",
+        "| method | link | dev accuracy after budget (all dev) | checkpoint-subset accuracy "
+        "| training wall time | time to target | LoRA time / this | bytes uploaded per sample |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     lora_t = time_to(lora["curve"], target) if lora and target is not None else None
@@ -126,7 +131,7 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
         reach = f"{t:.0f} s" if t is not None else (f"not reached (best {best['accuracy']:.4f})")
         bps = f"{r['bytes_per_sample']:,.0f}" if "bytes_per_sample" in r else "0 (on device)"
         lines.append(
-            f"| {_name(r)} | {link} | {r['final_accuracy']:.4f} | "
+            f"| {_name(r)} | {link} | {_full(r):.4f} | {r['final_accuracy']:.4f} | "
             f"{r['train_seconds']:.0f} s | {reach} | {ratio} | {bps} |"
         )
         if r["method"] == "mobillm" and r.get("mixer", "none") != "none" and lora:
@@ -134,7 +139,7 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 f"- {_name(r)}: dev accuracy {r['final_accuracy']:.4f}, time to target {reach}"
             )
         elif r["method"] == "mobillm" and lora and target is not None:
-            gap = lora["final_accuracy"] - r["final_accuracy"]
+            gap = _full(lora) - _full(r)
             if not r["link_mbps"]:
                 verdicts.append(
                     f"- Wall time to the target accuracy ({target:.4f} = LoRA's "
@@ -149,8 +154,9 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                     )
                 )
                 verdicts.append(
-                    f"- Dev accuracy after the same budget: MobiLLM {r['final_accuracy']:.4f} vs "
-                    f"LoRA {lora['final_accuracy']:.4f}, gap {100 * gap:.2f} points (target <= "
+                    f"- Dev accuracy after the same budget (all {r.get('dev', '')} dev sentences): "
+                    f"MobiLLM {_full(r):.4f} vs LoRA {_full(lora):.4f}, gap {100 * gap:.2f} "
+                    "points (target <= "
                     f"{100 * TARGET_ACC_GAP:.1f}: {_ok(gap <= TARGET_ACC_GAP)})"
                 )
             else:
@@ -301,8 +307,10 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         "## Accuracy and wall time on SST-2 (SmolLM2-135M)",
         "",
         "Every method trains on the same SST-2 sample budget and batches; the clock runs only "
-        "while training (it stops for the dev evaluations at each checkpoint). The target is "
-        "LoRA's final dev accuracy minus one point.",
+        "while training (it stops for the dev evaluations at each checkpoint). Checkpoints "
+        "evaluate a fixed subset of the dev set; the target is LoRA's final accuracy on that "
+        "subset minus one point, and time to target is the training time of the first "
+        "checkpoint at or above it. The final models are also evaluated on the whole dev set.",
         "",
         race_md,
         "",

@@ -10,6 +10,7 @@ count, so each method runs alone in a fresh process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -27,6 +28,7 @@ from mobillm.data import (
     TokenizedDataset,
     collate,
     epoch_batches,
+    epoch_order,
     load_examples,
     resolve_preset,
     tokenize_examples,
@@ -122,12 +124,25 @@ def _evaluate(predict: Any, data: TokenizedDataset, batch: int) -> float:
     return correct / len(data)
 
 
+def _subset(data: TokenizedDataset, k: int) -> TokenizedDataset:
+    idx = sorted(epoch_order(len(data), True, seed=1234)[:k])
+    return dataclasses.replace(
+        data,
+        input_ids=[data.input_ids[i] for i in idx],
+        labels=[data.labels[i] for i in idx] if data.labels is not None else None,
+    )
+
+
 def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
     cfg = resolve_preset(
         DataConfig(preset="sst2", max_train_samples=job["budget"], seed=job.get("seed", 0))
     )
     train = tokenize_examples(load_examples(cfg, "train"), backbone.tokenizer, cfg)
     dev = tokenize_examples(load_examples(cfg, "eval"), backbone.tokenizer, cfg)
+    # checkpoints read a fixed subset of dev (evaluation is costly on a phone-class CPU);
+    # the final model also gets the whole dev set
+    k = job.get("eval_subset", 0)
+    probe = _subset(dev, k) if 0 < k < len(dev) else dev
     b = job["batch"]
     batches = epoch_batches(train.lengths, b, job.get("seed", 0), 0, 32)
     every = max(1, len(batches) // job.get("checkpoints", 5))
@@ -154,7 +169,7 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
                 predict = lambda batch, m=model: m.class_logits(batch).argmax(-1)  # noqa: E731
             else:
                 predict = method.predict
-            acc = _evaluate(predict, dev, 32)
+            acc = _evaluate(predict, probe, 32)
             curve.append({"samples": samples, "train_seconds": round(clock, 2), "accuracy": acc})
             print(
                 f"[{job['method']}] {samples} samples, {clock:.0f}s: dev accuracy {acc:.4f}",
@@ -163,7 +178,11 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
             )
         else:
             clock += time.perf_counter() - t0
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {
+        "full_dev_accuracy": _evaluate(predict, dev, 32),
+        "dev": len(dev),
+        "probe": len(probe),
+    }
     if mobillm:
         s = trainer.summary()
         extra = {"bytes_per_sample": s["bytes_per_sample"], "bytes_sent": s["bytes_sent"]}

@@ -59,14 +59,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="codecs for the bytes-per-sample rows (SmolLM2, first setting)",
     )
     c.add_argument("--race-model", default="smollm2-135m")
-    c.add_argument("--race-budget", type=int, default=3000, help="SST-2 samples (0 = skip)")
+    c.add_argument("--race-budget", type=int, default=2000, help="SST-2 samples (0 = skip)")
     c.add_argument("--race-batch", type=int, default=16)
     c.add_argument(
         "--race-methods",
         default="lora,mobillm,side_local,mobillm+mixer",
         help="race methods; mobillm+mixer = MobiLLM with the attention mixer",
     )
-    c.add_argument("--checkpoints", type=int, default=5)
+    c.add_argument("--checkpoints", type=int, default=4)
+    c.add_argument(
+        "--eval-subset",
+        type=int,
+        default=300,
+        help="dev sentences evaluated at checkpoints (the end also uses all)",
+    )
     c.add_argument("--links", default="0,100,20", help="MobiLLM links in Mbit/s (0 = loopback)")
     c.add_argument("--lr-mobillm", type=float, default=2e-3)
     c.add_argument("--lr-lora", type=float, default=5e-4)
@@ -123,6 +129,7 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
                         lr=lrs[method],
                         checkpoints=args.checkpoints,
                         mixer=mixer,
+                        eval_subset=args.eval_subset,
                     )
                 )
     return jobs
@@ -148,7 +155,25 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
         if any(all(r.get(k) == v for k, v in key.items()) for r in done):
             continue
         common.say(f"[bench] job {i}/{len(jobs)} ({time.time() - t0:.0f}s elapsed)")
-        res = run_job(job, out / "work", args.mem_limit_mb, args.threads, common.say)
+        smaller_oom = job.mode == "cost" and any(
+            r.get("oom")
+            and r["mode"] == "cost"
+            and r["method"] == job.method
+            and r["model"] == job.model
+            and r["batch"] * r["seq"] <= job.batch * job.seq
+            for r in done
+        )
+        if smaller_oom:  # memory only grows with batch x sequence: no need to run it
+            res = {
+                **key,
+                "oom": True,
+                "limit_mb": args.mem_limit_mb,
+                "skipped": True,
+                "peak_rss_mb": float("nan"),
+            }
+            common.say(f"[bench] {job.label}: out of memory at a smaller setting; skipped")
+        else:
+            res = run_job(job, out / "work", args.mem_limit_mb, args.threads, common.say)
         done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [res]
         store.write_text("".join(json.dumps(r) + "\n" for r in done))
     command = (
