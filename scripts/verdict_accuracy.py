@@ -17,7 +17,8 @@ from mobillm.device.local import LocalModel
 
 def main() -> None:
     side, data = sys.argv[1], sys.argv[2]
-    rows = [json.loads(x) for x in open(data) if x.strip()]
+    with open(data) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
     model = LocalModel.load(Backbone.load(BackboneConfig(source="smollm2-135m")), side)
     exact = well_formed = 0
     for r in rows:
