@@ -63,6 +63,8 @@ def test_race_job_mobillm_and_report(tmp_path, tiny_dir):
         assert "error" not in r, r
         assert [p["samples"] for p in r["curve"]] == [32, 64]
         assert 0 <= r["final_accuracy"] <= 1
+        # every method is also scored on the whole dev set, MobiLLM included
+        assert 0 <= r["full_dev_accuracy"] <= 1 and r["dev"] >= r["probe"] > 0
         results.append(r)
     assert results[1]["bytes_per_sample"] > 0
     md, verdicts = race_tables(results)

@@ -17,13 +17,13 @@ from mobillm.transport.messages import (
 )
 
 
-def _setup(bb, codec="int8", task="classification", lr=1e-2):
+def _setup(bb, codec="int8", task="classification", lr=1e-2, dropout=0.0):
     side = SideConfig(
         hidden_size=bb.hidden_size,
         num_taps=len(bb.taps),
         task=task,
         head_init="random",
-        dropout=0.0,
+        dropout=dropout,
     )
     spec, head = build_session(bb, side, CodecConfig(codec), TrainConfig(lr=lr, total_steps=40))
     return Trainer(spec, FrozenHead(spec.head, head)), spec
@@ -59,6 +59,28 @@ def test_learns_a_separable_task(make_tiny_backbone):
     losses = [_step(trainer, spec, s, frames, labels, chunk=100).loss for s in range(40)]
     assert losses[-1] < 0.5 * losses[0]
     assert trainer.steps_done == 40 and trainer.samples_seen == 640
+
+
+def test_dropout_masks_do_not_depend_on_other_sessions(make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    ids = torch.randint(3, 300, (8, 4), generator=torch.Generator().manual_seed(1))
+    labels = (ids[:, -1] % 2).long()
+    frames = _frames(bb, ids)
+    alone, _ = _setup(bb, dropout=0.3)
+    ref = [_step(alone, None, s, frames, labels).loss for s in range(4)]
+    # the same session again, while another session and stray global draws interleave
+    busy, _ = _setup(bb, dropout=0.3)
+    other, _ = _setup(bb, dropout=0.3)
+    got = []
+    for s in range(4):
+        torch.rand(1000)
+        _step(other, None, s, frames, labels)
+        got.append(_step(busy, None, s, frames, labels).loss)
+    assert got == ref
+    # and dropout is live: a different seed gives different losses
+    side = _setup(bb, dropout=0.3)[0]
+    side.net.seed_dropout(12345)
+    assert [_step(side, None, s, frames, labels).loss for s in range(4)] != ref
 
 
 def test_lr_schedule_warmup_and_decay():

@@ -7,6 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from mobillm.bench import explain
+
 TARGET_MEMORY = {"qwen2.5-coder-1.5b": 4.0, "smollm2-135m": 3.0}
 TARGET_SPEED = 2.3
 TARGET_TIME = 2.3
@@ -266,6 +268,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
     images = plots(results, out)
     cost_md, cost_verdicts = cost_tables(results)
     race_md, race_verdicts = race_tables(results)
+    why = explain.notes(results, TARGET_MEMORY, TARGET_SPEED)
     codec_rows = sorted(
         {
             (r["codec"], r["bytes_per_sample"])
@@ -294,6 +297,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         *cost_verdicts,
         *race_verdicts,
         "",
+        *(["## Why the shortfalls", "", *why, ""] if why else []),
         "## Device memory and seconds per sample",
         "",
         "One row per batch x sequence length; each method trains a few steps on batches of "

@@ -185,7 +185,7 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
     }
     if mobillm:
         s = trainer.summary()
-        extra = {"bytes_per_sample": s["bytes_per_sample"], "bytes_sent": s["bytes_sent"]}
+        extra.update(bytes_per_sample=s["bytes_per_sample"], bytes_sent=s["bytes_sent"])
         trainer.transport.close()
     return {
         "curve": curve,

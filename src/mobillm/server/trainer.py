@@ -72,12 +72,12 @@ class Trainer:
         self.spec = spec
         self.device = torch.device(device)
         self.max_rows = max_rows
-        # Seed the initial weights without touching other sessions' random streams. Dropout
-        # still draws from the process-wide generator, so concurrent sessions with dropout
-        # are not bit-reproducible; with dropout 0 they are.
+        # Seed the initial weights, and give dropout its own generator, without touching other
+        # sessions' random streams: a session's run is the same whoever else is training.
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.train.seed)
             self.net = SideNetwork(spec.side, head).to(self.device)
+        self.net.seed_dropout(spec.train.seed + 1)
         self.net.train()
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():

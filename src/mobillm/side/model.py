@@ -28,6 +28,25 @@ from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 
 
+class SeededDropout(nn.Module):
+    """Dropout that draws from the network's own generator once one is set.
+
+    A server trains many sessions in one process; with ``nn.Dropout`` they would all draw from
+    the process-wide generator, so one session's masks would depend on when the others step.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+
 class Adapter(nn.Module):
     """Pre-norm bottleneck MLP with a residual: ``(rows, r) -> (rows, r)``."""
 
@@ -37,7 +56,7 @@ class Adapter(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, inner)
         self.fc2 = nn.Linear(inner, width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = SeededDropout(dropout)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return s + self.drop(self.fc2(F.gelu(self.fc1(self.norm(s)))))
@@ -57,7 +76,7 @@ class RowMixer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = SeededDropout(dropout)
 
     def forward(self, s: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         n, w = s.shape
@@ -112,6 +131,13 @@ class SideNetwork(nn.Module):
                     self.classifier.weight.copy_(head.lm_head_weight)
                     bias = head.lm_head_bias if head.spec.has_lm_bias else 0.0
                     self.classifier.bias.copy_(torch.zeros(cfg.num_labels) + bias)
+
+    def seed_dropout(self, seed: int) -> None:
+        """Give every dropout layer one private generator (on the parameters' device)."""
+        g = torch.Generator(device=self.up.weight.device).manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, SeededDropout):
+                m.generator = g
 
     # Layer-by-layer interface: the device's inference and the server's training both use it.
     def start(self) -> None:

@@ -1,0 +1,166 @@
+"""Why a target was missed, in numbers taken from the same results the verdicts read.
+
+Each note quotes measured figures only: a memory ratio is bounded by what the device holds
+before training starts, a speed ratio by the forward pass MobiLLM cannot avoid, an accuracy gap
+by what the same side network reaches when trained on the device without any quantization.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+GB = 1024.0
+
+
+def _ok(r: dict[str, Any] | None) -> bool:
+    return bool(r) and not r.get("oom") and not r.get("error")
+
+
+def _cost_by_setting(results: list[dict[str, Any]]) -> dict[str, dict[tuple, dict[str, dict]]]:
+    by: dict[str, dict[tuple, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in results:
+        if r["mode"] == "cost" and r.get("codec", "int8") == "int8":
+            by[r["model"]][(r["batch"], r["seq"])][r["method"]] = r
+    return by
+
+
+def largest_fit(settings: dict[tuple, dict[str, dict]]) -> tuple | None:
+    """The largest batch x seq at which both MobiLLM and LoRA ran to the end."""
+    fits = [k for k, row in settings.items() if _ok(row.get("mobillm")) and _ok(row.get("lora"))]
+    return max(fits, key=lambda k: k[0] * k[1]) if fits else None
+
+
+def memory_note(model: str, settings: dict[tuple, dict[str, dict]], target: float) -> str | None:
+    k = largest_fit(settings)
+    if k is None:
+        return None
+    m, lo = settings[k]["mobillm"], settings[k]["lora"]
+    ratio = lo["peak_rss_mb"] / m["peak_rss_mb"]
+    if ratio >= target or "rss_after_load_mb" not in m:
+        return None
+    loaded = m["rss_after_load_mb"]
+    bigger = sorted(
+        (s for s, row in settings.items() if s[0] * s[1] > k[0] * k[1]),
+        key=lambda s: s[0] * s[1],
+    )
+    lora_oom = [s for s in bigger if settings[s].get("lora", {}).get("oom")]
+    tail = (
+        f" LoRA ran out of memory at {lora_oom[0][0]}x{lora_oom[0][1]} (limit "
+        f"{settings[lora_oom[0]]['lora']['limit_mb'] / GB:.0f} GB), so no larger point fits "
+        "this machine."
+        if lora_oom
+        else ""
+    )
+    return (
+        f"- {model}, memory ({ratio:.2f} < {target:g}): at {k[0]}x{k[1]} MobiLLM's device peaks "
+        f"at {m['peak_rss_mb'] / GB:.2f} GB, of which {loaded / GB:.2f} GB is already resident "
+        "once the fp32 backbone is loaded (weights, tokenizer, runtime); training adds "
+        f"{(m['peak_rss_mb'] - loaded) / GB:.2f} GB. LoRA peaks at {lo['peak_rss_mb'] / GB:.2f} "
+        "GB, so even a device that added nothing at all to the loaded backbone would stand at "
+        f"{lo['peak_rss_mb'] / loaded:.2f}x. The ratio grows with batch x sequence (LoRA stores "
+        "every layer's activations for its backward pass; MobiLLM stores none), and reaching "
+        f"{target:g}x needs LoRA's activations to outweigh the weights "
+        f"{target - 1:g} times over.{tail}"
+    )
+
+
+def speed_note(model: str, settings: dict[tuple, dict[str, dict]], target: float) -> str | None:
+    k = largest_fit(settings)
+    if k is None:
+        return None
+    row = settings[k]
+    m, lo = row["mobillm"], row["lora"]
+    ratio = lo["seconds_per_sample"] / m["seconds_per_sample"]
+    if ratio >= target:
+        return None
+    parts = [
+        f"- {model}, seconds per sample ({ratio:.2f} < {target:g}) at {k[0]}x{k[1]}: MobiLLM's "
+        f"device step is one forward pass without LM logits plus the encoder, "
+        f"{m['seconds_per_sample']:.3f} s/sample; LoRA's is a forward pass with logits and a "
+        f"backward pass through every layer, {lo['seconds_per_sample']:.3f} s/sample."
+    ]
+    side, full = row.get("side_local"), row.get("full")
+    if _ok(side):
+        parts.append(
+            " On-device side-tuning (the same forward plus the side network's own backward) "
+            f"takes {side['seconds_per_sample']:.3f} s/sample, so "
+            f"{100 * (1 - m['seconds_per_sample'] / side['seconds_per_sample']):.0f}% of "
+            "its cost is what offloading removes."
+        )
+    if _ok(full):
+        parts.append(
+            f" Full fine-tuning takes {full['seconds_per_sample']:.3f} s/sample "
+            f"({full['seconds_per_sample'] / m['seconds_per_sample']:.2f}x MobiLLM)."
+        )
+    parts.append(
+        " LoRA's backward through frozen layers needs only input gradients, about one more "
+        "forward pass of matrix work, so on a CPU LoRA / forward-only lands near 2-3x; the "
+        "paper's 2.3x is convergence time against on-device baselines on mobile hardware."
+    )
+    return "".join(parts)
+
+
+def race_notes(results: list[dict[str, Any]]) -> list[str]:
+    races = [r for r in results if r["mode"] == "race" and _ok(r)]
+    lora = next((r for r in races if r["method"] == "lora"), None)
+    mob = next(
+        (
+            r
+            for r in races
+            if r["method"] == "mobillm" and not r["link_mbps"] and r.get("mixer", "none") == "none"
+        ),
+        None,
+    )
+    if lora is None or mob is None:
+        return []
+    full = lambda r: r.get("full_dev_accuracy", r["final_accuracy"])  # noqa: E731
+    target = lora["final_accuracy"] - 0.01
+    best = max(p["accuracy"] for p in mob["curve"])
+    notes = []
+    speed = lora["train_seconds"] / mob["train_seconds"]
+    if best < target:
+        notes.append(
+            f"- Time to target: MobiLLM's best checkpoint ({best:.4f}) stays below the target "
+            f"({target:.4f}), so the shortfall is accuracy, not speed: over the whole budget "
+            f"MobiLLM trains {speed:.2f}x faster than LoRA ({mob['train_seconds']:.0f} s against "
+            f"{lora['train_seconds']:.0f} s)."
+        )
+    gap = full(lora) - full(mob)
+    if gap > 0.015 or best < target:
+        side = next((r for r in races if r["method"] == "side_local"), None)
+        why = (
+            f" The same side network trained on the device with unquantized fp32 activations "
+            f"reaches {full(side):.4f}, so the codec and the offloading cost "
+            f"{100 * (full(side) - full(mob)):+.2f} points: the gap is side-tuning's, not "
+            "MobiLLM's transport."
+            if side
+            else ""
+        )
+        probe = (
+            " For SmolLM2-135M those last-token states cap a linear probe at 84-86% on SST-2 "
+            "(docs/results.md)."
+            if mob["model"] == "smollm2-135m"
+            else ""
+        )
+        notes.append(
+            f"- Accuracy: LoRA {full(lora):.4f} against MobiLLM {full(mob):.4f} on the whole dev "
+            "set. LoRA changes the backbone's own features (q and v projections in every layer); "
+            "a side network can only re-read the frozen backbone's features." + probe + why
+        )
+    return notes
+
+
+def notes(
+    results: list[dict[str, Any]], memory_targets: dict[str, float], speed_target: float
+) -> list[str]:
+    """Every explanation that applies to ``results``; empty when all targets are met."""
+    out = []
+    for model, settings in _cost_by_setting(results).items():
+        for note in (
+            memory_note(model, settings, memory_targets.get(model, 3.0)),
+            speed_note(model, settings, speed_target),
+        ):
+            if note:
+                out.append(note)
+    return out + race_notes(results)
