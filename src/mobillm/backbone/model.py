@@ -11,6 +11,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from mobillm.backbone import pages
 from mobillm.backbone.families import export_head, family_of
 from mobillm.backbone.loader import load_model_and_tokenizer
 from mobillm.config import Config, check
@@ -146,13 +147,15 @@ class Backbone:
         cfg = {k: v for k, v in self.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
         blob = json.dumps(cfg, sort_keys=True, default=str).encode()
         _, head = export_head(self.model)
+        head_sha256 = tensors_sha256(head)
+        pages.release(head.values())  # read once for the hash; not needed while training
         return BackboneFingerprint(
             architecture=self.model.config.model_type,
             hidden_size=self.hidden_size,
             num_layers=self.num_layers,
             vocab_size=int(self.model.config.vocab_size),
             config_sha256=hashlib.sha256(blob).hexdigest(),
-            head_sha256=tensors_sha256(head),
+            head_sha256=head_sha256,
         )
 
     def export_head(

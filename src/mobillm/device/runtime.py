@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from mobillm.backbone import Backbone
+from mobillm.backbone import Backbone, pages
 from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, check
 from mobillm.data import TokenizedDataset, collate, epoch_batches, num_batches
@@ -147,6 +147,7 @@ class DeviceTrainer:
         self.info = self.transport.open(spec)
         if self.info.need_head:
             self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
+        pages.release(head.values())
         return self.info
 
     def _send_step(self, step: int, batch: Any) -> int:
