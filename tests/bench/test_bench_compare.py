@@ -29,6 +29,7 @@ def test_cost_job_each_method(tmp_path, tiny_dir, method):
     )
     assert "error" not in r and not r.get("oom"), r
     assert r["peak_rss_mb"] > 100 and r["seconds_per_sample"] > 0
+    assert 0 < r["weights_mb"] < r["peak_rss_mb"]
     assert len(r["step_seconds"]) == 3
     if method == "mobillm":
         # 3 taps x 4 rows x (32 + 4) int8 bytes + 36-byte headers, per sample

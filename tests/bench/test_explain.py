@@ -32,25 +32,25 @@ def _race(method, final, full, secs, link=0.0):
 
 def test_memory_and_speed_notes_bound_the_ratio_by_what_was_measured():
     rs = [
-        _cost("mobillm", 2, 128, 7000, 1.0, rss_after_load_mb=6500),
+        _cost("mobillm", 2, 128, 7000, 1.0, weights_mb=6500),
         _cost("lora", 2, 128, 9000, 2.0),
         _cost("side_local", 2, 128, 7100, 1.5),
-        _cost("mobillm", 8, 128, 7200, 1.0, rss_after_load_mb=6500),
+        _cost("mobillm", 8, 128, 7200, 1.0, weights_mb=6500),
         _cost("lora", 8, 128, 13000, 2.1),
-        _cost("mobillm", 16, 128, 7400, 1.0, rss_after_load_mb=6500),
+        _cost("mobillm", 16, 128, 7400, 1.0, weights_mb=6500),
         {**_cost("lora", 16, 128, 0, 0), "oom": True, "limit_mb": 21504},
     ]
     notes = explain.notes(rs, {"qwen2.5-coder-1.5b": 4.0}, 2.3)
     mem, speed = notes
     assert "memory (1.81 < 4)" in mem and "at 8x128" in mem
-    assert "6.35 GB is already resident" in mem and "stand at 2.00x" in mem
+    assert "weights alone are 6.35 GB" in mem and "stand at 2.00x" in mem
     assert "out of memory at 16x128 (limit 21 GB)" in mem
     assert "(2.10 < 2.3)" in speed and "LoRA's is a forward pass" in speed
 
 
 def test_no_notes_when_targets_are_met():
     rs = [
-        _cost("mobillm", 8, 128, 1000, 0.5, rss_after_load_mb=900),
+        _cost("mobillm", 8, 128, 1000, 0.5, weights_mb=900),
         _cost("lora", 8, 128, 5000, 1.5),
         _race("lora", 0.86, 0.87, 300),
         _race("mobillm", 0.86, 0.865, 100),

@@ -37,9 +37,9 @@ def memory_note(model: str, settings: dict[tuple, dict[str, dict]], target: floa
         return None
     m, lo = settings[k]["mobillm"], settings[k]["lora"]
     ratio = lo["peak_rss_mb"] / m["peak_rss_mb"]
-    if ratio >= target or "rss_after_load_mb" not in m:
+    if ratio >= target or "weights_mb" not in m:
         return None
-    loaded = m["rss_after_load_mb"]
+    weights = m["weights_mb"]
     bigger = sorted(
         (s for s, row in settings.items() if s[0] * s[1] > k[0] * k[1]),
         key=lambda s: s[0] * s[1],
@@ -54,13 +54,13 @@ def memory_note(model: str, settings: dict[tuple, dict[str, dict]], target: floa
     )
     return (
         f"- {model}, memory ({ratio:.2f} < {target:g}): at {k[0]}x{k[1]} MobiLLM's device peaks "
-        f"at {m['peak_rss_mb'] / GB:.2f} GB, of which {loaded / GB:.2f} GB is already resident "
-        "once the fp32 backbone is loaded (weights, tokenizer, runtime); training adds "
-        f"{(m['peak_rss_mb'] - loaded) / GB:.2f} GB. LoRA peaks at {lo['peak_rss_mb'] / GB:.2f} "
-        "GB, so even a device that added nothing at all to the loaded backbone would stand at "
-        f"{lo['peak_rss_mb'] / loaded:.2f}x. The ratio grows with batch x sequence (LoRA stores "
-        "every layer's activations for its backward pass; MobiLLM stores none), and reaching "
-        f"{target:g}x needs LoRA's activations to outweigh the weights "
+        f"at {m['peak_rss_mb'] / GB:.2f} GB, of which the fp32 weights alone are "
+        f"{weights / GB:.2f} GB; everything else (activations of one layer at a time, frames "
+        f"in flight, runtime) is {(m['peak_rss_mb'] - weights) / GB:.2f} GB. LoRA peaks at "
+        f"{lo['peak_rss_mb'] / GB:.2f} GB, so even a device holding nothing but the weights "
+        f"would stand at {lo['peak_rss_mb'] / weights:.2f}x. The ratio grows with batch x "
+        "sequence (LoRA keeps every layer's activations for its backward pass; MobiLLM keeps "
+        f"none), and {target:g}x needs LoRA's training state to outweigh the weights "
         f"{target - 1:g} times over.{tail}"
     )
 

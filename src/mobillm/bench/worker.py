@@ -212,7 +212,9 @@ def main(argv: list[str]) -> int:
         **job,
         **run(backbone, job),
         "peak_rss_mb": peak_rss_mb(),
-        "rss_after_load_mb": loaded_mb,
+        "rss_after_load_mb": loaded_mb,  # small: weights are mapped, resident once read
+        "weights_mb": sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+        / 2**20,
     }
     Path(argv[1]).write_text(json.dumps(result, indent=2))
     return 0
