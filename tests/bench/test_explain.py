@@ -69,3 +69,18 @@ def test_race_note_separates_accuracy_from_speed_and_isolates_the_codec():
     assert "LoRA 0.8850 against MobiLLM 0.8450" in acc_note
     assert "reaches 0.8460" in acc_note and "+0.10 points" in acc_note
     assert "linear probe" in acc_note
+
+
+def test_offload_notes_compare_mobillm_with_the_same_side_network_on_device():
+    rs = [
+        _cost("mobillm", 8, 128, 5000, 1.0),
+        _cost("lora", 8, 128, 9000, 2.0),
+        _cost("side_local", 8, 128, 6000, 1.5),
+        _race("side_local", 0.82, 0.822, 170),
+        _race("mobillm", 0.83, 0.831, 160),
+    ]
+    cost, race, summary = explain.offload_notes(rs)
+    assert "at 8x128" in cost and "(ratios 1.20 and 1.50)" in cost
+    assert "170 s to 0.8220" in race and "160 s to 0.8310" in race
+    assert "never back-propagating" in summary
+    assert explain.offload_notes([_race("lora", 0.9, 0.9, 300)]) == []

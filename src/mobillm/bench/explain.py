@@ -164,3 +164,49 @@ def notes(
             if note:
                 out.append(note)
     return out + race_notes(results)
+
+
+def offload_notes(results: list[dict[str, Any]]) -> list[str]:
+    """MobiLLM against the same side network trained on the device: what the server buys."""
+    out = []
+    for model, settings in _cost_by_setting(results).items():
+        k = largest_fit(settings)
+        row = settings.get(k, {}) if k else {}
+        m, side = row.get("mobillm"), row.get("side_local")
+        if _ok(m) and _ok(side):
+            out.append(
+                f"- {model} at {k[0]}x{k[1]}: on-device side-tuning peaks at "
+                f"{side['peak_rss_mb'] / GB:.2f} GB and {side['seconds_per_sample']:.3f} s/sample;"
+                f" MobiLLM's device at {m['peak_rss_mb'] / GB:.2f} GB and "
+                f"{m['seconds_per_sample']:.3f} s/sample (ratios "
+                f"{side['peak_rss_mb'] / m['peak_rss_mb']:.2f} and "
+                f"{side['seconds_per_sample'] / m['seconds_per_sample']:.2f})."
+            )
+    races = [r for r in results if r["mode"] == "race" and _ok(r)]
+    side = next((r for r in races if r["method"] == "side_local"), None)
+    mob = next(
+        (
+            r
+            for r in races
+            if r["method"] == "mobillm" and not r["link_mbps"] and r.get("mixer", "none") == "none"
+        ),
+        None,
+    )
+    if side and mob:
+        full = lambda r: r.get("full_dev_accuracy", r["final_accuracy"])  # noqa: E731
+        out.append(
+            "- SST-2 race: on-device side-tuning trains the budget in "
+            f"{side['train_seconds']:.0f} s to {full(side):.4f}; MobiLLM in "
+            f"{mob['train_seconds']:.0f} s to {full(mob):.4f}."
+        )
+    if out:
+        out.append(
+            "- Most of MobiLLM's advantage over LoRA comes from never back-propagating through "
+            "the backbone, which on-device side-tuning shares. With one row per sample the side "
+            "network's own training is small next to the backbone's forward pass, so moving it "
+            "to a server saves the device little here. It should save more where the side "
+            "network's work grows with the rows it reads (every token with `--mixer attention`, "
+            "or a vocabulary-wide LM head over every response token in causal-LM tuning); this "
+            "benchmark does not measure those."
+        )
+    return out

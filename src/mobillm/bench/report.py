@@ -269,6 +269,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
     cost_md, cost_verdicts = cost_tables(results)
     race_md, race_verdicts = race_tables(results)
     why = explain.notes(results, TARGET_MEMORY, TARGET_SPEED)
+    offload = explain.offload_notes(results)
     codec_rows = sorted(
         {
             (r["codec"], r["bytes_per_sample"])
@@ -298,6 +299,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         *race_verdicts,
         "",
         *(["## Why the shortfalls", "", *why, ""] if why else []),
+        *(["## What offloading buys", "", *offload, ""] if offload else []),
         "## Device memory and seconds per sample",
         "",
         "One row per batch x sequence length; each method trains a few steps on batches of "

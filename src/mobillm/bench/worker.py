@@ -117,8 +117,9 @@ def run_cost(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate(predict: Any, data: TokenizedDataset, batch: int) -> float:
     correct = 0
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))  # less padding
     for start in range(0, len(data), batch):
-        idx = list(range(start, min(start + batch, len(data))))
+        idx = order[start : start + batch]
         b = collate(data, idx)
         correct += int((predict(b) == b.labels).sum())
     return correct / len(data)
