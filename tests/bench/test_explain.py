@@ -42,9 +42,11 @@ def test_memory_and_speed_notes_bound_the_ratio_by_what_was_measured():
     ]
     notes = explain.notes(rs, {"qwen2.5-coder-1.5b": 4.0}, 2.3)
     mem, speed = notes
-    assert "memory (1.81 < 4)" in mem and "at 8x128" in mem
-    assert "weights alone are 6.35 GB" in mem and "stand at 2.00x" in mem
-    assert "out of memory at 16x128 (limit 21 GB)" in mem
+    assert "memory (1.81 < 4) at 8x128" in mem and "extra 5.66 GB" in mem
+    assert "about 28.1 GB, more than the 21.0 GB" in mem and "out of reach here" in mem
+    assert "untied LM head" not in mem  # 6.35 GB of parameters, all resident
+    rs[3]["weights_mb"] = 8000  # more parameters than the peak: the head was never read
+    assert "untied LM head" in explain.notes(rs, {"qwen2.5-coder-1.5b": 4.0}, 2.3)[0]
     assert "(2.10 < 2.3)" in speed and "LoRA's is a forward pass" in speed
 
 
