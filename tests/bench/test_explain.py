@@ -69,7 +69,7 @@ def test_race_note_separates_accuracy_from_speed_and_isolates_the_codec():
     time_note, acc_note = explain.notes(rs, {}, 2.3)
     assert "stays below the target (0.8700)" in time_note and "3.00x faster" in time_note
     assert "LoRA 0.8850 against MobiLLM 0.8450" in acc_note
-    assert "reaches 0.8460" in acc_note and "+0.10 points" in acc_note
+    assert "reaches 0.8460" in acc_note and "cost 0.10 points" in acc_note
     assert "linear probe" in acc_note
 
 
