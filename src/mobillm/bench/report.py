@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mobillm.bench import explain
+from mobillm.bench.explain import full_dev
 
 TARGET_MEMORY = {"qwen2.5-coder-1.5b": 4.0, "smollm2-135m": 3.0}
 TARGET_SPEED = 2.3
@@ -96,16 +97,23 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
+def _codec_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MobiLLM cost runs on SmolLM2: where the bytes per sample of each codec come from."""
+    return [
+        r
+        for r in results
+        if r["mode"] == "cost"
+        and r["method"] == "mobillm"
+        and _ok_result(r)
+        and r["model"] == "smollm2-135m"
+    ]
+
+
 def time_to(curve: list[dict[str, Any]], target: float) -> float | None:
     for p in curve:
         if p["accuracy"] >= target:
             return p["train_seconds"]
     return None
-
-
-def _full(r: dict[str, Any]) -> float:
-    """Accuracy on the whole dev set after the budget (the checkpoints read a subset)."""
-    return r.get("full_dev_accuracy", r["final_accuracy"])
 
 
 def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -133,7 +141,7 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
         reach = f"{t:.0f} s" if t is not None else (f"not reached (best {best['accuracy']:.4f})")
         bps = f"{r['bytes_per_sample']:,.0f}" if "bytes_per_sample" in r else "0 (on device)"
         lines.append(
-            f"| {_name(r)} | {link} | {_full(r):.4f} | {r['final_accuracy']:.4f} | "
+            f"| {_name(r)} | {link} | {full_dev(r):.4f} | {r['final_accuracy']:.4f} | "
             f"{r['train_seconds']:.0f} s | {reach} | {ratio} | {bps} |"
         )
         if r["method"] == "mobillm" and r.get("mixer", "none") != "none" and lora:
@@ -141,7 +149,7 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 f"- {_name(r)}: dev accuracy {r['final_accuracy']:.4f}, time to target {reach}"
             )
         elif r["method"] == "mobillm" and lora and target is not None:
-            gap = _full(lora) - _full(r)
+            gap = full_dev(lora) - full_dev(r)
             if not r["link_mbps"]:
                 verdicts.append(
                     f"- Wall time to the target accuracy ({target:.4f} = LoRA's "
@@ -157,7 +165,7 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 )
                 verdicts.append(
                     f"- Dev accuracy after the same budget (all {r.get('dev', '')} dev sentences): "
-                    f"MobiLLM {_full(r):.4f} vs LoRA {_full(lora):.4f}, gap {100 * gap:.2f} "
+                    f"MobiLLM {full_dev(r):.4f} vs LoRA {full_dev(lora):.4f}, gap {100 * gap:.2f} "
                     "points (target <= "
                     f"{100 * TARGET_ACC_GAP:.1f}: {_ok(gap <= TARGET_ACC_GAP)})"
                 )
@@ -236,14 +244,7 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         made.append(name)
-    codecs = [
-        r
-        for r in results
-        if r["mode"] == "cost"
-        and r["method"] == "mobillm"
-        and _ok_result(r)
-        and r["model"] == "smollm2-135m"
-    ]
+    codecs = _codec_runs(results)
     per_codec: dict[str, float] = {}
     for r in sorted(codecs, key=lambda r: r["batch"] * r["seq"]):
         per_codec.setdefault(r["codec"], r["bytes_per_sample"])
@@ -270,14 +271,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
     race_md, race_verdicts = race_tables(results)
     why = explain.notes(results, TARGET_MEMORY, TARGET_SPEED)
     offload = explain.offload_notes(results)
-    codec_runs = [
-        r
-        for r in results
-        if r["mode"] == "cost"
-        and r["method"] == "mobillm"
-        and _ok_result(r)
-        and r["model"] == "smollm2-135m"
-    ]
+    codec_runs = _codec_runs(results)
     # the codec rows share the first (smallest) setting; larger settings repeat int8 only
     first = min(
         ((r["batch"], r["seq"]) for r in codec_runs), key=lambda s: s[0] * s[1], default=None
