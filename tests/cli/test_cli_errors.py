@@ -1,5 +1,9 @@
 """Bad input to the CLI ends with one clear line on stderr and exit code 2, never a traceback."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from tinymodels import tiny_model
@@ -20,7 +24,10 @@ def model_dirs(tmp_path_factory, bos_tokenizer):
 
 
 def _run(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse refusing an option exits 2 itself
+        code = e.code
     err = capsys.readouterr().err
     return code, err
 
@@ -194,3 +201,60 @@ def test_bad_flag_values(capsys, tmp_path, model_dirs):
         str(tmp_path / "o"),
     )
     _one_clear_line(code, err, "missing.tsv")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--codec", "int3"),
+        ("--positions", "first"),
+        ("--pooling", "max"),
+        ("--mixer", "lstm"),
+        ("--dtype", "int8"),
+        ("--schedule", "step"),
+        ("--taps", "every:0"),
+        ("--taps", "first,last"),
+        ("--group-size", "48"),
+        ("--reduction", "0"),
+        ("--window", "0"),
+        ("--epochs", "0"),
+        ("--dropout", "1.5"),
+        ("--lr", "2"),
+        ("--link-mbps", "-1"),
+        ("--quoting", "double"),
+        ("--format", "xml"),
+    ],
+)
+def test_bad_option_fails_before_any_model_load(capsys, tmp_path, monkeypatch, flag, value):
+    from mobillm.backbone import Backbone
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Backbone, "load", no_load)
+    f = _tsv(tmp_path / "t.tsv", ["good film\t1", "bad film\t0"])
+    t0 = time.perf_counter()
+    argv = ["train", "--train-file", f, "--text-column", "sentence", "--out", str(tmp_path / "o")]
+    code, err = _run(capsys, *argv, flag, value)
+    assert time.perf_counter() - t0 < 2.0
+    _one_clear_line(code, err, flag, repr(value))
+    assert len(err.strip().splitlines()) == 1, err  # no usage block either
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_codec_from_the_shell(tmp_path):
+    f = _tsv(tmp_path / "t.tsv", ["good film\t1", "bad film\t0"])
+    argv = ["train", "--model", str(tmp_path / "nomodel"), "--train-file", f, "--codec", "int3"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mobillm.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    # Python and torch start in a few seconds on a busy machine; loading a model would take more
+    # and fail on the missing model folder instead.
+    assert time.perf_counter() - t0 < 30
+    _one_clear_line(proc.returncode, proc.stderr, "mobillm train: error:", "--codec", "'int3'")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

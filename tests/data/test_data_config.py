@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mobillm.data import DataConfig, DataError, resolve_preset
+from mobillm.data import DataConfig, DataError, resolve_preset, sst2_root
+from mobillm.data import config as data_config
 from mobillm.errors import ConfigError
 
-SST2 = Path("/work/shared/data/sst2")
+SST2 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sst2"
 
 
 def test_defaults_validate():
@@ -40,6 +41,7 @@ def test_json_round_trip(tmp_path):
         ({"preset": "sst2", "task": "causal_lm"}, "preset"),
         ({"format": "xml"}, "format"),
         ({"encoding": "no-such-codec"}, "encoding"),
+        ({"quoting": "double"}, "quoting"),
         ({"text_column": ""}, "text_column"),
         ({"labels": ("a", "a")}, "labels"),
         ({"labels": ("a", "")}, "labels"),
@@ -74,6 +76,7 @@ def test_sst2_preset_fills_defaults_and_user_fields_win(monkeypatch):
     assert cfg.labels == ("0", "1")
     assert cfg.verbalizers == ("negative", "positive")
     assert cfg.template == "Text: {text}\nLabel:"  # the user's choice survives
+    assert cfg.quoting == "none"  # GLUE TSVs hold unpaired quotes
     assert resolve_preset(cfg) == cfg  # idempotent
 
 
@@ -88,6 +91,33 @@ def test_sst2_env_dir_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("MOBILLM_SST2_DIR", str(tmp_path))
     with pytest.raises(DataError, match="MOBILLM_SST2_DIR"):
         resolve_preset(DataConfig(preset="sst2"))
+
+
+def _fake_sst2(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "train.tsv").write_text("sentence\tlabel\n")
+    return root
+
+
+def test_sst2_found_relative_to_the_repository(monkeypatch, tmp_path):
+    # A checkout at tmp/repo (src/mobillm/data/config.py) finds tmp/shared/data/sst2 from any
+    # current directory: no absolute path is built in.
+    monkeypatch.delenv("MOBILLM_SST2_DIR", raising=False)
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(data_config, "__file__", str(repo / "src/mobillm/data/config.py"))
+    (tmp_path / "x" / "elsewhere").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "x" / "elsewhere")
+    want = _fake_sst2(tmp_path / "shared" / "data" / "sst2")
+    assert sst2_root() == want
+
+
+def test_sst2_found_relative_to_the_current_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOBILLM_SST2_DIR", raising=False)
+    monkeypatch.setattr(data_config, "__file__", str(tmp_path / "a/src/mobillm/data/config.py"))
+    (tmp_path / "b" / "main").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "b" / "main")
+    want = _fake_sst2(tmp_path / "b" / "shared" / "data" / "sst2")
+    assert sst2_root() == want
 
 
 def test_sst2_not_found_says_how(monkeypatch, tmp_path):

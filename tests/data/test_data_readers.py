@@ -16,10 +16,12 @@ from mobillm.data import (
     load_examples,
     read_rows,
     resolve_labels,
+    resolve_preset,
 )
 from mobillm.errors import ConfigError
 
-SST2 = Path("/work/shared/data/sst2")
+# Next to the checkout, where sst2_root() looks too (tests/data/this file -> repo root).
+SST2 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sst2"
 needs_sst2 = pytest.mark.skipif(not (SST2 / "dev.tsv").is_file(), reason="SST-2 not present")
 
 
@@ -52,6 +54,56 @@ def test_csv_standard_quoting_and_crlf(tmp_path):
     p = write(tmp_path / "a.csv", 'label,text\r\npos,"good, really"\r\nneg,"said ""meh"""\r\n')
     ex = load_examples(cls_cfg(p), "train")
     assert ex == [ClassificationExample("good, really", 1), ClassificationExample('said "meh"', 0)]
+
+
+def test_tsv_quoted_fields_span_lines(tmp_path):
+    # As pandas, csv.writer or a spreadsheet write it: "" is a quote, a quoted text may hold
+    # newlines and the delimiter. Rows are numbered by the line they start on.
+    text = (
+        "sentence\tlabel\n"
+        '"a review that\nspans lines, with ""quotes"""\t1\n'
+        '"tab\tinside"\t0\n'
+        "plain\tmaybe\n"
+    )
+    p = write(tmp_path / "a.tsv", text)
+    rows = read_rows(p)
+    assert [w for w, _ in rows] == ["line 2", "line 4", "line 5"]
+    assert rows[0][1] == {"sentence": 'a review that\nspans lines, with "quotes"', "label": "1"}
+    assert rows[1][1]["sentence"] == "tab\tinside"
+    with pytest.raises(DataError, match=r"a\.tsv: line 5 has label 'maybe'"):
+        load_examples(cls_cfg(p, text_column="sentence", labels=("0", "1")), "train")
+
+
+def test_csv_quoted_field_spans_lines(tmp_path):
+    p = write(tmp_path / "a.csv", 'text,label\n"one,\ntwo",pos\nthree,neg\n')
+    assert load_examples(cls_cfg(p), "train") == [
+        ClassificationExample("one,\ntwo", 1),
+        ClassificationExample("three", 0),
+    ]
+
+
+def test_quoting_none_reads_quotes_as_text(tmp_path):
+    text = 'text\tlabel\n" a quote that never closes\t1\n"quoted" then more\t0\n'
+    p = write(tmp_path / "a.tsv", text)
+    ex = load_examples(cls_cfg(p, quoting="none"), "train")
+    assert ex == [
+        ClassificationExample('" a quote that never closes', 1),
+        ClassificationExample('"quoted" then more', 0),
+    ]
+
+
+def test_unclosed_quote_names_the_line_and_the_fix(tmp_path):
+    p = write(tmp_path / "a.tsv", 'text\tlabel\nok\t1\n" never closes\t1\nmore\t0\n')
+    with pytest.raises(DataError) as e:
+        load_examples(cls_cfg(p), "train")
+    msg = str(e.value)
+    assert p in msg and "line 3" in msg and "--quoting none" in msg
+
+
+def test_quote_closed_mid_field_is_an_error(tmp_path):
+    p = write(tmp_path / "a.tsv", 'text\tlabel\nok\t1\n"great" movie\t1\n')
+    with pytest.raises(DataError, match=r"a\.tsv: line 3: malformed TSV.*--quoting none"):
+        load_examples(cls_cfg(p), "train")
 
 
 def test_jsonl_skips_blank_lines_and_accepts_int_labels(tmp_path):
@@ -177,6 +229,9 @@ def test_ragged_table_rows(tmp_path):
     p = write(tmp_path / "b.csv", "text,label\nonly\n")
     with pytest.raises(DataError, match="line 2 has fewer fields"):
         load_examples(cls_cfg(p), "train")
+    p = write(tmp_path / "c.csv", 'text,label\n"two\nlines"\n')
+    with pytest.raises(DataError, match=r"line 2 has fewer fields.*runs to line 3"):
+        load_examples(cls_cfg(p), "train")
 
 
 @pytest.mark.parametrize("content", ["", "text\tlabel\n", "text\tlabel\n \t1\n"])
@@ -195,6 +250,22 @@ def test_causal_lm_missing_columns(tmp_path):
 def test_empty_train_path():
     with pytest.raises(ConfigError, match="train_path"):
         load_examples(DataConfig(), "train")
+
+
+def test_eval_file_alone_needs_no_train_file(tmp_path):
+    ev = write(tmp_path / "ev.tsv", "text\tlabel\na\tpos\nb\tneg\n")
+    cfg = DataConfig(eval_path=ev)
+    assert resolve_labels(cfg) == ("neg", "pos")  # inferred from the eval file itself
+    assert load_examples(cfg, "eval") == [
+        ClassificationExample("a", 1),
+        ClassificationExample("b", 0),
+    ]
+    lm = jsonl(tmp_path / "ev.jsonl", [{"prompt": "p", "response": "r"}])
+    assert load_examples(DataConfig(task="causal_lm", eval_path=lm), "eval") == [
+        LMExample("p", "r")
+    ]
+    with pytest.raises(ConfigError, match="train_path"):
+        load_examples(cfg, "train")
 
 
 # --- splits ------------------------------------------------------------------------------------
@@ -236,6 +307,29 @@ def test_bad_split_name(hundred):
 
 
 @needs_sst2
+@needs_sst2
+def test_sst2_preset_found_next_to_the_checkout(monkeypatch, tmp_path):
+    # No env var and a current directory with nothing near it: found via the repo root.
+    monkeypatch.delenv("MOBILLM_SST2_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_preset(DataConfig(preset="sst2"))
+    assert cfg.quoting == "none"
+    assert Path(cfg.eval_path) == (SST2 / "dev.tsv").resolve()
+    dev = read_rows(cfg.eval_path, cfg.format, cfg.encoding, cfg.quoting)
+    assert len(dev) == 872 == len(load_examples(cfg, "eval"))
+
+
+@needs_sst2
+@pytest.mark.parametrize("name", ["dev.tsv", "train.tsv"])
+def test_sst2_preset_reads_one_row_per_line(name):
+    # GLUE TSVs are not quoted: every line is one row and a quote is part of the sentence.
+    cfg = resolve_preset(DataConfig(preset="sst2", train_path=str(SST2 / name)))
+    lines = (SST2 / name).read_text().split("\n")[1:]
+    expected = [ln.split("\t") for ln in lines if ln]
+    rows = read_rows(cfg.train_path, cfg.format, cfg.encoding, cfg.quoting)
+    assert [[r["sentence"], r["label"]] for _, r in rows] == expected
+
+
 def test_sst2_preset_dev(monkeypatch):
     monkeypatch.setenv("MOBILLM_SST2_DIR", str(SST2))
     cfg = DataConfig(preset="sst2")

