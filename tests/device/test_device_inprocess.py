@@ -1,5 +1,6 @@
 """Device and server end to end through the in-process transport, on tiny real models."""
 
+import dataclasses
 import json
 import random
 
@@ -51,17 +52,21 @@ def test_classification_learns_and_downloads(
     side = build_side_config(bb, "classification", 2, cfg.verbalizers, pooling=pooling)
     mgr = SessionManager(ServerConfig(workdir=str(tmp_path / "server")))
     before = LocalModel.untrained(bb, side).evaluate(data)["accuracy"]
-    tr = _trainer(bb, side, mgr, codec, positions, epochs=4)
+    tr = _trainer(bb, side, mgr, codec, positions, epochs=4, lr=1e-2)
     progress = []
     summary = tr.train(data, 16, progress=progress.append)
-    assert summary["steps"] == 48 and len(progress) == 48
-    assert progress[-1]["step"] == 48 and progress[-1]["mb_sent"] > 0
-    assert summary["mean_loss_last_10pct"] < tr.records[0].loss
+    # the device streams 12 steps once; the server replays 3 more epochs from its cache
+    steps = [m for m in progress if "step" in m]
+    assert summary["steps"] == 12 and len(steps) == 12
+    assert steps[-1]["step"] == 12 and steps[-1]["mb_sent"] > 0
+    assert [m["epoch"] for m in progress if "epoch" in m] == [1, 2, 3, 4]
+    assert summary["server_epochs"] == 4 and summary["device_forward_passes_per_sample"] == 1.0
+    assert summary["epochs"][-1]["train_loss"] < tr.records[0].loss
     out = tr.download(tmp_path / "side", {"data": {"labels": ["0", "1"]}})
     server_blob = mgr.download(tr.info.session_id, tr.info.token)
     assert (out / "side.safetensors").read_bytes() == server_blob.weights
     assert json.loads((out / "side.json").read_text())["task"]["data"]["labels"] == ["0", "1"]
-    tr.transport.close()
+    assert tr.transport.close()["optimizer_steps"] == 48
     after = LocalModel.load(bb, out).evaluate(data)["accuracy"]
     assert after >= min_acc and after > before
 
@@ -148,3 +153,68 @@ def test_attention_mixer_trains_over_valid_rows(tmp_path, make_tiny_backbone):
     out = tr.download(tmp_path / "side", {})
     tr.transport.close()
     assert LocalModel.load(bb, out).evaluate(data)["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize(("positions", "pooling"), [("loss", "last"), ("valid", "mean")])
+def test_replayed_epochs_equal_restreamed_ones(tmp_path, make_tiny_backbone, positions, pooling):
+    """Epochs the server replays from its cache train exactly as epochs the device re-streams."""
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls_data(bb.tokenizer, n=64)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers, pooling=pooling)
+    weights, passes = [], []
+    for replay in (True, False):
+        mgr = SessionManager(ServerConfig(workdir=str(tmp_path / str(replay))))
+        tr = DeviceTrainer(
+            bb,
+            side,
+            InProcessTransport(mgr),
+            CodecConfig("int8"),
+            TrainConfig(lr=5e-3),
+            DeviceConfig(positions=positions, epochs=3, replay=replay),
+        )
+        summary = tr.train(data, 16)
+        weights.append(tr.transport.download().weights)
+        passes.append(summary["device_forward_passes_per_sample"])
+        assert tr.transport.close()["optimizer_steps"] == 12
+    assert weights[0] == weights[1]
+    assert passes == [1.0, 3.0]  # replayed epochs cost the device no forward pass
+
+
+def test_validation_keeps_the_untrained_network_when_training_hurts(tmp_path, make_tiny_backbone):
+    """Labels that contradict the validation split: no epoch beats the frozen backbone."""
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls_data(bb.tokenizer, n=64)
+    flipped = dataclasses.replace(data, labels=[1 - y for y in data.labels])
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path)))
+    tr = _trainer(bb, side, mgr, epochs=3, lr=2e-2)
+    summary = tr.train(flipped, 16, validation=data)
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
+    assert summary["kept_epoch"] == 0
+    last = summary["epochs"][-1]
+    assert all(e["val_accuracy"] < last["untrained_val_accuracy"] for e in summary["epochs"])
+    blob = tr.transport.download()
+    untrained = LocalModel.untrained(bb, side).side.trainable_state()
+    from mobillm.side.io import weights_from_bytes
+
+    kept = weights_from_bytes(blob.weights)
+    assert all(torch.equal(kept[k], untrained[k]) for k in untrained)
+    tr.transport.close()
+
+
+def test_validation_keeps_the_best_epoch(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls_data(bb.tokenizer, n=96)
+    val, _ = _cls_data(bb.tokenizer, n=32, seed=1)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path)))
+    tr = _trainer(bb, side, mgr, epochs=3)
+    summary = tr.train(data, 16, validation=val)
+    accs = [e["val_accuracy"] for e in summary["epochs"]]
+    kept = summary["kept_epoch"]
+    assert kept >= 1 and accs[kept - 1] == max(accs)
+    # the download is the kept epoch: the device alone scores what the server scored
+    out = tr.download(tmp_path / "side", {})
+    tr.transport.close()
+    assert LocalModel.load(bb, out).evaluate(val)["accuracy"] == pytest.approx(accs[kept - 1])
+    assert summary["device_forward_passes_per_sample"] == 1.0

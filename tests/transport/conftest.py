@@ -67,7 +67,7 @@ def cls_data():
 def device_trainer():
     """Factory: a ``DeviceTrainer`` for a deterministic classification run (no dropout)."""
 
-    def make(bb, transport, epochs=2, lr=5e-3, window=2, seed=0):
+    def make(bb, transport, epochs=2, lr=5e-3, window=2, seed=0, replay=True):
         side = build_side_config(bb, "classification", 2, ("bad", "good"), dropout=0.0)
         return DeviceTrainer(
             bb,
@@ -75,7 +75,7 @@ def device_trainer():
             transport,
             CodecConfig("int8"),
             TrainConfig(lr=lr, seed=seed),
-            DeviceConfig(window=window, epochs=epochs),
+            DeviceConfig(window=window, epochs=epochs, replay=replay),
         )
 
     return make

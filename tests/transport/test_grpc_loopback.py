@@ -36,7 +36,7 @@ def test_device_trains_over_grpc(
     bb = make_tiny_backbone("llama")
     data, _ = cls_data(bb.tokenizer)
     transport = GrpcTransport(f"127.0.0.1:{server.port}", tls=client_tls)
-    tr = device_trainer(bb, transport, epochs=3)
+    tr = device_trainer(bb, transport, epochs=3, replay=False)  # every step on the stream
     summary = tr.train(data, 16)
     losses = [r.loss for r in tr.records]
     assert summary["steps"] == 12 and [r.step for r in tr.records] == list(range(12))
@@ -145,3 +145,36 @@ def test_busy_port_is_refused(start_server):
     server = start_server()
     with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{server.port}"):
         start_server(port=server.port)
+
+
+def test_cache_epochs_and_validation_over_grpc(
+    tmp_path, make_tiny_backbone, cls_data, start_server, device_trainer
+):
+    """Finish streams one report per replayed epoch; the result equals the in-process run."""
+    from mobillm.server.sessions import ServerConfig, SessionManager
+    from mobillm.transport.inprocess import InProcessTransport
+
+    server = start_server()
+    bb = make_tiny_backbone("llama")
+    data, _ = cls_data(bb.tokenizer, n=48)
+    val, _ = cls_data(bb.tokenizer, n=16, seed=1)
+    runs = []
+    for transport in (
+        GrpcTransport(f"127.0.0.1:{server.port}"),
+        InProcessTransport(SessionManager(ServerConfig(workdir=str(tmp_path / "inproc")))),
+    ):
+        tr = device_trainer(bb, transport, epochs=3)
+        summary = tr.train(data, 16, validation=val)
+        runs.append((summary, transport.download().weights))
+        closed = transport.close()
+        assert closed["server_epochs"] == 3 and closed["optimizer_steps"] == 9
+    (s_grpc, w_grpc), (s_local, w_local) = runs
+    assert w_grpc == w_local
+    assert [e["epoch"] for e in s_grpc["epochs"]] == [1, 2, 3]
+    for key in ("train_loss", "val_accuracy", "val_loss"):
+        assert [e[key] for e in s_grpc["epochs"]] == [e[key] for e in s_local["epochs"]]
+    assert s_grpc["device_forward_passes_per_sample"] == 1.0
+    kinds = [e["event"] for e in _events(server)]
+    assert kinds.count("epoch") == 3
+    # the cache is gone with the session
+    assert not list((tmp_path / "server0" / "sessions").rglob("step-*.safetensors"))

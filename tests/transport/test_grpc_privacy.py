@@ -13,6 +13,7 @@ REQUEST_TYPES = {
     "OpenSession": pb.OpenSessionRequest,
     "UploadHead": pb.HeadChunk,
     "Train": pb.TrainRequest,
+    "Finish": pb.FinishRequest,
     "Download": pb.DownloadRequest,
     "CloseSession": pb.CloseSessionRequest,
 }
@@ -36,6 +37,8 @@ ALLOWED = {
     "mobillm.v1.ActivationChunk.seq",
     "mobillm.v1.ActivationChunk.last",
     "mobillm.v1.ActivationChunk.data",
+    "mobillm.v1.StepBegin.validation",
+    "mobillm.v1.FinishRequest.session_id",
     "mobillm.v1.DownloadRequest.session_id",
     "mobillm.v1.CloseSessionRequest.session_id",
 }
@@ -75,8 +78,9 @@ def test_wire_carries_no_token_ids_and_no_text(
     server = start_server(interceptors=[capture])
     bb = make_tiny_backbone("llama")
     data, texts = cls_data(bb.tokenizer, n=32)
-    tr = device_trainer(bb, GrpcTransport(f"127.0.0.1:{server.port}"), epochs=1)
-    tr.train(data, 8)
+    val, val_texts = cls_data(bb.tokenizer, n=8, seed=1)
+    tr = device_trainer(bb, GrpcTransport(f"127.0.0.1:{server.port}"), epochs=2)
+    tr.train(data, 8, validation=val)  # a validation split and an epoch from the cache too
     tr.download(tmp_path / "side", {})
     tr.transport.close()
 
@@ -84,8 +88,8 @@ def test_wire_carries_no_token_ids_and_no_text(
     assert set(methods) == set(REQUEST_TYPES) and methods.count("Train") > 4 * 3
     # Forbidden byte strings: every 3-token window of every input, as int32 and int64 LE, and
     # the UTF-8 of every text (prompt as formatted and raw).
-    needles = {t.encode() for t in texts}
-    for ids in data.input_ids:
+    needles = {t.encode() for t in texts + val_texts}
+    for ids in data.input_ids + val.input_ids:
         assert len(ids) >= 3
         for i in range(len(ids) - 2):
             window = ids[i : i + 3]

@@ -73,7 +73,7 @@ def test_refusals_while_another_session_trains(
     data, _ = cls_data(bb.tokenizer, n=48)
 
     # Reference: the good session alone.
-    ref = device_trainer(bb, GrpcTransport(target), epochs=4, window=1)
+    ref = device_trainer(bb, GrpcTransport(target), epochs=4, window=1, replay=False)
     ref.train(data, 8)
     ref_weights = ref.transport.download().weights
     ref.transport.close()
@@ -81,7 +81,7 @@ def test_refusals_while_another_session_trains(
     # The same session again, slowed by an emulated round trip so that it is still training
     # while the bad traffic below arrives.
     slow = GrpcTransport(target, link=LinkConfig(rtt_ms=100))
-    good = device_trainer(bb, slow, epochs=4, window=1)
+    good = device_trainer(bb, slow, epochs=4, window=1, replay=False)
     first_ack = threading.Event()
     result = {}
 

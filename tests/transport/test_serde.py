@@ -13,6 +13,7 @@ from mobillm.transport import serde
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
+    EpochReport,
     RemoteError,
     SessionInfo,
     SideBlob,
@@ -45,8 +46,9 @@ int64s = st.integers(-(2**63), 2**63 - 1)
     data=st.data(),
     with_labels=st.booleans(),
     with_targets=st.booleans(),
+    validation=st.booleans(),
 )
-def test_step_begin_round_trip(b, step, data, with_labels, with_targets):
+def test_step_begin_round_trip(b, step, data, with_labels, with_targets, validation):
     rows = torch.tensor(data.draw(st.lists(int32s, min_size=b, max_size=b)), dtype=torch.int32)
     pool = torch.tensor(data.draw(st.lists(int64s, min_size=b, max_size=b)), dtype=torch.int64)
     labels = (
@@ -54,16 +56,27 @@ def test_step_begin_round_trip(b, step, data, with_labels, with_targets):
     )
     n = data.draw(st.integers(0, 20))
     targets = torch.tensor(data.draw(st.lists(int64s, min_size=n, max_size=n)), dtype=torch.long)
-    msg = StepBegin("sess", step, rows, pool, labels, targets if with_targets else None)
+    msg = StepBegin("sess", step, rows, pool, labels, targets if with_targets else None, validation)
     back = serde.train_request_from_proto(wire(serde.train_request_to_proto(msg)))
     assert isinstance(back, StepBegin)
-    assert (back.session_id, back.step) == ("sess", step)
+    assert (back.session_id, back.step, back.validation) == ("sess", step, validation)
     assert back.rows_per_sample.dtype == torch.int32 and torch.equal(back.rows_per_sample, rows)
     assert back.pool_rows.dtype == torch.int64 and torch.equal(back.pool_rows, pool)
     for got, want in ((back.labels, labels), (back.targets, msg.targets)):
         assert (got is None) == (want is None)
         if want is not None:
             assert got.dtype == torch.int64 and torch.equal(got, want.long())
+
+
+@given(
+    epoch=st.integers(0, 2**32 - 1),
+    metrics=st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False)),
+    last=st.booleans(),
+)
+def test_epoch_report_round_trip(epoch, metrics, last):
+    report = EpochReport(epoch, metrics, last)
+    back = serde.epoch_report_from_proto(wire(serde.epoch_report_to_proto(report)))
+    assert back == report
 
 
 def test_integer_arrays_are_little_endian():

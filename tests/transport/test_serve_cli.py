@@ -42,7 +42,11 @@ def test_serve_process_with_tls(tmp_path, make_tiny_backbone, session_spec):
         info = t.open(spec)
         assert info.need_head and info.max_chunk_bytes == 65536 and info.server == "mobillm"
         t.upload_head(head)
-        assert t.close() == {"steps": 0, "samples": 0, "bytes_received": 0}
+        closed = t.close()
+        assert closed == {"steps": 0, "samples": 0, "bytes_received": 0} | {
+            "optimizer_steps": 0,
+            "server_epochs": 0,
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

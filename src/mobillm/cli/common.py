@@ -18,6 +18,7 @@ from mobillm.codec import CodecConfig
 from mobillm.codec.schemes import MAX_GROUP_SIZE, MIN_GROUP_SIZE, scheme_names, valid_group_size
 from mobillm.data import DataConfig, resolve_preset
 from mobillm.data.config import FORMATS, PRESETS, QUOTINGS, TASKS
+from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import ConfigError
 from mobillm.side.config import HEAD_INITS, MIXERS, POOLINGS
 from mobillm.transport.link import LinkConfig
@@ -207,7 +208,27 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=_non_negative, default=TrainConfig.weight_decay)
     g.add_argument("--warmup-ratio", type=_fraction, default=TrainConfig.warmup_ratio)
     g.add_argument("--schedule", default="cosine", choices=list(SCHEDULES))
-    g.add_argument("--epochs", type=_positive, default=1)
+    g.add_argument(
+        "--epochs",
+        type=_positive,
+        default=DeviceConfig.epochs,
+        help="training epochs; the device streams once and the server replays the rest from "
+        "its activation cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-replay",
+        dest="replay",
+        action="store_false",
+        help="re-stream every epoch from the device instead of replaying the server's cache",
+    )
+    g.add_argument(
+        "--validation-fraction",
+        type=_fraction,
+        default=DeviceConfig.validation_fraction,
+        help="share of the training samples streamed once as a validation split; the server "
+        "keeps the epoch that scores best on it, or the untrained model if none beats it "
+        "(0 = off; default: %(default)s)",
+    )
     g.add_argument("--max-steps", type=_count, default=0, help="stop after this many steps")
     g.add_argument("--window", type=_positive, default=2, help="steps in flight (default: 2)")
     g.add_argument(
@@ -261,6 +282,9 @@ class Progress:
         self.loss_ema: float | None = None
 
     def __call__(self, m: dict[str, Any]) -> None:
+        if "epoch" in m:
+            self._epoch(m)
+            return
         loss = m["loss"]
         self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
         if m["step"] % self.every and m["step"] != m["total"]:
@@ -273,6 +297,20 @@ class Progress:
             f"| lr {m.get('lr', 0):.2e} | {time.perf_counter() - self.t0:.0f}s"
         )
         print(msg, file=sys.stderr, flush=True)
+
+    def _epoch(self, m: dict[str, Any]) -> None:
+        val = ""
+        if "val_accuracy" in m:
+            val = f" | validation accuracy {m['val_accuracy']:.4f}"
+        elif "val_loss" in m:
+            val = f" | validation loss {m['val_loss']:.4f}"
+        kept = f" | kept epoch {int(m['best_epoch'])}" if "best_epoch" in m else ""
+        print(
+            f"[{self.prefix}] epoch {m['epoch']} done: train loss {m['train_loss']:.4f}{val}"
+            f"{kept} | {m['seconds']:.1f}s on the server | {time.perf_counter() - self.t0:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from mobillm.cli import common
 from mobillm.errors import ConfigError
+from mobillm.server.cache import CacheConfig
 from mobillm.transport.messages import DEFAULT_CHUNK_BYTES
 
 
@@ -38,6 +39,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SHA256",
         help="accept only backbones with this config sha256 (repeatable; default: any)",
+    )
+    g.add_argument(
+        "--cache-mb",
+        type=int,
+        default=CacheConfig.memory_bytes >> 20,
+        help="each session's activation cache in memory, MB (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cache-disk-mb",
+        type=int,
+        default=CacheConfig.disk_bytes >> 20,
+        help="each session's activation cache spilled to the workdir, MB; 0 and --cache-mb 0: "
+        "no cache, devices must re-stream every epoch (default: %(default)s)",
     )
     g = p.add_argument_group("TLS")
     g.add_argument("--tls-cert", default="", help="server certificate chain (PEM)")
@@ -90,6 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         max_chunk_bytes=args.max_chunk_bytes,
         allowed_backbones=tuple(args.allow_backbone),
         workdir=args.workdir,
+        cache_memory_bytes=args.cache_mb << 20,
+        cache_disk_bytes=args.cache_disk_mb << 20,
     )
     for sha in cfg.allowed_backbones:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):

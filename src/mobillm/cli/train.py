@@ -9,7 +9,7 @@ from typing import Any
 
 from mobillm.backbone import Backbone, BackboneConfig
 from mobillm.cli import common
-from mobillm.data import DataConfig, load_examples, resolve_labels, tokenize_examples
+from mobillm.data import DataConfig, hold_out, load_examples, resolve_labels, tokenize_examples
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
 from mobillm.transport.base import Transport
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     dcfg = common.data_config(args)
     # Read the data before loading the model: a bad file should fail in a second, not a minute.
-    train_ex = load_examples(dcfg, "train")
+    train_ex, val_ex = hold_out(load_examples(dcfg, "train"), args.validation_fraction, dcfg.seed)
     eval_ex = load_examples(dcfg, "eval") if dcfg.eval_path or dcfg.eval_fraction else []
     labels = resolve_labels(dcfg) if dcfg.task == "classification" else ()
     dcfg = dcfg.replace(labels=labels)
@@ -97,10 +97,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{time.perf_counter() - t0:.1f}s; {len(backbone.taps)} tapped layers"
     )
     train = tokenize_examples(train_ex, backbone.tokenizer, dcfg)
+    val = tokenize_examples(val_ex, backbone.tokenizer, dcfg) if val_ex else None
     held = tokenize_examples(eval_ex, backbone.tokenizer, dcfg) if eval_ex else None
     common.say(
-        f"[train] {len(train)} training and {len(held) if held else 0} held-out "
-        f"examples ({dcfg.task})"
+        f"[train] {len(train)} training, {len(val) if val else 0} validation and "
+        f"{len(held) if held else 0} held-out examples ({dcfg.task})"
     )
     options: dict[str, Any] = {
         "reduction": args.reduction,
@@ -141,12 +142,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             positions=positions,
             window=args.window,
             epochs=args.epochs,
+            replay=args.replay,
+            validation_fraction=args.validation_fraction,
             max_steps=args.max_steps,
             log_every=args.log_every,
         ),
     )
     progress = common.Progress(args.log_every)
-    result["train"] = trainer.train(train, dcfg.batch_size, seed=dcfg.seed, progress=progress)
+    result["train"] = trainer.train(
+        train, dcfg.batch_size, seed=dcfg.seed, progress=progress, validation=val
+    )
+    _say_kept(result["train"])
     trainer.download(out, task_meta(dcfg, labels))
     result["server"] = transport.close()
     trainer.write_log(out / "train_log.jsonl")
@@ -157,6 +163,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         common.say(f"[train] after: {_fmt(result['after'])}")
     common.write_json(out / "summary.json", result)
     return result
+
+
+def _say_kept(summary: dict[str, Any]) -> None:
+    """Tell the user which epoch the validation split chose, plainly when it is none."""
+    kept = summary.get("kept_epoch")
+    if kept is None:
+        return
+    if kept == 0:
+        common.say(
+            "[train] no epoch beat the untrained side network on the validation split: kept "
+            "the untrained one (= the frozen backbone); try another --lr or more data"
+        )
+    else:
+        common.say(f"[train] kept epoch {kept} of {summary['server_epochs']} (best on validation)")
 
 
 def _fmt(r: dict[str, Any]) -> str:

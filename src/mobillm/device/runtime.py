@@ -4,6 +4,10 @@ Per step the device sends the labels and row layout (``StepBegin``), then runs t
 forward; every tapped layer is gathered at the selected rows, encoded and queued the moment it
 finishes. Sending happens on the transport's thread, so the next batch's forward starts while
 the server is still training on this one; at most ``window`` steps are unacknowledged.
+
+A validation split, when given, is streamed once before training. The training set is streamed
+once; the server replays later epochs from its activation cache (``replay``), scores the
+validation split after each epoch and keeps the best, so extra epochs cost the device nothing.
 """
 
 from __future__ import annotations
@@ -21,30 +25,41 @@ from safetensors.torch import save
 from mobillm.backbone import Backbone, pages
 from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, check
-from mobillm.data import TokenizedDataset, collate, epoch_batches, num_batches
+from mobillm.data import TokenizedDataset, collate, epoch_batches
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import tensors_sha256
 from mobillm.side.io import META, WEIGHTS, SideMeta, weights_from_bytes
 from mobillm.transport.base import Transport
 from mobillm.transport.messages import (
+    MAX_EPOCHS,
     POSITIONS,
     Ack,
+    EpochReport,
     SessionInfo,
     SessionSpec,
     StepBegin,
     TrainConfig,
     chunk_frame,
+    epoch_step_order,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig(Config):
-    """How the device streams: which rows, how many steps in flight, how long to train."""
+    """How the device streams: which rows, how many steps in flight, how long to train.
+
+    ``epochs`` are training epochs; with ``replay`` the device streams the data once and the
+    server replays the rest from its activation cache. ``validation_fraction`` of the training
+    samples is held out by the caller and streamed once as the validation split that guards
+    every run (the server keeps the best epoch, or the untrained network).
+    """
 
     positions: str = "loss"
     window: int = 2
     epochs: int = 1
+    replay: bool = True
+    validation_fraction: float = 0.1
     max_steps: int = 0
     log_every: int = 10
     length_group: int = 32
@@ -52,7 +67,11 @@ class DeviceConfig(Config):
     def validate(self) -> None:
         check(self.positions in POSITIONS, f"DeviceConfig.positions must be one of {POSITIONS}")
         check(self.window >= 1, f"DeviceConfig.window must be >= 1, got {self.window}")
-        check(self.epochs >= 1, "DeviceConfig.epochs must be >= 1")
+        check(1 <= self.epochs <= MAX_EPOCHS, f"DeviceConfig.epochs must be in [1, {MAX_EPOCHS}]")
+        check(
+            0.0 <= self.validation_fraction < 1.0,
+            "DeviceConfig.validation_fraction must be in [0, 1)",
+        )
         check(self.max_steps >= 0, "DeviceConfig.max_steps must be >= 0 (0 = all)")
         check(self.log_every >= 1, "DeviceConfig.log_every must be >= 1")
         check(self.length_group >= 0, "DeviceConfig.length_group must be >= 0 (0 = off)")
@@ -131,8 +150,10 @@ class DeviceTrainer:
         self.train_cfg = train or TrainConfig()
         self.cfg = device or DeviceConfig()
         self.records: list[StepRecord] = []
+        self.epochs: list[EpochReport] = []
         self.bytes_encoded = 0
         self.forward_seconds = 0.0
+        self.forward_samples = 0
         self.info: SessionInfo | None = None
 
     def open(self, total_steps: int) -> SessionInfo:
@@ -141,7 +162,9 @@ class DeviceTrainer:
             self.backbone,
             self.side,
             self.codec,
-            self.train_cfg.replace(total_steps=total_steps),
+            self.train_cfg.replace(
+                total_steps=total_steps, epochs=self.cfg.epochs, replay=self.cfg.replay
+            ),
             self.cfg.positions,
         )
         self.info = self.transport.open(spec)
@@ -150,12 +173,20 @@ class DeviceTrainer:
         pages.release(head.values())
         return self.info
 
-    def _send_step(self, step: int, batch: Any) -> int:
+    def _send_step(self, step: int, batch: Any, validation: bool = False) -> int:
         assert self.info is not None
         plan = plan_rows(batch, self.cfg.positions)
         sid, chunk = self.info.session_id, self.info.max_chunk_bytes
         self.transport.send(
-            StepBegin(sid, step, plan.rows_per_sample, plan.pool_rows, batch.labels, plan.targets)
+            StepBegin(
+                sid,
+                step,
+                plan.rows_per_sample,
+                plan.pool_rows,
+                batch.labels,
+                plan.targets,
+                validation,
+            )
         )
 
         def on_layer(tap: int, hidden: torch.Tensor) -> None:
@@ -167,6 +198,7 @@ class DeviceTrainer:
         t0 = time.perf_counter()
         self.backbone.run(batch.input_ids, batch.attention_mask, on_layer)
         self.forward_seconds += time.perf_counter() - t0
+        self.forward_samples += len(batch)
         return len(batch)
 
     def begin(self, total_steps: int, progress: ProgressFn | None = None) -> None:
@@ -176,12 +208,16 @@ class DeviceTrainer:
         self._t_start = time.perf_counter()
         self._in_flight: dict[int, tuple[int, float]] = {}
         self._next_step = 0
+        self._steps_per_epoch = total_steps
 
-    def step(self, batch: Any) -> None:
-        """Stream one batch; returns once fewer than ``window`` steps are unacknowledged."""
+    def step(self, batch: Any, validation: bool = False) -> None:
+        """Stream one batch; returns once fewer than ``window`` steps are unacknowledged.
+
+        A ``validation`` batch is scored by the server, never trained on.
+        """
         sent_at = time.perf_counter()
         step = self._next_step
-        self._in_flight[step] = (self._send_step(step, batch), sent_at)
+        self._in_flight[step] = (self._send_step(step, batch, validation), sent_at)
         self._next_step += 1
         while len(self._in_flight) >= self.cfg.window:
             self._collect()
@@ -197,34 +233,58 @@ class DeviceTrainer:
         seconds = time.perf_counter() - sent_at
         self._record(ack, samples, seconds, self._t_start, self._total, self._progress)
 
+    def finish(self, progress: ProgressFn | None = None) -> list[EpochReport]:
+        """After the last step: the server's remaining epochs, reported as they finish."""
+        self.drain()
+        for report in self.transport.finish():
+            self.epochs.append(report)
+            if progress is not None:
+                progress({"epoch": report.epoch, **report.metrics})
+        return self.epochs
+
     def train(
         self,
         data: TokenizedDataset,
         batch_size: int,
         seed: int = 0,
         progress: ProgressFn | None = None,
+        validation: TokenizedDataset | None = None,
     ) -> dict[str, Any]:
-        """Stream ``data`` for the configured epochs/steps; returns a summary dict."""
-        per_epoch = num_batches(len(data), batch_size)
-        total = per_epoch * self.cfg.epochs
+        """Stream ``validation`` once, then ``data``; the server trains the configured epochs.
+
+        With ``replay`` the device streams ``data`` once and the server replays the rest;
+        without it the device re-streams the first epoch's batches in ``epoch_step_order``.
+        Returns a summary dict.
+        """
+        batches = epoch_batches(data.lengths, batch_size, seed, 0, self.cfg.length_group)
+        total = len(batches) * self.cfg.epochs
         if self.cfg.max_steps:
             total = min(total, self.cfg.max_steps)
         if total == 0:
             raise ValueError("no training batches: the training set is empty")
         self.begin(total, progress)
-        for epoch in range(self.cfg.epochs):
-            group = self.cfg.length_group
-            for idx in epoch_batches(data.lengths, batch_size, seed, epoch, group):
-                if self._next_step >= total:
+        self._steps_per_epoch = min(len(batches), total)
+        if validation is not None and len(validation):
+            for idx in epoch_batches(validation.lengths, batch_size, seed, 0, 0):
+                self.step(collate(validation, idx), validation=True)
+        streamed = 1 if self.cfg.replay else self.cfg.epochs
+        trained = 0
+        for epoch in range(streamed):
+            for i in epoch_step_order(len(batches), self.train_cfg.seed, epoch):
+                if trained >= total:
                     break
-                self.step(collate(data, idx))
-        self.drain()
+                self.step(collate(data, batches[i]))
+                trained += 1
+        self.finish(progress)
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._t_start
         samples = sum(r.samples for r in self.records)
-        return {
+        train = [r for r in self.records if not r.metrics.get("validation")]
+        distinct = sum(r.samples for r in train[: self._first_epoch_steps()])
+        distinct += samples - sum(r.samples for r in train)  # validation samples, streamed once
+        out: dict[str, Any] = {
             "steps": len(self.records),
             "samples": samples,
             "wall_seconds": round(wall, 3),
@@ -233,9 +293,20 @@ class DeviceTrainer:
             "bytes_encoded": self.bytes_encoded,
             "bytes_sent": self.transport.bytes_sent,
             "bytes_per_sample": round(self.bytes_encoded / max(1, samples), 1),
-            "final_loss": self.records[-1].loss if self.records else float("nan"),
-            "mean_loss_last_10pct": _tail_mean([r.loss for r in self.records]),
+            "final_loss": train[-1].loss if train else float("nan"),
+            "mean_loss_last_10pct": _tail_mean([r.loss for r in train]),
+            # what the device computed per distinct sample, and what the server did with it
+            "device_forward_passes_per_sample": round(self.forward_samples / max(1, distinct), 3),
+            "server_epochs": self.epochs[-1].epoch if self.epochs else 0,
         }
+        if self.epochs:
+            out["epochs"] = [{"epoch": e.epoch, **e.metrics} for e in self.epochs]
+            if "best_epoch" in self.epochs[-1].metrics:
+                out["kept_epoch"] = int(self.epochs[-1].metrics["best_epoch"])
+        return out
+
+    def _first_epoch_steps(self) -> int:
+        return self._steps_per_epoch
 
     def _record(
         self,
@@ -256,13 +327,13 @@ class DeviceTrainer:
             ack.metrics,
         )
         self.records.append(rec)
-        if progress is None:
+        if progress is None or ack.metrics.get("validation"):
             return
         wall = time.perf_counter() - t_start
         done = sum(r.samples for r in self.records)
         progress(
             {
-                "step": ack.step + 1,
+                "step": sum(not r.metrics.get("validation") for r in self.records),
                 "total": total,
                 "loss": ack.loss,
                 "samples_per_s": done / max(wall, 1e-9),

@@ -14,10 +14,12 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mobillm.config import Config, check
+from mobillm.server.cache import ActivationCache, CacheConfig
 from mobillm.server.trainer import Trainer
 from mobillm.side.head import FrozenHead, tensors_sha256
 from mobillm.side.io import SideFileError, SideMeta, save_side, weights_from_bytes, weights_to_bytes
@@ -26,6 +28,7 @@ from mobillm.transport.messages import (
     PROTOCOL_VERSION,
     Ack,
     ActivationChunk,
+    EpochReport,
     RemoteError,
     SessionInfo,
     SessionSpec,
@@ -42,7 +45,9 @@ class ServerConfig(Config):
     """Limits and policy of one server.
 
     ``allowed_backbones``: config sha256 digests the server accepts (empty = any backbone).
-    ``workdir``: where checkpoints, cached heads and metrics go.
+    ``workdir``: where checkpoints, cached heads, spilled activation caches and metrics go.
+    ``cache_memory_bytes`` / ``cache_disk_bytes``: each session's activation cache budget
+    (both 0: no cache, so sessions must re-stream every epoch and cannot validate).
     """
 
     device: str = "cpu"
@@ -50,6 +55,8 @@ class ServerConfig(Config):
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_rows_per_step: int = 1 << 16
     max_head_bytes: int = 2 << 30
+    cache_memory_bytes: int = CacheConfig.memory_bytes
+    cache_disk_bytes: int = CacheConfig.disk_bytes
     allowed_backbones: tuple[str, ...] = ()
     workdir: str = "runs/server"
 
@@ -61,6 +68,7 @@ class ServerConfig(Config):
         )
         check(self.max_rows_per_step > 0, "ServerConfig.max_rows_per_step must be > 0")
         check(self.max_head_bytes > 0, "ServerConfig.max_head_bytes must be > 0")
+        CacheConfig(self.cache_memory_bytes, self.cache_disk_bytes)  # validates both
         check(
             self.device == "cpu" or self.device.startswith("cuda"),
             f"ServerConfig.device must be 'cpu' or 'cuda[:N]', got {self.device!r}",
@@ -106,6 +114,16 @@ class SessionManager:
                 f"backbone {spec.fingerprint.short()} is not served here; this "
                 f"server accepts config hashes {[a[:12] for a in allowed]}",
             )
+        tc = spec.train
+        if (
+            tc.epochs > 1
+            and tc.replay
+            and not (self.cfg.cache_memory_bytes or self.cfg.cache_disk_bytes)
+        ):
+            raise RemoteError(
+                "FAILED_PRECONDITION",
+                "this server keeps no activation cache: re-stream every epoch (replay=false)",
+            )
         with self._lock:
             live = sum(not s.closed for s in self._sessions.values())
             if live >= self.cfg.max_sessions:
@@ -126,8 +144,13 @@ class SessionManager:
         return SessionInfo(sid, sess.token, head is None, self.cfg.max_chunk_bytes, "mobillm")
 
     def _start(self, sess: Session, head: FrozenHead) -> None:
+        cfg = CacheConfig(self.cfg.cache_memory_bytes, self.cfg.cache_disk_bytes)
+        folder = self.workdir / "sessions" / sess.session_id / "cache"
+        cache = ActivationCache(cfg, folder) if cfg.enabled else None
         try:
-            sess.trainer = Trainer(sess.spec, head, self.cfg.device, self.cfg.max_rows_per_step)
+            sess.trainer = Trainer(
+                sess.spec, head, self.cfg.device, self.cfg.max_rows_per_step, cache
+            )
         except ValueError as e:
             raise RemoteError("INVALID_ARGUMENT", f"cannot build the side network: {e}") from None
 
@@ -239,6 +262,33 @@ class SessionManager:
         }
         log.info(json.dumps(rec))
 
+    def finish(self, session_id: str, token: str) -> Iterator[EpochReport]:
+        """Train the remaining epochs from the cache; one report per epoch, the last marked.
+
+        The caller pulls reports one at a time (a transport runs each ``next`` in a worker
+        thread); the session's lock is held only while an epoch runs.
+        """
+        sess = self._get(session_id, token)
+        with sess.lock:
+            epochs = self._trainer(sess).run_epochs()
+        while True:
+            with sess.lock:
+                self._get(session_id, token)  # closed meanwhile: stop
+                report = next(epochs, None)
+            if report is None:
+                return
+            log.info(
+                json.dumps(
+                    {
+                        "event": "epoch",
+                        "session": session_id,
+                        "epoch": report.epoch,
+                        **{k: round(v, 6) for k, v in report.metrics.items()},
+                    }
+                )
+            )
+            yield report
+
     # --- results ----------------------------------------------------------------------------
     def meta(self, sess: Session) -> SideMeta:
         return SideMeta(
@@ -267,6 +317,8 @@ class SessionManager:
             "steps": t.steps_done if t else 0,
             "samples": t.samples_seen if t else 0,
             "bytes_received": t.bytes_received if t else 0,
+            "optimizer_steps": t.optimizer_steps if t else 0,
+            "server_epochs": t.epochs_done if t else 0,
         }
 
     def close(self, session_id: str, token: str) -> dict[str, Any]:
@@ -277,6 +329,8 @@ class SessionManager:
             if sess.trainer is not None and sess.trainer.steps_done:
                 summary["checkpoint"] = str(self.checkpoint(sess))
             sess.closed = True
+            if sess.trainer is not None and sess.trainer.cache is not None:
+                sess.trainer.cache.clear()
             sess.trainer = None
         log.info(json.dumps({"event": "close", "session": session_id, **summary}))
         return summary

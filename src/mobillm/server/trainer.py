@@ -3,21 +3,37 @@
 Frames of a step arrive tap by tap; each decoded layer is folded into the ladder at once, so
 the server's side forward overlaps the arrival of later layers. When the last layer arrives
 the trainer computes the loss, back-propagates through the side network only, and steps AdamW.
+
+Streamed steps are kept in the session's activation cache (when the session asks for more
+than one epoch, and always for validation steps). ``run_epochs`` then replays the cache for the
+remaining epochs through the same decode-and-fold path, scores the validation split after each
+epoch, and keeps the best epoch, or the untrained network if no epoch beat it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
+from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.side.head import FrozenHead
 from mobillm.side.model import SideNetwork, same_sample_mask
-from mobillm.transport.messages import Ack, ActivationChunk, RemoteError, SessionSpec, StepBegin
+from mobillm.transport.messages import (
+    Ack,
+    ActivationChunk,
+    EpochReport,
+    RemoteError,
+    SessionSpec,
+    StepBegin,
+    epoch_step_order,
+)
 
 IGNORE = -100
 _INIT_LOCK = threading.Lock()
@@ -47,8 +63,9 @@ def _bad(msg: str) -> RemoteError:
 class _Pending:
     """One step in progress: its labels, the ladder state so far, and the chunks of one layer."""
 
-    def __init__(self, begin: StepBegin, frame_nbytes: int, mixes: bool) -> None:
+    def __init__(self, begin: StepBegin, frame_nbytes: int, mixes: bool, keep: bool) -> None:
         self.begin = begin
+        self.frames: list[bytes] | None = [] if keep else None
         self.row_sample = torch.repeat_interleave(
             torch.arange(begin.num_samples), begin.rows_per_sample.long()
         )
@@ -67,11 +84,17 @@ class Trainer:
     """Trains one session's side network on the frames its device streams."""
 
     def __init__(
-        self, spec: SessionSpec, head: FrozenHead, device: str = "cpu", max_rows: int = 1 << 16
+        self,
+        spec: SessionSpec,
+        head: FrozenHead,
+        device: str = "cpu",
+        max_rows: int = 1 << 16,
+        cache: ActivationCache | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.max_rows = max_rows
+        self.cache = cache
         # Seed the initial weights, and give dropout its own generator, without touching other
         # sessions' random streams: a session's run is the same whoever else is training.
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
@@ -93,10 +116,16 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(tc.total_steps, tc.warmup_ratio, tc.schedule)
         )
-        self.steps_done = 0
+        self.steps_done = 0  # streamed steps acknowledged, train and validation
+        self.optimizer_steps = 0
         self.samples_seen = 0
         self.bytes_received = 0
+        self.epochs_done = 0
+        self.finished = False
         self._pending: _Pending | None = None
+        self._epoch_losses: list[float] = []
+        # the untrained network, the baseline every epoch must beat on the validation split
+        self._initial = _copy_state(self.net)
 
     # --- message handling -------------------------------------------------------------------
     def begin(self, msg: StepBegin) -> None:
@@ -106,13 +135,36 @@ class Trainer:
                 "FAILED_PRECONDITION",
                 f"step {msg.step} began before step {self._pending.begin.step} ended",
             )
+        if self.finished:
+            raise RemoteError("FAILED_PRECONDITION", "the session has finished training")
         if msg.step != self.steps_done:
             raise RemoteError(
                 "FAILED_PRECONDITION", f"expected step {self.steps_done}, got step {msg.step}"
             )
         self._check_begin(msg)
+        if msg.validation and self.cache is None:
+            raise RemoteError("FAILED_PRECONDITION", "this server keeps no validation steps")
+        keep = self.cache is not None and (msg.validation or self._replays)
+        self._pending = self._open(msg, keep)
+
+    def _open(self, msg: StepBegin, keep: bool) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
-        self._pending = _Pending(msg, nbytes, self.spec.side.mixer != "none")
+        return _Pending(msg, nbytes, self.spec.side.mixer != "none", keep)
+
+    @contextlib.contextmanager
+    def _mode(self, p: _Pending) -> Iterator[None]:
+        """Validation steps run without dropout and without autograd; training steps with."""
+        self.net.train(not p.begin.validation)
+        try:
+            with torch.set_grad_enabled(not p.begin.validation):
+                yield
+        finally:
+            self.net.train()
+
+    @property
+    def _replays(self) -> bool:
+        """Whether later epochs come from the cache, so streamed train steps must be kept."""
+        return self.spec.train.epochs > 1 and self.spec.train.replay
 
     def _check_begin(self, msg: StepBegin) -> None:
         side = self.spec.side
@@ -166,13 +218,24 @@ class Trainer:
             return None
         frame = b"".join(p.parts)
         p.parts, p.next_seq, p.received = [], 0, 0
-        h = self._decode(frame, p)
-        p.state = self.net.step(p.state, chunk.tap, h, p.same)
-        p.next_tap += 1
+        self._fold(p, frame)
         if p.next_tap < len(self.spec.taps):
             return None
+        ack = self._finish(p)
+        if p.frames is not None:
+            assert self.cache is not None
+            self.cache.add(CachedStep(p.begin, p.frames))
+        return ack
+
+    def _fold(self, p: _Pending, frame: bytes) -> None:
+        """Decode one tapped layer's frame and fold it into the step's side-network state."""
+        h = self._decode(frame, p)
+        if p.frames is not None:
+            p.frames.append(frame)
+        with self._mode(p):
+            p.state = self.net.step(p.state, p.next_tap, h, p.same)
+        p.next_tap += 1
         p.last_hidden = h
-        return self._finish(p)
 
     def _decode(self, frame: bytes, p: _Pending) -> torch.Tensor:
         want = (p.begin.num_rows, self.spec.side.hidden_size)
@@ -189,26 +252,49 @@ class Trainer:
             raise _bad(f"tap {p.next_tap} frame has shape {tuple(h.shape)}, step needs {want}")
         return h.to(self.device)
 
-    def _finish(self, p: _Pending) -> Ack:
+    def _loss(self, p: _Pending) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss and metrics (accuracy and count of correct samples, or tokens)."""
         b, side = p.begin, self.spec.side
         assert p.state is not None and p.last_hidden is not None
-        feats = self.net.finish(p.state, p.last_hidden)
-        metrics: dict[str, float] = {}
-        if side.task == "classification":
-            logits = self.net.logits(
-                feats, b.pool_rows.to(self.device), p.row_sample.to(self.device), b.num_samples
-            )
-            labels = b.labels.to(self.device)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.spec.train.label_smoothing)
-            metrics["accuracy"] = float((logits.argmax(-1) == labels).float().mean())
-        else:
-            keep = b.targets != IGNORE
-            logits = self.net.logits(feats[keep.to(self.device)])
-            loss = F.cross_entropy(logits, b.targets[keep].to(self.device))
-            metrics["tokens"] = float(keep.sum())
+        with self._mode(p):
+            feats = self.net.finish(p.state, p.last_hidden)
+            metrics: dict[str, float] = {}
+            if side.task == "classification":
+                logits = self.net.logits(
+                    feats, b.pool_rows.to(self.device), p.row_sample.to(self.device), b.num_samples
+                )
+                labels = b.labels.to(self.device)
+                smoothing = 0.0 if b.validation else self.spec.train.label_smoothing
+                loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+                correct = float((logits.argmax(-1) == labels).sum())
+                metrics["accuracy"] = correct / b.num_samples
+                metrics["correct"] = correct
+            else:
+                keep = b.targets != IGNORE
+                logits = self.net.logits(feats[keep.to(self.device)])
+                loss = F.cross_entropy(logits, b.targets[keep].to(self.device))
+                metrics["tokens"] = float(keep.sum())
         if not torch.isfinite(loss):
             self._pending = None
             raise RemoteError("INTERNAL", f"loss is {loss.item()} at step {b.step}; step skipped")
+        return loss, metrics
+
+    def _finish(self, p: _Pending) -> Ack:
+        b = p.begin
+        loss, metrics = self._loss(p)
+        if not b.validation:
+            self._train_on(loss, metrics)
+            self._epoch_losses.append(float(loss.detach()))
+        self.steps_done += 1
+        self.samples_seen += b.num_samples
+        self._pending = None
+        metrics["samples"] = float(b.num_samples)
+        metrics["server_ms"] = 1000 * (time.perf_counter() - p.started)
+        if b.validation:
+            metrics["validation"] = 1.0
+        return Ack(step=b.step, loss=float(loss.detach()), metrics=metrics)
+
+    def _train_on(self, loss: torch.Tensor, metrics: dict[str, float]) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.spec.train.grad_clip:
@@ -217,13 +303,104 @@ class Trainer:
         metrics["lr"] = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
-        self.steps_done += 1
-        self.samples_seen += b.num_samples
-        self._pending = None
-        metrics["samples"] = float(b.num_samples)
-        metrics["server_ms"] = 1000 * (time.perf_counter() - p.started)
-        return Ack(step=b.step, loss=float(loss.detach()), metrics=metrics)
+        self.optimizer_steps += 1
+
+    # --- epochs from the cache ----------------------------------------------------------------
+    def _replay(self, step: CachedStep) -> tuple[torch.Tensor, dict[str, float]]:
+        """Run one cached step through the same decode-and-fold path as a streamed one."""
+        p = self._open(step.begin, keep=False)
+        for frame in step.frames:
+            self._fold(p, frame)
+        loss, metrics = self._loss(p)
+        if not step.begin.validation:
+            self._train_on(loss, metrics)
+        return loss, metrics
+
+    def _score(self) -> dict[str, float] | None:
+        """Validation loss and accuracy (classification) of the network as it stands."""
+        if self.cache is None or not self.cache.num_validation:
+            return None
+        total = correct = weight = 0.0
+        for step in self.cache.validation_steps():
+            loss, m = self._replay(step)
+            n = m.get("tokens", float(step.begin.num_samples))
+            total += float(loss) * n
+            weight += n
+            correct += m.get("correct", 0.0)
+        out = {"val_loss": total / weight}
+        if self.spec.side.task == "classification":
+            out["val_accuracy"] = correct / weight
+        return out
+
+    def _better(self, new: dict[str, float], old: dict[str, float]) -> bool:
+        if "val_accuracy" in new and new["val_accuracy"] != old["val_accuracy"]:
+            return new["val_accuracy"] > old["val_accuracy"]
+        return new["val_loss"] < old["val_loss"]
+
+    def run_epochs(self) -> Iterator[EpochReport]:
+        """Finish training: report the streamed epoch, replay the rest, keep the best epoch.
+
+        Epoch 1 is what the device streamed. Epochs 2..N replay the cached train steps in
+        ``epoch_step_order`` until the session's ``total_steps`` optimizer steps are done. With
+        a validation split each epoch is scored and the best one (the untrained network
+        counts as epoch 0) is what the session keeps; without one, the last epoch is kept.
+        """
+        if self.finished:
+            raise RemoteError("FAILED_PRECONDITION", "the session has finished training")
+        if self._pending is not None:
+            raise RemoteError("FAILED_PRECONDITION", "a step is still open; end it first")
+        self.finished = True
+        tc = self.spec.train
+        t0 = time.perf_counter()
+        baseline = self._score_state(self._initial)
+        best = (0, baseline, self._initial)
+        n = self.cache.num_train if self.cache is not None and self._replays else 0
+        epoch = self.epochs_done = 1 if n else tc.epochs  # without replay the device streamed all
+        remaining = max(0, tc.total_steps - self.optimizer_steps) if n else 0
+        while True:
+            losses, self._epoch_losses = self._epoch_losses, []
+            metrics = {"train_loss": sum(losses) / max(1, len(losses)), "steps": len(losses)}
+            scores = self._score()
+            if scores is not None:
+                metrics |= scores
+                if best[1] is None or self._better(scores, best[1]):
+                    best = (epoch, scores, _copy_state(self.net))
+            metrics["seconds"] = time.perf_counter() - t0
+            done = remaining == 0
+            if done:
+                self._keep(best[2] if scores is not None else None)
+                metrics["best_epoch"] = float(best[0] if scores is not None else epoch)
+                metrics |= {f"untrained_{k}": v for k, v in (baseline or {}).items()}
+            yield EpochReport(epoch, metrics, last=done)
+            if done:
+                return
+            epoch = self.epochs_done = epoch + 1
+            t0 = time.perf_counter()
+            for i in epoch_step_order(n, tc.seed, epoch - 1)[:remaining]:
+                assert self.cache is not None
+                loss, _ = self._replay(self.cache.train_step(i))
+                self._epoch_losses.append(float(loss.detach()))
+            remaining = max(0, tc.total_steps - self.optimizer_steps)
+
+    def _score_state(self, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        if self.cache is None or not self.cache.num_validation:
+            return None
+        current = _copy_state(self.net)
+        self.net.load_state_dict(state, strict=False)
+        try:
+            return self._score()
+        finally:
+            self.net.load_state_dict(current, strict=False)
+
+    def _keep(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None:
+            self.net.load_state_dict(state, strict=False)
+        self._initial = {}
 
     def abort_step(self) -> None:
         """Drop a half-received step (the device gave up on it); the next step reuses its id."""
         self._pending = None
+
+
+def _copy_state(net: SideNetwork) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.trainable_state().items()}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
+    EpochReport,
     SessionInfo,
     SessionSpec,
     SideBlob,
@@ -31,6 +33,10 @@ class Transport(Protocol):
     def send(self, msg: StepBegin | ActivationChunk) -> None: ...
 
     def next_ack(self, timeout: float | None = None) -> Ack: ...
+
+    def finish(self) -> Iterator[EpochReport]:
+        """After the last step's ack: the server's remaining epochs, one report each."""
+        ...
 
     def download(self) -> SideBlob: ...
 

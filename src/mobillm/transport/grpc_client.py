@@ -17,7 +17,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from mobillm.transport.link import Link, LinkConfig
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
+    EpochReport,
     RemoteError,
     SessionInfo,
     SessionSpec,
@@ -257,6 +258,19 @@ class GrpcTransport:
         return ack
 
     # --- results ----------------------------------------------------------------------------
+    def finish(self) -> Iterator[EpochReport]:
+        """Have the server train its remaining epochs; yields one report per epoch."""
+        sid = self._session().session_id
+
+        async def start() -> Any:
+            return self._stub.Finish(serde.finish_request_to_proto(sid), metadata=self._md)
+
+        call = self._run(start())
+        while (resp := self._run(call.read())) is not grpc.aio.EOF:
+            yield serde.epoch_report_from_proto(resp)
+        if (err := self._run(self._status(call))) is not None:
+            raise err
+
     def download(self) -> SideBlob:
         """The side network as the server holds it now."""
         sid = self._session().session_id

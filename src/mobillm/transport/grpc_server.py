@@ -290,6 +290,22 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         with contextlib.suppress(RemoteError):  # a closed session has nothing pending
             self.manager.abort_step(sid, token)
 
+    async def Finish(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        sid = ""
+        err: RemoteError | None = None
+        try:
+            sid, token = await self._authorize(context)
+            self._same(sid, serde.finish_request_from_proto(request))
+            reports = self.manager.finish(sid, token)
+            # one epoch per worker-thread call: the event loop stays free meanwhile
+            while (report := await self._run(next, reports, None)) is not None:
+                self.jlog.event("epoch", session=sid, epoch=report.epoch, **report.metrics)
+                yield serde.epoch_report_to_proto(report)
+        except Exception as e:
+            err = _as_remote(e, "Finish")
+        if err is not None:
+            await self._abort(context, "Finish", err, sid)
+
     async def Download(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         sid = ""
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from mobillm.server.sessions import SessionManager
@@ -17,6 +18,7 @@ from mobillm.transport.link import Link, LinkConfig
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
+    EpochReport,
     RemoteError,
     SessionInfo,
     SessionSpec,
@@ -107,6 +109,10 @@ class InProcessTransport:
         if (wait := visible_at - time.perf_counter()) > 0:
             time.sleep(wait)
         return ack
+
+    def finish(self) -> Iterator[EpochReport]:
+        info = self._session()
+        yield from self.manager.finish(info.session_id, info.token)
 
     def download(self) -> SideBlob:
         info = self._session()

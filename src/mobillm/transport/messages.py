@@ -1,10 +1,13 @@
 """The messages device and server exchange: the only types the two sides share.
 
 A session is: ``SessionSpec`` -> ``SessionInfo``; optionally the frozen head (safetensors bytes);
-then per training step one ``StepBegin`` (labels and row layout) followed by, for each tapped
-layer in order, one or more ``ActivationChunk`` (codec bytes, split into bounded chunks); the
-server answers each completed step with an ``Ack``. At the end the device downloads the side
-network (``SideBlob``). No token ids and no text ever appear in these types.
+then per step one ``StepBegin`` (labels and row layout) followed by, for each tapped layer in
+order, one or more ``ActivationChunk`` (codec bytes, split into bounded chunks); the server
+answers each completed step with an ``Ack``. Validation steps (``StepBegin.validation``) are
+scored, never trained on. ``Finish`` then trains the remaining epochs from the server's
+activation cache, one ``EpochReport`` per epoch, and keeps the best epoch by validation
+accuracy. At the end the device downloads the side network (``SideBlob``). No token ids and no
+text ever appear in these types.
 """
 
 from __future__ import annotations
@@ -25,11 +28,18 @@ PROTOCOL_VERSION = 1
 POSITIONS = ("loss", "valid", "all")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_EPOCHS = 100
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
-    """Server-side optimisation: AdamW with linear warm-up then ``schedule`` decay to 0."""
+    """Server-side optimisation: AdamW with linear warm-up then ``schedule`` decay to 0.
+
+    ``total_steps`` counts optimizer steps over all ``epochs``. With ``replay`` the device
+    streams the training set once and the server replays epochs 2..N from its activation
+    cache, so they cost the device nothing; without it the device re-streams every epoch in
+    ``epoch_step_order``. Both train on the same sequence of steps.
+    """
 
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -40,6 +50,8 @@ class TrainConfig(Config):
     label_smoothing: float = 0.0
     seed: int = 0
     checkpoint_every: int = 0
+    epochs: int = 1
+    replay: bool = True
 
     def validate(self) -> None:
         check(0 < self.lr < 1, f"TrainConfig.lr must be in (0, 1), got {self.lr}")
@@ -50,6 +62,7 @@ class TrainConfig(Config):
         check(self.grad_clip >= 0, "TrainConfig.grad_clip must be >= 0 (0 = off)")
         check(0 <= self.label_smoothing < 1, "TrainConfig.label_smoothing must be in [0, 1)")
         check(self.checkpoint_every >= 0, "TrainConfig.checkpoint_every must be >= 0")
+        check(1 <= self.epochs <= MAX_EPOCHS, f"TrainConfig.epochs must be in [1, {MAX_EPOCHS}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +150,8 @@ class StepBegin:
     Rows are the selected token positions of the batch, grouped by sample in order.
     ``rows_per_sample`` (B,) int; ``pool_rows`` (B,) the row each sample's classifier reads;
     ``labels`` (B,) class ids (classification) or None; ``targets`` (rows,) next-token ids with
-    -100 where no loss is taken (causal LM) or None.
+    -100 where no loss is taken (causal LM) or None. A ``validation`` step is scored with the
+    side network as it stands and kept for scoring every later epoch; it is never trained on.
     """
 
     session_id: str
@@ -146,6 +160,7 @@ class StepBegin:
     pool_rows: torch.Tensor
     labels: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    validation: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -175,6 +190,32 @@ class Ack:
     step: int
     loss: float
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class EpochReport:
+    """One finished epoch: train loss, validation score, and which epoch is kept so far.
+
+    ``epoch`` counts from 1; epoch 0 in ``metrics["best_epoch"]`` means the untrained side
+    network (the frozen backbone) scored best on the validation split and is what is kept.
+    ``last`` marks the final report, after which the side network holds the kept epoch.
+    """
+
+    epoch: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    last: bool = False
+
+
+def epoch_step_order(num_steps: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch ``epoch`` (0 = as streamed) visits the first epoch's steps.
+
+    The server replays its cache in this order, and a device without a cache re-streams its
+    batches in it, so both paths train on the same sequence of steps.
+    """
+    if epoch == 0:
+        return list(range(num_steps))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_steps, generator=g).tolist()
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from mobillm.proto.v1 import mobillm_pb2 as pb
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
+    EpochReport,
     RemoteError,
     SessionInfo,
     SessionSpec,
@@ -138,6 +139,7 @@ def step_begin_to_proto(msg: StepBegin) -> pb.StepBegin:
         step=msg.step,
         rows_per_sample=_pack(msg.rows_per_sample, INT32, "rows_per_sample"),
         pool_rows=_pack(msg.pool_rows, INT64, "pool_rows"),
+        validation=msg.validation,
     )
     if msg.labels is not None:
         out.labels = _pack(msg.labels, INT64, "labels")
@@ -154,7 +156,7 @@ def step_begin_from_proto(msg: pb.StepBegin, max_items: int = MAX_ITEMS) -> Step
     pool = _unpack(msg.pool_rows, INT64, "pool_rows", max_items)
     labels = _unpack(msg.labels, INT64, "labels", max_items) if msg.HasField("labels") else None
     targets = _unpack(msg.targets, INT64, "targets", max_items) if msg.HasField("targets") else None
-    return StepBegin(msg.session_id, int(msg.step), rows, pool, labels, targets)
+    return StepBegin(msg.session_id, int(msg.step), rows, pool, labels, targets, msg.validation)
 
 
 def chunk_to_proto(msg: ActivationChunk) -> pb.ActivationChunk:
@@ -197,6 +199,23 @@ def ack_to_proto(ack: Ack) -> pb.Ack:
 
 def ack_from_proto(msg: pb.Ack) -> Ack:
     return Ack(int(msg.step), float(msg.loss), dict(msg.metrics))
+
+
+# --- finish: epochs from the cache ------------------------------------------------------------
+def finish_request_to_proto(session_id: str) -> pb.FinishRequest:
+    return pb.FinishRequest(session_id=session_id)
+
+
+def finish_request_from_proto(msg: pb.FinishRequest) -> str:
+    return msg.session_id
+
+
+def epoch_report_to_proto(report: EpochReport) -> pb.EpochReport:
+    return pb.EpochReport(epoch=report.epoch, metrics=report.metrics, last=report.last)
+
+
+def epoch_report_from_proto(msg: pb.EpochReport) -> EpochReport:
+    return EpochReport(int(msg.epoch), dict(msg.metrics), msg.last)
 
 
 # --- download and close ---------------------------------------------------------------------

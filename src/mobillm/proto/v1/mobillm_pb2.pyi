@@ -45,20 +45,22 @@ class UploadHeadReply(_message.Message):
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class StepBegin(_message.Message):
-    __slots__ = ("session_id", "step", "rows_per_sample", "pool_rows", "labels", "targets")
+    __slots__ = ("session_id", "step", "rows_per_sample", "pool_rows", "labels", "targets", "validation")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     POOL_ROWS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     rows_per_sample: bytes
     pool_rows: bytes
     labels: bytes
     targets: bytes
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows_per_sample: _Optional[bytes] = ..., pool_rows: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., targets: _Optional[bytes] = ...) -> None: ...
+    validation: bool
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows_per_sample: _Optional[bytes] = ..., pool_rows: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., targets: _Optional[bytes] = ..., validation: _Optional[bool] = ...) -> None: ...
 
 class ActivationChunk(_message.Message):
     __slots__ = ("session_id", "step", "tap", "seq", "last", "data")
@@ -100,6 +102,29 @@ class Ack(_message.Message):
     loss: float
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class FinishRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class EpochReport(_message.Message):
+    __slots__ = ("epoch", "metrics", "last")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    metrics: _containers.ScalarMap[str, float]
+    last: bool
+    def __init__(self, epoch: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("session_id",)

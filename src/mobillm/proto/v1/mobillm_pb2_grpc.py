@@ -50,6 +50,11 @@ class SideTuningStub:
                 request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.SerializeToString,
                 response_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Finish = channel.unary_stream(
+                '/mobillm.v1.SideTuning/Finish',
+                request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.FinishRequest.SerializeToString,
+                response_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.EpochReport.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/mobillm.v1.SideTuning/Download',
                 request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.DownloadRequest.SerializeToString,
@@ -91,6 +96,15 @@ class SideTuningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Finish(self, request, context):
+        """After the last streamed step: train the remaining epochs from the server's activation
+        cache (no device work), scoring the validation split after each; one EpochReport per
+        epoch, the last one marked. Afterwards the session holds the best epoch's weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Download(self, request, context):
         """The side network as it stands now, in chunks.
         """
@@ -122,6 +136,11 @@ def add_SideTuningServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.FromString,
                     response_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.SerializeToString,
+            ),
+            'Finish': grpc.unary_stream_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.FinishRequest.FromString,
+                    response_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.EpochReport.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
@@ -216,6 +235,33 @@ class SideTuning:
             '/mobillm.v1.SideTuning/Train',
             mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.SerializeToString,
             mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mobillm.v1.SideTuning/Finish',
+            mobillm_dot_proto_dot_v1_dot_mobillm__pb2.FinishRequest.SerializeToString,
+            mobillm_dot_proto_dot_v1_dot_mobillm__pb2.EpochReport.FromString,
             options,
             channel_credentials,
             insecure,
