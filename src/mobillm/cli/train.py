@@ -111,11 +111,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.head_init:
         options["head_init"] = args.head_init
+    if args.learner == "split":
+        options |= {"kind": "split", "split_layers": args.split_layers, "lora_rank": args.lora_rank}
     side = build_side_config(backbone, dcfg.task, len(labels), dcfg.verbalizers, **options)
-    # a side network that reads more than the loss rows needs every real token by default
-    positions = args.positions or (
-        "valid" if side.mixer != "none" or side.pooling == "mean" else "loss"
-    )
+    # a learner that reads more than the loss rows needs every real token by default
+    mixes = side.kind == "split" or side.mixer != "none" or side.pooling == "mean"
+    positions = args.positions or ("valid" if mixes else "loss")
     result: dict[str, Any] = {
         "command": "train",
         "model": args.model,

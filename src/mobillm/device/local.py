@@ -20,13 +20,13 @@ from mobillm.device.rows import RowPlan, plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.io import SideFileError, SideMeta, load_side
-from mobillm.side.model import SideNetwork, same_sample_mask
+from mobillm.side.learner import Learner, build_learner
 
 
 class LocalModel:
     """Backbone + side network, for accuracy, held-out loss and generation."""
 
-    def __init__(self, backbone: Backbone, side: SideNetwork, meta: SideMeta | None = None) -> None:
+    def __init__(self, backbone: Backbone, side: Learner, meta: SideMeta | None = None) -> None:
         if side.cfg.num_taps != len(backbone.taps):
             raise SideFileError(
                 f"side network has {side.cfg.num_taps} taps, backbone taps {len(backbone.taps)}"
@@ -41,9 +41,8 @@ class LocalModel:
         from mobillm.side.io import read_meta
 
         meta = read_meta(folder)
-        backbone.set_taps(meta.taps)
-        head = FrozenHead(*backbone.export_head(meta.side.head_rows))
-        side, meta = load_side(folder, head, expect=backbone.fingerprint)
+        head, layers = _frozen_parts(backbone, meta.side, meta.taps)
+        side, meta = load_side(folder, head, expect=backbone.fingerprint, layers=layers)
         return cls(backbone, side, meta)
 
     @classmethod
@@ -54,25 +53,30 @@ class LocalModel:
         from mobillm.side.io import SideMeta, side_from_bytes
 
         meta = SideMeta.from_dict(json.loads(meta_json))
-        backbone.set_taps(meta.taps)
-        head = FrozenHead(*backbone.export_head(meta.side.head_rows))
-        return cls(backbone, side_from_bytes(meta, weights, head, backbone.fingerprint), meta)
+        head, layers = _frozen_parts(backbone, meta.side, meta.taps)
+        side = side_from_bytes(meta, weights, head, backbone.fingerprint, layers=layers)
+        return cls(backbone, side, meta)
 
     @classmethod
     def untrained(cls, backbone: Backbone, side_cfg: SideConfig, seed: int = 0) -> LocalModel:
         """A fresh side network: with a verbalizer head this is zero-shot prompting exactly."""
         torch.manual_seed(seed)
-        head = FrozenHead(*backbone.export_head(side_cfg.head_rows))
-        return cls(backbone, SideNetwork(side_cfg, head))
+        head, layers = _frozen_parts(backbone, side_cfg, backbone.taps)
+        return cls(backbone, build_learner(side_cfg, head, layers, cast=False))
+
+    def _positions(self) -> str:
+        """The rows the side network reads: every real token when it mixes tokens."""
+        c = self.side.cfg
+        mixes = c.kind == "split" or c.pooling == "mean" or c.mixer != "none"
+        return "valid" if mixes else "loss"
 
     # --- the one forward path ---------------------------------------------------------------
     def _features(self, batch: Batch, plan: RowPlan) -> torch.Tensor:
         state: dict[str, Any] = {"s": None, "h": None}
-        same = same_sample_mask(plan.rows_per_sample) if self.side.mixers else None
 
         def on_layer(tap: int, hidden: torch.Tensor) -> None:
             rows = plan.gather(hidden)
-            state["s"] = self.side.step(state["s"], tap, rows, same)
+            state["s"] = self.side.step(state["s"], tap, rows, plan.rows_per_sample)
             state["h"] = rows
 
         with torch.inference_mode():
@@ -81,9 +85,7 @@ class LocalModel:
 
     def class_logits(self, batch: Batch) -> torch.Tensor:
         """Classification logits ``(B, num_labels)`` for a batch."""
-        mixes = self.side.cfg.pooling == "mean" or self.side.cfg.mixer != "none"
-        positions = "valid" if mixes else "loss"
-        plan = plan_rows(batch, positions)
+        plan = plan_rows(batch, self._positions())
         feats = self._features(batch, plan)
         row_sample = torch.repeat_interleave(torch.arange(len(batch)), plan.rows_per_sample.long())
         with torch.inference_mode():
@@ -106,7 +108,7 @@ class LocalModel:
             }
         total, tokens = 0.0, 0
         for _, batch in _batches(data, batch_size):
-            plan = plan_rows(batch, "loss")
+            plan = plan_rows(batch, self._positions())
             feats = self._features(batch, plan)
             keep = plan.targets != IGNORE_INDEX
             with torch.inference_mode():
@@ -131,6 +133,8 @@ class LocalModel:
         gen = torch.Generator().manual_seed(seed)
         eos = tok.eos_token_id
         out: list[int] = []
+        if self.side.cfg.kind == "split":
+            return self._generate_split(ids, max_new_tokens, temperature, top_p, gen)
         cache = None
         cur, mask = ids, torch.ones_like(ids)
         for _ in range(max_new_tokens):
@@ -151,6 +155,42 @@ class LocalModel:
             cur = torch.tensor([[nxt]])
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
         return tok.decode(out, skip_special_tokens=True)
+
+    def _generate_split(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        gen: torch.Generator,
+    ) -> str:
+        # The top layers run in the split learner, which keeps no KV cache: each new token
+        # re-reads the whole sequence (fine for the short replies side-tuning targets).
+        tok = self.backbone.tokenizer
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            batch = Batch(
+                ids, torch.ones_like(ids), loss_positions=torch.tensor([ids.shape[1] - 1])
+            )
+            plan = plan_rows(batch, "valid")
+            with torch.inference_mode():
+                logits = self.side.logits(self._features(batch, plan)[-1:])[0]
+            nxt = _sample(logits, temperature, top_p, gen)
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        return tok.decode(out, skip_special_tokens=True)
+
+
+def _frozen_parts(
+    backbone: Backbone, side: SideConfig, taps: tuple[int, ...]
+) -> tuple[FrozenHead, dict[str, torch.Tensor] | None]:
+    """Tap what the side network was trained on; its frozen head and (split) top layers."""
+    split = side.split_layers if side.kind == "split" else 0
+    backbone.set_taps(taps, split_layers=split)
+    head = FrozenHead(*backbone.export_head(side.head_rows))
+    return head, backbone.top_layers(split)[1] if split else None
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -94,9 +94,16 @@ ProgressFn = Callable[[dict[str, Any]], None]
 def build_side_config(
     backbone: Backbone, task: str, num_labels: int, verbalizers: tuple[str, ...], **options: Any
 ) -> SideConfig:
-    """A SideConfig sized to ``backbone``; verbalizer words become LM-head rows to start from."""
+    """A SideConfig sized to ``backbone``; verbalizer words become LM-head rows to start from.
+
+    ``kind="split", split_layers=K`` also puts the backbone in split mode (it taps the layer
+    below the top K and stops there) and records the top layers' config for the server.
+    """
     head_init = options.pop("head_init", "verbalizer" if verbalizers else "random")
     ids = tuple(backbone.word_token_ids(verbalizers)) if head_init == "verbalizer" else ()
+    if options.get("kind") == "split":
+        backbone.set_split(options["split_layers"])
+        options["layers_config"] = backbone.top_layers(options["split_layers"])[0]
     return SideConfig(
         hidden_size=backbone.hidden_size,
         num_taps=len(backbone.taps),
@@ -115,8 +122,14 @@ def build_session(
     train: TrainConfig,
     positions: str = "loss",
 ) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
-    """The session proposal for ``backbone`` and the frozen head tensors it promises."""
+    """The session proposal for ``backbone`` and the frozen tensors it promises the server.
+
+    The tensors are the head's, and for a split learner also the top layers' (``layers.*``);
+    ``head_sha256`` covers all of them.
+    """
     head_spec, head = backbone.export_head(side.head_rows)
+    if side.kind == "split":
+        head = {**head, **backbone.top_layers(side.split_layers)[1]}
     spec = SessionSpec(
         fingerprint=backbone.fingerprint,
         taps=backbone.taps,

@@ -89,13 +89,19 @@ class Session:
     closed: bool = False
 
 
+def _head_key(spec: SessionSpec) -> tuple[str, str]:
+    """Cached heads are keyed by their tensors and by the settings that say how to apply them:
+    the same tensors with another norm epsilon are another head."""
+    return spec.head_sha256, spec.head.to_json(indent=None)
+
+
 class SessionManager:
     """Owns sessions and the cache of frozen heads (shared across sessions by content hash)."""
 
     def __init__(self, cfg: ServerConfig | None = None) -> None:
         self.cfg = cfg or ServerConfig()
         self._sessions: dict[str, Session] = {}
-        self._heads: dict[str, FrozenHead] = {}
+        self._heads: dict[tuple[str, str], tuple[FrozenHead, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self.workdir = Path(self.cfg.workdir)
 
@@ -133,7 +139,7 @@ class SessionManager:
             sid = secrets.token_hex(8)
             sess = Session(sid, secrets.token_urlsafe(24), spec, threading.Lock())
             self._sessions[sid] = sess
-            head = self._heads.get(spec.head_sha256)
+            head = self._heads.get(_head_key(spec))
         if head is not None:
             self._start(sess, head)
         log.info(
@@ -143,13 +149,14 @@ class SessionManager:
         )
         return SessionInfo(sid, sess.token, head is None, self.cfg.max_chunk_bytes, "mobillm")
 
-    def _start(self, sess: Session, head: FrozenHead) -> None:
+    def _start(self, sess: Session, frozen: tuple[FrozenHead, dict[str, Any]]) -> None:
+        head, layers = frozen
         cfg = CacheConfig(self.cfg.cache_memory_bytes, self.cfg.cache_disk_bytes)
         folder = self.workdir / "sessions" / sess.session_id / "cache"
         cache = ActivationCache(cfg, folder) if cfg.enabled else None
         try:
             sess.trainer = Trainer(
-                sess.spec, head, self.cfg.device, self.cfg.max_rows_per_step, cache
+                sess.spec, head, self.cfg.device, self.cfg.max_rows_per_step, cache, layers
             )
         except ValueError as e:
             raise RemoteError("INVALID_ARGUMENT", f"cannot build the side network: {e}") from None
@@ -196,10 +203,13 @@ class SessionManager:
             sess.head_parts, sess.head_bytes = [], 0
             try:
                 tensors = weights_from_bytes(blob)
-                head = FrozenHead(sess.spec.head, tensors)
+                # a split learner's top layers travel with the head, under ``layers.``
+                layers = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+                head_tensors = {k: v for k, v in tensors.items() if k not in layers}
+                head = FrozenHead(sess.spec.head, head_tensors)
             except (SideFileError, ValueError) as e:
                 raise RemoteError("INVALID_ARGUMENT", f"uploaded head rejected: {e}") from None
-            digest = tensors_sha256(head.tensors())
+            digest = tensors_sha256({**head.tensors(), **layers})
             if digest != sess.spec.head_sha256:
                 raise RemoteError(
                     "INVALID_ARGUMENT",
@@ -207,8 +217,8 @@ class SessionManager:
                     f"promised {sess.spec.head_sha256[:16]}",
                 )
             with self._lock:
-                self._heads[digest] = head
-            self._start(sess, head)
+                self._heads[_head_key(sess.spec)] = (head, layers)
+            self._start(sess, (head, layers))
 
     # --- training ---------------------------------------------------------------------------
     def _trainer(self, sess: Session) -> Trainer:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
 from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.side.head import FrozenHead
-from mobillm.side.model import SideNetwork, same_sample_mask
+from mobillm.side.learner import Learner, build_learner
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
@@ -63,14 +63,13 @@ def _bad(msg: str) -> RemoteError:
 class _Pending:
     """One step in progress: its labels, the ladder state so far, and the chunks of one layer."""
 
-    def __init__(self, begin: StepBegin, frame_nbytes: int, mixes: bool, keep: bool) -> None:
+    def __init__(self, begin: StepBegin, frame_nbytes: int, keep: bool) -> None:
         self.begin = begin
         self.frames: list[bytes] | None = [] if keep else None
         self.row_sample = torch.repeat_interleave(
             torch.arange(begin.num_samples), begin.rows_per_sample.long()
         )
         self.frame_nbytes = frame_nbytes
-        self.same = same_sample_mask(begin.rows_per_sample) if mixes else None
         self.next_tap = 0
         self.next_seq = 0
         self.parts: list[bytes] = []
@@ -90,6 +89,7 @@ class Trainer:
         device: str = "cpu",
         max_rows: int = 1 << 16,
         cache: ActivationCache | None = None,
+        layers: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
@@ -99,12 +99,13 @@ class Trainer:
         # sessions' random streams: a session's run is the same whoever else is training.
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.train.seed)
-            self.net = SideNetwork(spec.side, head).to(self.device)
+            self.net: Learner = build_learner(spec.side, head, layers).to(self.device)
         self.net.seed_dropout(spec.train.seed + 1)
         self.net.train()
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            if p.requires_grad:  # a split learner's frozen layers are parameters too
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         tc = spec.train
         self.opt = torch.optim.AdamW(
             [
@@ -149,7 +150,7 @@ class Trainer:
 
     def _open(self, msg: StepBegin, keep: bool) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
-        return _Pending(msg, nbytes, self.spec.side.mixer != "none", keep)
+        return _Pending(msg, nbytes, keep)
 
     @contextlib.contextmanager
     def _mode(self, p: _Pending) -> Iterator[None]:
@@ -233,7 +234,7 @@ class Trainer:
         if p.frames is not None:
             p.frames.append(frame)
         with self._mode(p):
-            p.state = self.net.step(p.state, p.next_tap, h, p.same)
+            p.state = self.net.step(p.state, p.next_tap, h, p.begin.rows_per_sample)
         p.next_tap += 1
         p.last_hidden = h
 
@@ -402,5 +403,5 @@ class Trainer:
         self._pending = None
 
 
-def _copy_state(net: SideNetwork) -> dict[str, torch.Tensor]:
+def _copy_state(net: Learner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.trainable_state().items()}

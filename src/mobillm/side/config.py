@@ -10,6 +10,7 @@ TASKS = ("classification", "causal_lm")
 POOLINGS = ("last", "mean")
 HEAD_INITS = ("verbalizer", "random")
 MIXERS = ("none", "attention")
+KINDS = ("ladder", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,11 @@ class SideConfig(Config):
     it from scratch. ``mixer="attention"`` adds, at every tap, a small self-attention across
     the rows of each sample: the side network then mixes tokens, so the device must send every
     real token (positions "valid").
+
+    ``kind="split"`` is the other learner: the device stops after layer ``L - split_layers``
+    and the server runs frozen copies of the top ``split_layers`` layers (built from
+    ``layers_config``, the backbone's config cut to those layers) with LoRA of rank
+    ``lora_rank`` on their query and value projections (``mobillm.side.split``).
     """
 
     hidden_size: int = 0
@@ -38,6 +44,11 @@ class SideConfig(Config):
     verbalizer_ids: tuple[int, ...] = ()
     mixer: str = "none"
     mixer_heads: int = 4
+    kind: str = "ladder"
+    split_layers: int = 0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    layers_config: str = ""
 
     def validate(self) -> None:
         check(self.hidden_size > 0, f"SideConfig.hidden_size must be > 0, got {self.hidden_size}")
@@ -53,6 +64,17 @@ class SideConfig(Config):
         check(self.pooling in POOLINGS, f"SideConfig.pooling must be one of {POOLINGS}")
         check(self.head_init in HEAD_INITS, f"SideConfig.head_init must be one of {HEAD_INITS}")
         check(self.mixer in MIXERS, f"SideConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
+        check(self.kind in KINDS, f"SideConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "split":
+            check(self.split_layers >= 1, "SideConfig.split_layers must be >= 1 for kind='split'")
+            check(self.num_taps == 1, "a split learner reads exactly one tapped layer")
+            check(1 <= self.lora_rank <= 256, "SideConfig.lora_rank must be in [1, 256]")
+            check(self.lora_alpha > 0, "SideConfig.lora_alpha must be > 0")
+            check(bool(self.layers_config), "SideConfig.layers_config is empty for kind='split'")
+            check(
+                self.mixer == "none" and self.pooling == "last",
+                "a split learner runs attention itself: use mixer='none' and pooling='last'",
+            )
         if self.mixer == "attention":
             check(
                 self.task == "classification",

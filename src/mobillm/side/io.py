@@ -20,7 +20,7 @@ from mobillm.errors import MobiLLMError
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
-from mobillm.side.model import SideNetwork
+from mobillm.side.learner import Learner, build_learner
 
 FORMAT = "mobillm-side/1"
 WEIGHTS = "side.safetensors"
@@ -64,7 +64,7 @@ class SideMeta:
             raise SideFileError(f"side metadata lacks field {e}") from None
 
 
-def weights_to_bytes(net: SideNetwork) -> bytes:
+def weights_to_bytes(net: Learner) -> bytes:
     """Trainable weights as safetensors bytes: what ``side.safetensors`` holds, byte for byte."""
     state = {k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()}
     return save(state, metadata={"format": FORMAT})
@@ -77,7 +77,7 @@ def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
         raise SideFileError(f"side weights are not valid safetensors: {e}") from None
 
 
-def save_side(net: SideNetwork, meta: SideMeta, folder: str | Path) -> Path:
+def save_side(net: Learner, meta: SideMeta, folder: str | Path) -> Path:
     """Write ``side.safetensors`` and ``side.json`` into ``folder`` (created if needed)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def read_meta(folder: str | Path) -> SideMeta:
         raise SideFileError(f"{mp} is malformed: {e}") from None
 
 
-def load_weights_into(net: SideNetwork, state: dict[str, torch.Tensor]) -> None:
+def load_weights_into(net: Learner, state: dict[str, torch.Tensor]) -> None:
     """Copy trainable weights into ``net``, refusing missing, extra or mis-shaped tensors."""
     own = net.trainable_state()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -127,22 +127,29 @@ def side_from_bytes(
     head: FrozenHead,
     expect: BackboneFingerprint | None = None,
     where: str = "the download",
-) -> SideNetwork:
-    """Rebuild a side network from its metadata and safetensors bytes (e.g. a download)."""
+    layers: dict[str, torch.Tensor] | None = None,
+) -> Learner:
+    """Rebuild a side network from its metadata and safetensors bytes (e.g. a download).
+
+    ``layers``: a split learner's frozen top layers (the device's own, shared).
+    """
     check_fingerprint(meta, expect, where)
-    net = SideNetwork(meta.side, head)
+    net = build_learner(meta.side, head, layers, cast=False)
     load_weights_into(net, weights_from_bytes(weights))
     return net.eval()
 
 
 def load_side(
-    folder: str | Path, head: FrozenHead, expect: BackboneFingerprint | None = None
-) -> tuple[SideNetwork, SideMeta]:
+    folder: str | Path,
+    head: FrozenHead,
+    expect: BackboneFingerprint | None = None,
+    layers: dict[str, torch.Tensor] | None = None,
+) -> tuple[Learner, SideMeta]:
     """Rebuild a saved side network on ``head``; ``expect``: the fingerprint it must match."""
     meta = read_meta(folder)
     check_fingerprint(meta, expect, str(folder))
     wp = Path(folder) / WEIGHTS
     if not wp.is_file():
         raise SideFileError(f"{folder} has no {WEIGHTS}")
-    net = side_from_bytes(meta, wp.read_bytes(), head, expect, str(folder))
+    net = side_from_bytes(meta, wp.read_bytes(), head, expect, str(folder), layers)
     return net, meta

@@ -149,20 +149,20 @@ class SideNetwork(nn.Module):
         state: torch.Tensor | None,
         tap: int,
         h: torch.Tensor,
-        same: torch.Tensor | None = None,
+        rows_per_sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fold tapped layer ``tap``'s hidden states ``(rows, hidden)`` into the ladder state.
 
-        ``same``: the ``same_sample_mask`` of the rows, needed when the network mixes rows.
+        ``rows_per_sample`` (B,): the row layout, needed when the network mixes rows.
         """
         x = self.down[tap](self.in_norms[tap](h.to(self.up.weight.dtype)))
         if state is not None:
             g = torch.sigmoid(self.gates[tap] / self.cfg.gate_temperature)
             x = g * x + (1.0 - g) * state
         if self.mixers:
-            if same is None:
-                raise ValueError("this side network mixes rows: pass their same-sample mask")
-            x = self.mixers[tap](x, same.to(x.device))
+            if rows_per_sample is None:
+                raise ValueError("this side network mixes rows: pass their rows_per_sample")
+            x = self.mixers[tap](x, same_sample_mask(rows_per_sample).to(x.device))
         return self.adapters[tap](x)
 
     def finish(self, state: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
@@ -170,14 +170,14 @@ class SideNetwork(nn.Module):
         return self.frozen.features(h_last.to(self.up.weight.dtype) + self.up(state))
 
     def features(
-        self, hidden: list[torch.Tensor], same: torch.Tensor | None = None
+        self, hidden: list[torch.Tensor], rows_per_sample: torch.Tensor | None = None
     ) -> torch.Tensor:
         """All taps at once, in tap order: ``K x (rows, hidden) -> (rows, out)``."""
         if len(hidden) != self.cfg.num_taps:
             raise ValueError(f"expected {self.cfg.num_taps} tapped layers, got {len(hidden)}")
         state = self.start()
         for tap, h in enumerate(hidden):
-            state = self.step(state, tap, h, same)
+            state = self.step(state, tap, h, rows_per_sample)
         return self.finish(state, hidden[-1])
 
     def logits(

@@ -91,10 +91,20 @@ class SessionSpec(Config):
             all(0 <= t < fp.num_layers for t in self.taps),
             f"SessionSpec.taps {self.taps} out of range for {fp.num_layers} layers",
         )
-        check(
-            self.taps[-1] == fp.num_layers - 1,
-            "SessionSpec.taps must include the last layer (the head reads it)",
-        )
+        split = self.side.kind == "split"
+        if split:
+            boundary = fp.num_layers - 1 - self.side.split_layers
+            check(
+                self.side.split_layers < fp.num_layers and self.taps == (boundary,),
+                f"split mode over the top {self.side.split_layers} of {fp.num_layers} layers "
+                f"taps exactly layer {boundary}, got {self.taps}",
+            )
+            check(self.positions == "valid", "split mode needs positions='valid' (every token)")
+        else:
+            check(
+                self.taps[-1] == fp.num_layers - 1,
+                "SessionSpec.taps must include the last layer (the head reads it)",
+            )
         check(
             self.side.num_taps == len(self.taps),
             f"side network has {self.side.num_taps} taps, session taps {len(self.taps)} layers",
@@ -126,7 +136,7 @@ class SessionSpec(Config):
         )
         check(len(self.head_sha256) == 64, "SessionSpec.head_sha256 must be a sha256 hex digest")
         check(
-            rows is not None or self.head_sha256 == fp.head_sha256,
+            rows is not None or split or self.head_sha256 == fp.head_sha256,
             "SessionSpec.head_sha256 differs from the backbone's head hash: the head to upload "
             "is not this backbone's",
         )

@@ -1,0 +1,35 @@
+"""The one place that turns a ``SideConfig`` into its learner: the ladder or the split layers.
+
+Device and server both build learners here, so a session's learner is the same class on both
+sides: the server trains it, the device runs the downloaded copy for inference alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mobillm.side.config import SideConfig
+from mobillm.side.head import FrozenHead
+from mobillm.side.model import SideNetwork
+from mobillm.side.split import SplitLearner
+
+Learner = SideNetwork | SplitLearner
+
+
+def build_learner(
+    cfg: SideConfig,
+    head: FrozenHead,
+    layers: dict[str, torch.Tensor] | None = None,
+    cast: bool = True,
+) -> Learner:
+    """A fresh learner for ``cfg`` on ``head``.
+
+    ``layers``: for ``kind="split"``, the top layers' frozen tensors named ``layers.{i}.*``
+    (the upload on the server, the backbone's own tensors on the device, shared, not copied
+    when ``cast`` is off).
+    """
+    if cfg.kind == "ladder":
+        return SideNetwork(cfg, head)
+    if not layers:
+        raise ValueError("a split learner needs the top layers' weights")
+    return SplitLearner.from_tensors(cfg, head, layers, cast=cast)
