@@ -28,7 +28,24 @@ def _ok(cond: bool) -> str:
 
 def _name(r: dict[str, Any]) -> str:
     extra = " + attention mixer" if r.get("mixer", "none") != "none" else ""
+    if r.get("split_layers"):
+        extra += f", split: server runs the top {r['split_layers']} layers with LoRA"
+    if r.get("epochs", 1) > 1 or r.get("validation_fraction"):
+        extra += (
+            f", {r.get('epochs', 1)} epochs ({r.get('epochs', 1) - 1} from the server cache), "
+            f"{100 * r.get('validation_fraction', 0):g}% of the budget as validation split"
+        )
     return METHOD_NAMES[r["method"]] + extra
+
+
+def _short(r: dict[str, Any]) -> str:
+    """A plot label: the method and its variant in a few words."""
+    name = METHOD_NAMES[r["method"]].split(" (")[0]
+    if r.get("split_layers"):
+        name += f" split {r['split_layers']}"
+    if r.get("epochs", 1) > 1:
+        name += f" {r['epochs']} epochs"
+    return name + (" + mixer" if r.get("mixer", "none") != "none" else "")
 
 
 def _ok_result(r: dict[str, Any]) -> bool:
@@ -117,15 +134,26 @@ def time_to(curve: list[dict[str, Any]], target: float) -> float | None:
 
 
 def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """One table per data set raced (each against its own LoRA run)."""
     races = [r for r in results if r["mode"] == "race" and _ok_result(r)]
+    tables, verdicts = [], []
+    for data in sorted({r.get("data", "sst2") for r in races}, key=lambda d: (d != "sst2", d)):
+        md, v = _race_table([r for r in races if r.get("data", "sst2") == data])
+        tables.append(f"\n#### {data}\n\n{md}")
+        verdicts += [f"- {data}:"] + ["  " + line for line in v]
+    return "\n".join(tables), verdicts
+
+
+def _race_table(races: list[dict[str, Any]]) -> tuple[str, list[str]]:
     lora = next((r for r in races if r["method"] == "lora"), None)
     if not races:
         return "", []
     target = lora["final_accuracy"] - 0.01 if lora else None
     lines = [
         "| method | link | dev accuracy after budget (all dev) | checkpoint-subset accuracy "
-        "| training wall time | time to target | LoRA time / this | bytes uploaded per sample |",
-        "|---|---|---|---|---|---|---|---|",
+        "| training wall time | time to target | LoRA time / this | bytes uploaded per sample "
+        "| device forward passes per sample | kept epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     lora_t = time_to(lora["curve"], target) if lora and target is not None else None
@@ -140,9 +168,12 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
         best = max(r["curve"], key=lambda p: p["accuracy"])
         reach = f"{t:.0f} s" if t is not None else (f"not reached (best {best['accuracy']:.4f})")
         bps = f"{r['bytes_per_sample']:,.0f}" if "bytes_per_sample" in r else "0 (on device)"
+        passes = r.get("device_forward_passes_per_sample", 1.0)
+        kept = r.get("kept_epoch")
         lines.append(
             f"| {_name(r)} | {link} | {full_dev(r):.4f} | {r['final_accuracy']:.4f} | "
-            f"{r['train_seconds']:.0f} s | {reach} | {ratio} | {bps} |"
+            f"{r['train_seconds']:.0f} s | {reach} | {ratio} | {bps} | {passes:g} "
+            f"| {'-' if kept is None else kept} |"
         )
         if r["method"] == "mobillm" and r.get("mixer", "none") != "none" and lora:
             verdicts.append(
@@ -150,7 +181,13 @@ def race_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
             )
         elif r["method"] == "mobillm" and lora and target is not None:
             gap = full_dev(lora) - full_dev(r)
-            if not r["link_mbps"]:
+            if r.get("split_layers") or r.get("epochs", 1) > 1:
+                verdicts.append(
+                    f"- {_name(r)}: dev accuracy {full_dev(r):.4f} vs LoRA {full_dev(lora):.4f}, "
+                    f"gap {100 * gap:.2f} points; time to target {reach}"
+                    + (f", LoRA / this {lora_t / t:.2f}" if t and lora_t else "")
+                )
+            elif not r["link_mbps"]:
                 verdicts.append(
                     f"- Wall time to the target accuracy ({target:.4f} = LoRA's "
                     f"{lora['final_accuracy']:.4f} minus one point), LoRA / MobiLLM on an "
@@ -192,11 +229,13 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             ys = [r.get("zero_shot", r["curve"][0]["accuracy"])] + [
                 p["accuracy"] for p in r["curve"]
             ]
-            label = _name(r) + (f" @{r['link_mbps']:g} Mbit/s" if r["link_mbps"] else "")
+            label = f"{r.get('data', 'sst2')}: {_short(r)}" + (
+                f" @{r['link_mbps']:g} Mbit/s" if r["link_mbps"] else ""
+            )
             ax.plot(xs[1:], ys[1:], marker="o", label=label)
         ax.set_xlabel("device training wall time (s)")
-        ax.set_ylabel("SST-2 dev accuracy")
-        ax.set_title("Accuracy against wall time (SmolLM2-135M, same sample budget)")
+        ax.set_ylabel("dev accuracy")
+        ax.set_title("Accuracy against training wall time (same sample budget)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -309,7 +348,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         "",
         *[img(i) for i in images if i.startswith("memory_")],
         "",
-        "## Accuracy and wall time on SST-2 (SmolLM2-135M)",
+        "## Accuracy and wall time, same sample budget",
         "",
         "Every method trains on the same SST-2 sample budget and batches; the clock runs only "
         "while training (it stops for the dev evaluations at each checkpoint). Checkpoints "

@@ -73,7 +73,10 @@ def _mobillm(
     from mobillm.transport.grpc_client import GrpcTransport
 
     mixer = job.get("mixer", "none")
-    side = build_side_config(backbone, "classification", len(verbalizers), verbalizers, mixer=mixer)
+    options: dict[str, Any] = {"mixer": mixer}
+    if job.get("split_layers"):
+        options |= {"kind": "split", "split_layers": job["split_layers"]}
+    side = build_side_config(backbone, "classification", len(verbalizers), verbalizers, **options)
     transport = GrpcTransport(job["server"], link=LinkConfig(mbps=job.get("link_mbps", 0.0)))
     trainer = DeviceTrainer(
         backbone,
@@ -83,7 +86,7 @@ def _mobillm(
         TrainConfig(lr=job["lr"]),
         DeviceConfig(
             window=job.get("window", 2),
-            positions="valid" if mixer != "none" else "loss",
+            positions="valid" if mixer != "none" or side.kind == "split" else "loss",
             epochs=job.get("epochs", 1),
         ),
     )

@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--cache-epochs", type=int, default=3, help="epochs of the +cache variant")
     c.add_argument(
+        "--split-layers", type=int, default=16, help="top layers the +split variant's server runs"
+    )
+    c.add_argument(
         "--validation-fraction",
         type=float,
         default=0.1,
@@ -75,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--race-methods",
         default="lora,mobillm,mobillm+cache,side_local,mobillm+mixer",
         help="race methods; mobillm+mixer = MobiLLM with the attention mixer; mobillm+cache = "
-        "epochs replayed from the server cache, best epoch kept on a validation split",
+        "epochs replayed from the server cache, best epoch kept on a validation split; "
+        "mobillm+split[K] = the split learner over the top K layers (with the cache)",
     )
     c.add_argument("--checkpoints", type=int, default=4)
     c.add_argument(
@@ -136,7 +140,10 @@ def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> li
     for name in args.race_methods.split(","):
         method, _, variant = name.partition("+")
         mixer = "attention" if variant == "mixer" else "none"
-        cache = variant == "cache"
+        # "+split" and "+split16" run the split learner (with the cache's epochs)
+        split = variant.startswith("split")
+        split_layers = int(variant[5:] or args.split_layers) if split else 0
+        cache = variant == "cache" or split
         # the link sweep is for the plain mode on SST-2; other rows run unthrottled
         multi = method == "mobillm" and not variant and data == "sst2"
         links = [float(x) for x in args.links.split(",")] if multi else [0.0]
@@ -156,6 +163,7 @@ def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> li
                     data=data,
                     epochs=args.cache_epochs if cache else 1,
                     validation_fraction=args.validation_fraction if cache else 0.0,
+                    split_layers=split_layers,
                 )
             )
     return jobs
