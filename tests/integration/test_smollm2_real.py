@@ -91,3 +91,35 @@ def test_causal_lm_tuning_lowers_held_out_loss_and_generates(smollm2, tmp_path):
     assert text.startswith("Verdict:"), text
     meta = json.loads((tmp_path / "side" / "side.json").read_text())
     assert meta["side"]["task"] == "causal_lm"
+
+
+def test_split_learner_reproduces_smollm2_at_init(smollm2):
+    """The server's top 8 layers (rebuilt from the upload) continue the device's forward pass
+    exactly: untrained split logits equal the whole backbone's, on real SST-2 sentences."""
+    from mobillm.backbone import Backbone
+    from mobillm.data import collate
+    from mobillm.device.rows import plan_rows
+    from mobillm.side.head import FrozenHead
+    from mobillm.side.learner import build_learner
+
+    bb = Backbone(smollm2.model, smollm2.tokenizer, smollm2.cfg)  # its own taps and split
+    cfg = resolve_preset(DataConfig(preset="sst2", max_eval_samples=8))
+    dev = tokenize_examples(load_examples(cfg, "eval"), bb.tokenizer, cfg)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers, kind="split", split_layers=8)
+    batch = collate(dev, list(range(8)))
+    with torch.inference_mode():
+        full = bb.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    last = batch.attention_mask.sum(1) - 1
+    want = full[torch.arange(8), last][:, list(side.verbalizer_ids)]
+    plan = plan_rows(batch, "valid")
+    rows = []
+    bb.run(batch.input_ids, batch.attention_mask, lambda tap, h: rows.append(plan.gather(h)))
+    head = FrozenHead(*bb.export_head(side.head_rows))
+    layers = {k: v.clone() for k, v in bb.top_layers(8)[1].items()}
+    server = build_learner(side, head, layers)
+    with torch.no_grad():
+        got = server.logits(
+            server.finish(server.step(None, 0, rows[0], plan.rows_per_sample)), plan.pool_rows
+        )
+    assert bb.taps == (21,) and len(rows) == 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

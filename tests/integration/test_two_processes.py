@@ -49,10 +49,14 @@ def test_train_over_grpc_then_infer_alone(tmp_path, smollm2):
         _, server_err = server.communicate(timeout=60)
     assert server.returncode == 0, server_err
     result = json.loads(device.stdout)
-    assert result["train"]["steps"] == 6 and result["server"]["steps"] == 6
+    # 96 samples: 10 streamed once as the validation split, 86 in 6 training steps
+    train, server_summary = result["train"], result["server"]
+    assert train["steps"] == 7 and train["validation_steps"] == 1 and server_summary["steps"] == 7
+    assert server_summary["optimizer_steps"] == 6 and train["server_epochs"] == 1
     assert "step 6/6" in device.stderr and "MB/s" in device.stderr
+    assert "epoch 1 done" in device.stderr and "validation accuracy" in device.stderr
     # the server's own copy: the checkpoint it wrote when the session closed
-    (ckpt,) = workdir.glob("sessions/*/step-000006")
+    (ckpt,) = workdir.glob("sessions/*/step-000007")
     assert (ckpt / "side.safetensors").read_bytes() == (out / "side.safetensors").read_bytes()
     events = [json.loads(x) for x in (workdir / "server.jsonl").read_text().splitlines()]
     assert [e["loss"] for e in events if e["event"] == "step"][:1]  # per-step JSONL metrics

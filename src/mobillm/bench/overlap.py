@@ -66,7 +66,7 @@ def train_once(
         transport,
         codec=codec,
         train=TrainConfig(seed=seed),
-        device=DeviceConfig(positions=positions, window=window),
+        device=DeviceConfig(positions=positions, window=window, epochs=1),
     )
     try:
         summary = trainer.train(data, batch_size, seed=seed)

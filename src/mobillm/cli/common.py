@@ -202,7 +202,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "LoRA) (default: %(default)s)",
     )
     g.add_argument(
-        "--split-layers", type=_positive, default=8, help="split: top layers the server runs"
+        "--split-layers",
+        type=_count,
+        default=0,
+        help="split: top layers the server runs (default: half of the model's layers)",
     )
     g.add_argument("--lora-rank", type=_positive, default=8, help="split: LoRA rank")
     g.add_argument("--reduction", type=_positive, default=8, help="side width = hidden / reduction")

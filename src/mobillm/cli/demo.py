@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mobillm.cli import common
+from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import MobiLLMError
 
 
@@ -32,7 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=DeviceConfig.epochs,
+        help="epochs; all after the first come from the server's cache (default: %(default)s)",
+    )
     p.add_argument("--codec", default="int8")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--link-mbps", type=float, default=0.0)

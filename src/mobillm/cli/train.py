@@ -112,8 +112,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.head_init:
         options["head_init"] = args.head_init
     if args.learner == "split":
-        options |= {"kind": "split", "split_layers": args.split_layers, "lora_rank": args.lora_rank}
+        k = args.split_layers or backbone.num_layers // 2
+        options |= {"kind": "split", "split_layers": k, "lora_rank": args.lora_rank}
     side = build_side_config(backbone, dcfg.task, len(labels), dcfg.verbalizers, **options)
+    if side.kind == "split":
+        common.say(
+            f"[train] split: the device runs layers 0-{backbone.taps[0]}, the server the top "
+            f"{side.split_layers} with LoRA rank {side.lora_rank}"
+        )
     # a learner that reads more than the loss rows needs every real token by default
     mixes = side.kind == "split" or side.mixer != "none" or side.pooling == "mean"
     positions = args.positions or ("valid" if mixes else "loss")

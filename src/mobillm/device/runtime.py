@@ -57,7 +57,7 @@ class DeviceConfig(Config):
 
     positions: str = "loss"
     window: int = 2
-    epochs: int = 1
+    epochs: int = 3
     replay: bool = True
     validation_fraction: float = 0.1
     max_steps: int = 0
@@ -299,6 +299,7 @@ class DeviceTrainer:
         distinct += samples - sum(r.samples for r in train)  # validation samples, streamed once
         out: dict[str, Any] = {
             "steps": len(self.records),
+            "validation_steps": len(self.records) - len(train),
             "samples": samples,
             "wall_seconds": round(wall, 3),
             "forward_seconds": round(self.forward_seconds, 3),

@@ -93,6 +93,23 @@ def same_sample_mask(rows_per_sample: torch.Tensor) -> torch.Tensor:
     return sample.unsqueeze(0) == sample.unsqueeze(1)
 
 
+def task_classifier(cfg: SideConfig, head: FrozenHead) -> nn.Linear | None:
+    """A classification task's classifier over head features; None for causal-LM tuning.
+
+    ``head_init="verbalizer"`` starts it from the frozen LM-head rows of the label words, so
+    an untrained learner scores exactly like the prompted backbone.
+    """
+    if cfg.task != "classification":
+        return None
+    classifier = nn.Linear(head.spec.out_size, cfg.num_labels)
+    if cfg.head_init == "verbalizer":
+        with torch.no_grad():
+            classifier.weight.copy_(head.lm_head_weight)
+            bias = head.lm_head_bias if head.spec.has_lm_bias else 0.0
+            classifier.bias.copy_(torch.zeros(cfg.num_labels) + bias)
+    return classifier
+
+
 class SideNetwork(nn.Module):
     """Trainable ladder + head over frozen hidden states; see the module docstring."""
 
@@ -123,14 +140,7 @@ class SideNetwork(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.frozen = head
-        self.classifier: nn.Linear | None = None
-        if cfg.task == "classification":
-            self.classifier = nn.Linear(head.spec.out_size, cfg.num_labels)
-            if cfg.head_init == "verbalizer":
-                with torch.no_grad():
-                    self.classifier.weight.copy_(head.lm_head_weight)
-                    bias = head.lm_head_bias if head.spec.has_lm_bias else 0.0
-                    self.classifier.bias.copy_(torch.zeros(cfg.num_labels) + bias)
+        self.classifier = task_classifier(cfg, head)
 
     def seed_dropout(self, seed: int) -> None:
         """Give every dropout layer one private generator (on the parameters' device)."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
+from mobillm.side.model import task_classifier
 
 SPLIT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -87,14 +88,7 @@ class SplitLearner(nn.Module):
         inject_adapter_in_model(lora, self.stack)
         for name, p in self.stack.named_parameters():
             p.requires_grad_("lora_" in name)
-        self.classifier: nn.Linear | None = None
-        if cfg.task == "classification":
-            self.classifier = nn.Linear(head.spec.out_size, cfg.num_labels)
-            if cfg.head_init == "verbalizer":
-                with torch.no_grad():
-                    self.classifier.weight.copy_(head.lm_head_weight)
-                    bias = head.lm_head_bias if head.spec.has_lm_bias else 0.0
-                    self.classifier.bias.copy_(torch.zeros(cfg.num_labels) + bias)
+        self.classifier = task_classifier(cfg, head)
 
     @classmethod
     def from_tensors(
