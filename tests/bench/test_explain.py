@@ -68,7 +68,7 @@ def test_race_note_separates_accuracy_from_speed_and_isolates_the_codec():
     ]
     time_note, acc_note = explain.notes(rs, {}, 2.3)
     assert "stays below the target (0.8700)" in time_note and "3.00x faster" in time_note
-    assert "LoRA 0.8850 against MobiLLM 0.8450" in acc_note
+    assert "LoRA 0.8850 against the ladder 0.8450" in acc_note
     assert "reaches 0.8460" in acc_note and "cost 0.10 points" in acc_note
     assert "linear probe" in acc_note
 
@@ -86,3 +86,18 @@ def test_offload_notes_compare_mobillm_with_the_same_side_network_on_device():
     assert "170 s to 0.8220" in race and "160 s to 0.8310" in race
     assert "never back-propagating" in summary
     assert explain.offload_notes([_race("lora", 0.9, 0.9, 300)]) == []
+
+
+def test_split_note_says_where_the_time_went():
+    from mobillm.bench.explain import race_notes
+
+    curve = lambda acc: [{"samples": 100, "train_seconds": 10.0, "accuracy": acc}]  # noqa: E731
+    race = {"mode": "race", "link_mbps": 0.0}
+    lora = race | {"method": "lora", "curve": curve(0.90), "final_accuracy": 0.90}
+    lora |= {"full_dev_accuracy": 0.88, "train_seconds": 290.0}
+    split = race | {"method": "mobillm", "split_layers": 16, "curve": curve(0.87)}
+    split |= {"final_accuracy": 0.87, "full_dev_accuracy": 0.881, "train_seconds": 495.0}
+    split |= {"forward_seconds": 73.0, "server_epochs": 3, "probe": 300}
+    (note,) = race_notes([lora, split])
+    assert "whole-dev accuracy 0.8810 against LoRA's 0.8800" in note
+    assert "73 s of 495 s" in note and "16 layers forward and backward for 3 epochs" in note

@@ -184,8 +184,10 @@ def _race_table(races: list[dict[str, Any]]) -> tuple[str, list[str]]:
             if r.get("split_layers") or r.get("epochs", 1) > 1:
                 verdicts.append(
                     f"- {_name(r)}: dev accuracy {full_dev(r):.4f} vs LoRA {full_dev(lora):.4f}, "
-                    f"gap {100 * gap:.2f} points; time to target {reach}"
+                    f"gap {100 * gap:.2f} points (target <= 1.0: {_ok(gap <= 0.01)}); time to "
+                    f"target {reach}"
                     + (f", LoRA / this {lora_t / t:.2f}" if t and lora_t else "")
+                    + _time_split(r, lora)
                 )
             elif not r["link_mbps"]:
                 verdicts.append(
@@ -212,6 +214,18 @@ def _race_table(races: list[dict[str, Any]]) -> tuple[str, list[str]]:
                     f"{reach}, LoRA / MobiLLM {ratio.strip('*')}"
                 )
     return "\n".join(lines), verdicts
+
+
+def _time_split(r: dict[str, Any], lora: dict[str, Any]) -> str:
+    """Where a MobiLLM run's training time went: the device's forward passes, or the server."""
+    if "forward_seconds" not in r:
+        return ""
+    fwd, total = r["forward_seconds"], r["train_seconds"]
+    return (
+        f". Of its {total:.0f} s, the device's forward passes took {fwd:.0f} s (LoRA's "
+        f"training time / that = {lora['train_seconds'] / fwd:.2f}); the rest is the server "
+        f"training {r.get('server_epochs', 1)} epochs on one core of this machine"
+    )
 
 
 def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
@@ -338,16 +352,22 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         "",
         *(["## Why the shortfalls", "", *why, ""] if why else []),
         *(["## What offloading buys", "", *offload, ""] if offload else []),
-        "## Device memory and seconds per sample",
-        "",
-        "One row per batch x sequence length; each method trains a few steps on batches of "
-        "exactly that many real SST-2 tokens; seconds per sample is the median step (after one "
-        "warm-up step) divided by the batch. For MobiLLM it is the device's compute per step "
-        "(forward, row gather, encode), not the server's.",
-        cost_md,
-        "",
-        *[img(i) for i in images if i.startswith("memory_")],
-        "",
+        *(
+            [
+                "## Device memory and seconds per sample",
+                "",
+                "One row per batch x sequence length; each method trains a few steps on batches "
+                "of exactly that many real SST-2 tokens; seconds per sample is the median step "
+                "(after one warm-up step) divided by the batch. For MobiLLM it is the device's "
+                "compute per step (forward, row gather, encode), not the server's.",
+                cost_md,
+                "",
+                *[img(i) for i in images if i.startswith("memory_")],
+                "",
+            ]
+            if cost_md
+            else []
+        ),
         "## Accuracy and wall time, same sample budget",
         "",
         "Every method trains on the same SST-2 sample budget and batches; the clock runs only "
@@ -360,16 +380,22 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         "",
         *[img(i) for i in images if i.startswith("accuracy")],
         "",
-        "## Bytes per sample per codec",
-        "",
-        f"Measured at {first[0]}x{first[1]} tokens (one loss row per sample)." if first else "",
-        "",
-        "| codec | bytes uploaded per sample (SmolLM2, 30 taps, loss rows only) |",
-        "|---|---|",
-        *[f"| {c} | {b:,.0f} |" for c, b in codec_rows],
-        "",
-        *[img(i) for i in images if i.startswith("bytes")],
-        "",
+        *(
+            [
+                "## Bytes per sample per codec",
+                "",
+                f"Measured at {first[0]}x{first[1]} tokens (one loss row per sample).",
+                "",
+                "| codec | bytes uploaded per sample (SmolLM2, 30 taps, loss rows only) |",
+                "|---|---|",
+                *[f"| {c} | {b:,.0f} |" for c, b in codec_rows],
+                "",
+                *[img(i) for i in images if i.startswith("bytes")],
+                "",
+            ]
+            if first
+            else []
+        ),
     ]
     text = "\n".join(parts)
     doc.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -211,7 +212,7 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
         done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [res]
         store.write_text("".join(json.dumps(r) + "\n" for r in done))
     command = (
-        "mobillm bench compare " + " ".join(sys.argv[3:])
+        "mobillm bench compare " + shlex.join(sys.argv[3:])
         if len(sys.argv) > 3
         else "mobillm bench compare"
     )
