@@ -52,9 +52,11 @@ def test_train_over_grpc_then_infer_alone(tmp_path, smollm2):
     # 96 samples: 10 streamed once as the validation split, 86 in 6 training steps
     train, server_summary = result["train"], result["server"]
     assert train["steps"] == 7 and train["validation_steps"] == 1 and server_summary["steps"] == 7
-    assert server_summary["optimizer_steps"] == 6 and train["server_epochs"] == 1
+    # the default 3 epochs: 6 steps streamed, 12 more replayed from the server's cache
+    assert server_summary["optimizer_steps"] == 18 and train["server_epochs"] == 3
+    assert train["device_forward_passes_per_sample"] == 1.0
     assert "step 6/6" in device.stderr and "MB/s" in device.stderr
-    assert "epoch 1 done" in device.stderr and "validation accuracy" in device.stderr
+    assert "epoch 3 done" in device.stderr and "validation accuracy" in device.stderr
     # the server's own copy: the checkpoint it wrote when the session closed
     (ckpt,) = workdir.glob("sessions/*/step-000007")
     assert (ckpt / "side.safetensors").read_bytes() == (out / "side.safetensors").read_bytes()

@@ -132,8 +132,6 @@ def test_malformed_side_files(tmp_path):
 
 
 def test_attention_mixer_keeps_samples_apart_and_starts_exact(make_tiny_backbone):
-    from mobillm.side.model import same_sample_mask
-
     bb = make_tiny_backbone("llama")
     cfg = SideConfig(
         hidden_size=32,

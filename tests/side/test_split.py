@@ -66,7 +66,7 @@ def test_untrained_split_learner_equals_the_backbone(make_tiny_backbone, family,
 
 def test_split_trains_downloads_and_runs_on_the_device(tmp_path, make_tiny_backbone):
     bb = make_tiny_backbone("llama", layers=4)
-    data, cfg = _data(bb.tokenizer, n=96)
+    data, _ = _data(bb.tokenizer, n=96)
     # verbalizers swapped: the frozen model, which tends to echo the last word, starts wrong
     side = build_side_config(bb, "classification", 2, ("good", "bad"), kind="split", split_layers=2)
     before = LocalModel.untrained(bb, side).evaluate(data)["accuracy"]

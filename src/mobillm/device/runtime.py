@@ -277,10 +277,11 @@ class DeviceTrainer:
             raise ValueError("no training batches: the training set is empty")
         self.begin(total, progress)
         self._steps_per_epoch = min(len(batches), total)
+        streamed = 1 if self.cfg.replay else self.cfg.epochs
+        self._total = min(total, len(batches) * streamed)  # what progress counts: device steps
         if validation is not None and len(validation):
             for idx in epoch_batches(validation.lengths, batch_size, seed, 0, 0):
                 self.step(collate(validation, idx), validation=True)
-        streamed = 1 if self.cfg.replay else self.cfg.epochs
         trained = 0
         for epoch in range(streamed):
             for i in epoch_step_order(len(batches), self.train_cfg.seed, epoch):
