@@ -169,3 +169,33 @@ def test_zero_shot_classification_needs_verbalizers(capsys, tmp_path, monkeypatc
     assert code == 2
     assert [ln for ln in err.splitlines() if "error:" in ln] == [err.strip()]
     assert "--verbalizers" in err
+
+
+def test_train_reaches_the_server_before_evaluating(capsys, tmp_path, model_dir):
+    """No server at the address: the run ends at the handshake, before any evaluation."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = write_reviews(tmp_path / "train.tsv", 4)
+    t0 = time.perf_counter()
+    code = main(
+        ["train", "--model", model_dir, "--train-file", data, "--eval-file", data, *TASK_FLAGS,
+         "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "side")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach server" in err, err
+    assert "evaluating the untrained" not in err and "before:" not in err
+    assert time.perf_counter() - t0 < 30
+
+
+def test_train_in_process_reports_the_session_then_evaluates(capsys, tmp_path, model_dir):
+    data = write_reviews(tmp_path / "train.tsv", 6)
+    res = run_json(
+        capsys, "train", "--model", model_dir, "--train-file", data, "--eval-file", data,
+        *TASK_FLAGS, "--batch-size", "4", "--out", str(tmp_path / "side"),
+    )  # fmt: skip
+    assert res["before"]["samples"] == res["after"]["samples"] == 12
+    assert res["train"]["server_epochs"] == 3 and res["train"]["validation_steps"] == 1

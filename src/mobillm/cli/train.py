@@ -132,12 +132,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "positions": positions,
         "side": side.to_dict(),
     }
-    if held is not None and not args.no_eval:
-        common.say("[train] evaluating the untrained side network (= the frozen backbone)")
-        result["before"] = evaluate(
-            LocalModel.untrained(backbone, side, dcfg.seed), held, dcfg.batch_size * 2
-        )
-        common.say(f"[train] before: {_fmt(result['before'])}")
     transport = make_transport(args, out)
     trainer = DeviceTrainer(
         backbone,
@@ -156,6 +150,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
     )
     progress = common.Progress(args.log_every)
+    # Reach the server and have the session accepted before any slow work: a wrong address
+    # or a refused spec fails in seconds, not after minutes of evaluation.
+    info = trainer.start(train, dcfg.batch_size, seed=dcfg.seed, progress=progress)
+    common.say(f"[train] session {info.session_id} open on {info.server or 'the server'}")
+    if held is not None and not args.no_eval:
+        common.say("[train] evaluating the untrained side network (= the frozen backbone)")
+        result["before"] = evaluate(
+            LocalModel.untrained(backbone, side, dcfg.seed), held, dcfg.batch_size * 2
+        )
+        common.say(f"[train] before: {_fmt(result['before'])}")
     result["train"] = trainer.train(
         train, dcfg.batch_size, seed=dcfg.seed, progress=progress, validation=val
     )

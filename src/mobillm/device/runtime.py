@@ -218,6 +218,7 @@ class DeviceTrainer:
         """Open the session for ``total_steps`` steps (the server's LR schedule needs it)."""
         self.open(total_steps)
         self._total, self._progress = total_steps, progress
+        self._total_steps = total_steps
         self._t_start = time.perf_counter()
         self._in_flight: dict[int, tuple[int, float]] = {}
         self._next_step = 0
@@ -255,6 +256,33 @@ class DeviceTrainer:
                 progress({"epoch": report.epoch, **report.metrics})
         return self.epochs
 
+    def start(
+        self,
+        data: TokenizedDataset,
+        batch_size: int,
+        seed: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> SessionInfo:
+        """Plan the epochs over ``data`` and open the session (handshake, head upload).
+
+        ``train`` calls it when the session is not open yet; a caller that has slow work to do
+        first (evaluating the untrained model) calls it before, so an unreachable server or a
+        refused session fails in seconds, not after that work.
+        """
+        batches = epoch_batches(data.lengths, batch_size, seed, 0, self.cfg.length_group)
+        total = len(batches) * self.cfg.epochs
+        if self.cfg.max_steps:
+            total = min(total, self.cfg.max_steps)
+        if total == 0:
+            raise ValueError("no training batches: the training set is empty")
+        self.begin(total, progress)
+        self._batches = batches
+        self._steps_per_epoch = min(len(batches), total)
+        streamed = 1 if self.cfg.replay else self.cfg.epochs
+        self._total = min(total, len(batches) * streamed)  # what progress counts: device steps
+        assert self.info is not None
+        return self.info
+
     def train(
         self,
         data: TokenizedDataset,
@@ -269,16 +297,11 @@ class DeviceTrainer:
         without it the device re-streams the first epoch's batches in ``epoch_step_order``.
         Returns a summary dict.
         """
-        batches = epoch_batches(data.lengths, batch_size, seed, 0, self.cfg.length_group)
-        total = len(batches) * self.cfg.epochs
-        if self.cfg.max_steps:
-            total = min(total, self.cfg.max_steps)
-        if total == 0:
-            raise ValueError("no training batches: the training set is empty")
-        self.begin(total, progress)
-        self._steps_per_epoch = min(len(batches), total)
+        if self.info is None:
+            self.start(data, batch_size, seed, progress)
+        batches, total = self._batches, self._total_steps
+        self._t_start = time.perf_counter()  # the clock starts with the first step
         streamed = 1 if self.cfg.replay else self.cfg.epochs
-        self._total = min(total, len(batches) * streamed)  # what progress counts: device steps
         if validation is not None and len(validation):
             for idx in epoch_batches(validation.lengths, batch_size, seed, 0, 0):
                 self.step(collate(validation, idx), validation=True)
