@@ -218,7 +218,6 @@ class DeviceTrainer:
         """Open the session for ``total_steps`` steps (the server's LR schedule needs it)."""
         self.open(total_steps)
         self._total, self._progress = total_steps, progress
-        self._total_steps = total_steps
         self._t_start = time.perf_counter()
         self._in_flight: dict[int, tuple[int, float]] = {}
         self._next_step = 0
@@ -299,16 +298,17 @@ class DeviceTrainer:
         """
         if self.info is None:
             self.start(data, batch_size, seed, progress)
-        batches, total = self._batches, self._total_steps
+        batches = self._batches
         self._t_start = time.perf_counter()  # the clock starts with the first step
-        streamed = 1 if self.cfg.replay else self.cfg.epochs
         if validation is not None and len(validation):
             for idx in epoch_batches(validation.lengths, batch_size, seed, 0, 0):
                 self.step(collate(validation, idx), validation=True)
-        trained = 0
-        for epoch in range(streamed):
+        trained = 0  # the device's own steps: one epoch with replay, all of them without
+        for epoch in range(self.cfg.epochs):
+            if trained >= self._total:
+                break
             for i in epoch_step_order(len(batches), self.train_cfg.seed, epoch):
-                if trained >= total:
+                if trained >= self._total:
                     break
                 self.step(collate(data, batches[i]))
                 trained += 1
