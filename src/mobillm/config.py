@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -66,6 +67,8 @@ class Config:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cls.__name__}: invalid JSON: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{cls.__name__}: JSON nested too deeply") from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
@@ -108,6 +111,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(
                 f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
             )
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value) if tp is float else value
     if origin is tuple:
         if not isinstance(value, list | tuple):

@@ -30,16 +30,25 @@ def test_train_over_grpc_then_infer_alone(tmp_path, smollm2):
     assert subprocess.run([*CLI, "serve", "--make-certs", str(tmp_path / "certs")]).returncode == 0
     certs = tmp_path / "certs"
     port_file, workdir, out = tmp_path / "port", tmp_path / "server", tmp_path / "side"
+    keys, key_file = tmp_path / "keys", tmp_path / "device.key"
+    added = subprocess.run(
+        [*CLI, "serve", "--api-keys", str(keys), "--add-api-key", "phone-1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    key_file.write_text(json.loads(added.stdout)["key"])
+    assert "phone-1" in keys.read_text() and key_file.read_text() not in keys.read_text()
     server = subprocess.Popen(
         [*CLI, "serve", "--port", "0", "--port-file", str(port_file), "--workdir", str(workdir),
-         "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")],
+         "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+         "--api-keys", str(keys)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         port = _wait_port(port_file, server)
         device = subprocess.run(
             [*CLI, "train", "--server", f"127.0.0.1:{port}", "--tls-ca", str(certs / "ca.pem"),
-             "--data", "sst2", "--max-train-samples", "96", "--batch-size", "16",
+             "--api-key-file", str(key_file), "--data", "sst2", "--max-train-samples", "96",
+             "--batch-size", "16",
              "--no-eval", "--out", str(out)],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
@@ -62,6 +71,7 @@ def test_train_over_grpc_then_infer_alone(tmp_path, smollm2):
     assert (ckpt / "side.safetensors").read_bytes() == (out / "side.safetensors").read_bytes()
     events = [json.loads(x) for x in (workdir / "server.jsonl").read_text().splitlines()]
     assert [e["loss"] for e in events if e["event"] == "step"][:1]  # per-step JSONL metrics
+    assert [e["client"] for e in events if e["event"] == "open"] == ["key:phone-1"]
     # the server is gone: the device predicts alone, exactly as the server's copy does
     cfg = resolve_preset(DataConfig(preset="sst2", max_eval_samples=48))
     dev = tokenize_examples(load_examples(cfg, "eval"), smollm2.tokenizer, cfg)

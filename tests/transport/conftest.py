@@ -33,6 +33,7 @@ def start_server(tmp_path):
 
     def start(tls=None, interceptors=(), port=0, **kw) -> GrpcServer:
         kw.setdefault("workdir", str(tmp_path / f"server{len(servers)}"))
+        kw.setdefault("open_access", True)
         cfg = ServerConfig(**{k: v for k, v in kw.items() if k in names})
         server = GrpcServer(cfg, port=port, tls=tls, interceptors=interceptors)
         server.start()

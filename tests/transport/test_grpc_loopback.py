@@ -53,6 +53,10 @@ def test_device_trains_over_grpc(
     events = _events(server)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "serving" and events[0]["mode"] == server.mode
+    (opened,) = [e for e in events if e["event"] == "open"]
+    assert opened["client"] == ("cert:" if mode == "mtls" else "anonymous") + (
+        "mobillm-device" if mode == "mtls" else ""
+    )
     assert kinds.count("step") == 12 and {"open", "head", "download", "close"} <= set(kinds)
     step = next(e for e in events if e["event"] == "step")
     assert {"session", "step", "loss", "bytes", "lr", "accuracy"} <= set(step)
@@ -132,9 +136,18 @@ def test_tls_configs_validate(tmp_path, certs):
 
 
 def test_plaintext_only_on_loopback(tmp_path):
+    from mobillm.server.auth import add_key
+    from mobillm.server.sessions import ServerConfig
+
     with pytest.raises(ConfigError, match=r"refusing to serve without TLS on 0\.0\.0\.0"):
         GrpcServer(host="0.0.0.0")
-    GrpcServer(host="0.0.0.0", insecure=True)  # explicit: allowed
+    add_key(tmp_path / "keys", "me")
+    keyed = ServerConfig(workdir=str(tmp_path), api_keys_file=str(tmp_path / "keys"))
+    GrpcServer(keyed, host="0.0.0.0", insecure=True)  # explicit: allowed
+    # the device side: plaintext only to loopback unless told
+    with pytest.raises(ConfigError, match=r"refusing plaintext to 10\.0\.0\.1"):
+        GrpcTransport("10.0.0.1:50051")
+    GrpcTransport("10.0.0.1:50051", insecure=True).shutdown()
     assert all(map(is_loopback, ["localhost", "127.0.0.1", "127.1.2.3", "::1", "[::1]"]))
     assert not any(map(is_loopback, ["0.0.0.0", "10.0.0.1", "example.org", "::"]))
 

@@ -32,7 +32,7 @@ def test_serve_process_with_tls(tmp_path, make_tiny_backbone, session_spec):
         sys.executable, "-m", "mobillm.cli.main", "serve", "--port", "0",
         "--port-file", str(port_file), "--workdir", str(workdir),
         "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
-        "--max-chunk-bytes", "65536",
+        "--max-chunk-bytes", "65536", "--open",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
@@ -65,4 +65,8 @@ def test_serve_refuses_bad_setups(tmp_path, capsys):
     assert "file not found" in refused("--tls-cert", "nope.pem", "--tls-key", "nope.key")
     assert "both --tls-cert and --tls-key" in refused("--tls-cert", "x.pem")
     assert "sha256" in refused("--allow-backbone", "llama")
-    assert "max_chunk_bytes" in refused("--max-chunk-bytes", "10")
+    assert "max_chunk_bytes" in refused("--max-chunk-bytes", "10", "--open")
+    assert "say who may open sessions" in refused()
+    assert "loopback only" in refused("--host", "0.0.0.0", "--insecure", "--open")
+    assert "API key file not found" in refused("--api-keys", str(tmp_path / "none"))
+    assert "needs --api-keys" in refused("--add-api-key", "me")

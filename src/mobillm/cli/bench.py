@@ -242,6 +242,7 @@ def start_server(
         "-m",
         "mobillm.cli.main",
         "serve",
+        "--open",
         "--port",
         "0",
         "--port-file",

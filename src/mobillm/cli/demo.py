@@ -57,6 +57,7 @@ def _start_server(out: Path, tls: dict[str, str]) -> tuple[subprocess.Popen, int
     cmd = [
         *_mobillm(),
         "serve",
+        "--open",
         "--host",
         "127.0.0.1",
         "--port",

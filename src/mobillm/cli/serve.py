@@ -25,8 +25,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="runs/server", help="logs and checkpoints go here")
     p.add_argument("--device", default="cpu", help="where side networks train: cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    g = p.add_argument_group("who may open sessions (one is required)")
+    g.add_argument(
+        "--api-keys",
+        default="",
+        metavar="FILE",
+        help="accept the API keys whose salted hashes FILE holds (see --add-api-key)",
+    )
+    g.add_argument(
+        "--open",
+        action="store_true",
+        help="anyone may open sessions: loopback only, for one machine's own use",
+    )
+    g.add_argument(
+        "--add-api-key",
+        default="",
+        metavar="NAME",
+        help="append a new key for NAME to the --api-keys file, print it once, and exit",
+    )
     g = p.add_argument_group("limits and policy")
     g.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default: 16)")
+    g.add_argument(
+        "--max-sessions-per-client",
+        type=int,
+        default=4,
+        help="concurrent sessions of one credential (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lease-s",
+        type=float,
+        default=900.0,
+        help="a session nobody calls for this long is checkpointed and evicted "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--retention-h",
+        type=float,
+        default=168.0,
+        help="ended sessions' folders are deleted after this many hours (default: %(default)s)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="checkpoint each session every N steps (default: 0 = at close only)",
+    )
     g.add_argument(
         "--max-chunk-bytes",
         type=int,
@@ -84,6 +127,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from mobillm.transport.grpc_server import GrpcServer, serve
     from mobillm.transport.tls import TlsServerConfig, make_certs
 
+    if args.add_api_key:
+        from mobillm.server.auth import add_key
+
+        if not args.api_keys:
+            raise ConfigError("--add-api-key needs --api-keys FILE to append to")
+        key = add_key(args.api_keys, args.add_api_key)
+        common.say(
+            f"[serve] key for {args.add_api_key} added to {args.api_keys}; give it to the device "
+            "(only its hash is stored: this is the one time it is shown)"
+        )
+        return {"api_keys": args.api_keys, "name": args.add_api_key, "key": key}
     if args.make_certs:
         hosts = ("localhost", "127.0.0.1", *args.cert_host)
         files = make_certs(args.make_certs, hosts=hosts)
@@ -101,6 +155,12 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     cfg = ServerConfig(
         device=args.device,
         max_sessions=args.max_sessions,
+        max_sessions_per_client=args.max_sessions_per_client,
+        lease_seconds=args.lease_s,
+        retention_seconds=args.retention_h * 3600,
+        checkpoint_every=args.checkpoint_every,
+        api_keys_file=args.api_keys,
+        open_access=args.open,
         max_chunk_bytes=args.max_chunk_bytes,
         allowed_backbones=tuple(args.allow_backbone),
         workdir=args.workdir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from mobillm.cli import common
 from mobillm.data import DataConfig, hold_out, load_examples, resolve_labels, tokenize_examples
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.errors import ConfigError
 from mobillm.transport.base import Transport
 
 
@@ -33,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tls-ca", default="", help="CA certificate that signed the server's (PEM)")
     g.add_argument("--tls-cert", default="", help="client certificate for mutual TLS (PEM)")
     g.add_argument("--tls-key", default="", help="client key for mutual TLS (PEM)")
+    g.add_argument(
+        "--api-key-file",
+        default="",
+        help="file holding the API key the server gave you (default: $MOBILLM_API_KEY)",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext to a non-loopback server (token, key and activations in the clear)",
+    )
     g.add_argument("--server-device", default="cpu", help="in-process server: cpu or cuda")
     p.add_argument("--no-eval", action="store_true", help="skip accuracy/loss before and after")
     p.set_defaults(func=run)
@@ -44,7 +56,13 @@ def make_transport(args: argparse.Namespace, out: Path) -> Transport:
         from mobillm.transport.grpc_client import GrpcTransport, TlsClientConfig
 
         tls = TlsClientConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-        return GrpcTransport(args.server, tls=tls, link=link)
+        key = os.environ.get("MOBILLM_API_KEY", "")
+        if args.api_key_file:
+            try:
+                key = Path(args.api_key_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"--api-key-file: {e}") from None
+        return GrpcTransport(args.server, tls=tls, link=link, api_key=key, insecure=args.insecure)
     from mobillm.server.sessions import ServerConfig, SessionManager
     from mobillm.transport.inprocess import InProcessTransport
 

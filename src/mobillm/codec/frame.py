@@ -42,7 +42,13 @@ from mobillm.codec.errors import (
     MalformedFrameError,
     TruncatedFrameError,
 )
-from mobillm.codec.schemes import Scheme, get_scheme, scheme_for_id, valid_group_size
+from mobillm.codec.schemes import (
+    Scheme,
+    check_stats,
+    get_scheme,
+    scheme_for_id,
+    valid_group_size,
+)
 
 MAGIC = b"MBLA"
 VERSION = 1
@@ -255,4 +261,6 @@ def decode(buf: bytes | bytearray | memoryview, max_frame_bytes: int | None = No
     rows, cols = _rows_cols(header.shape)
     payload = mv[header.header_nbytes :]
     out = get_scheme(header.scheme).decode_payload(payload, rows, cols, header.group_size)
+    # finite statistics can still decode to infinity (an int8 scale of 1e38 times 127)
+    check_stats(out, f"decoded {header.scheme} values")
     return out.reshape(header.shape)

@@ -154,7 +154,7 @@ def _unpack_nibbles(payload: memoryview, offset: int, count: int) -> torch.Tenso
     return codes.view(-1)[:count]
 
 
-def _check_stats(values: torch.Tensor, what: str, nonneg: torch.Tensor | None = None) -> None:
+def check_stats(values: torch.Tensor, what: str, nonneg: torch.Tensor | None = None) -> None:
     """Reject non-finite decoded values or statistics, and negative scales (never written)."""
     if values.numel() == 0:
         return
@@ -181,9 +181,7 @@ class Fp16Scheme:
     def decode_payload(
         self, payload: memoryview, rows: int, cols: int, group_size: int
     ) -> torch.Tensor:
-        y = _read(payload, 0, rows * cols, "<f2").float()
-        _check_stats(y, "fp16 values")
-        return y.view(rows, cols)
+        return _read(payload, 0, rows * cols, "<f2").float().view(rows, cols)
 
 
 class Int8Scheme:
@@ -211,7 +209,7 @@ class Int8Scheme:
         self, payload: memoryview, rows: int, cols: int, group_size: int
     ) -> torch.Tensor:
         scale = _read(payload, 0, rows, "<f4")
-        _check_stats(scale, "int8 row scales", nonneg=scale)
+        check_stats(scale, "int8 row scales", nonneg=scale)
         q = _read(payload, 4 * rows, rows * cols, "i1")
         if q.amin().item() == -128:
             raise MalformedFrameError("int8 code -128 found; the encoder only writes [-127, 127]")
@@ -255,7 +253,7 @@ class Int4Scheme:
         n_groups = -(-cols // group_size)
         stats = _read(payload, 0, 2 * rows * n_groups, "<f2").view(rows, n_groups, 2).float()
         lo, scale = stats[..., 0:1], stats[..., 1:2]
-        _check_stats(stats, "int4 group min/scale", nonneg=scale)
+        check_stats(stats, "int4 group min/scale", nonneg=scale)
         codes = _unpack_nibbles(payload, 4 * rows * n_groups, rows * cols)
         q = _codes_by_group(codes, rows, cols, group_size).float()
         return _ungroup(q.mul_(scale).add_(lo), cols)
@@ -291,7 +289,7 @@ class NF4Scheme:
     ) -> torch.Tensor:
         n_groups = -(-cols // group_size)
         scale = _read(payload, 0, rows * n_groups, "<f2").view(rows, n_groups, 1).float()
-        _check_stats(scale, "nf4 group scales", nonneg=scale)
+        check_stats(scale, "nf4 group scales", nonneg=scale)
         codes = _unpack_nibbles(payload, 2 * rows * n_groups, rows * cols)
         levels = _NF4.index_select(0, _codes_by_group(codes, rows, cols, group_size).view(-1).int())
         return _ungroup(levels.view(rows, n_groups, group_size).mul_(scale), cols)

@@ -241,7 +241,7 @@ class DeviceTrainer:
             self._collect()
 
     def _collect(self) -> None:
-        ack = self.transport.next_ack(timeout=600)
+        ack = self.transport.next_ack()
         samples, sent_at = self._in_flight.pop(ack.step)
         seconds = time.perf_counter() - sent_at
         self._record(ack, samples, seconds, self._t_start, self._total, self._progress)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
+from mobillm.server.budget import check_step
 from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.side.head import FrozenHead
 from mobillm.side.learner import Learner, build_learner
@@ -90,10 +91,12 @@ class Trainer:
         max_rows: int = 1 << 16,
         cache: ActivationCache | None = None,
         layers: dict[str, torch.Tensor] | None = None,
+        max_step_bytes: int = 0,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.max_rows = max_rows
+        self.max_step_bytes = max_step_bytes  # 0 = unpriced (a trusted, in-process caller)
         self.cache = cache
         # Seed the initial weights, and give dropout its own generator, without touching other
         # sessions' random streams: a session's run is the same whoever else is training.
@@ -175,6 +178,8 @@ class Trainer:
         n = msg.num_rows
         if n > self.max_rows:
             raise RemoteError("RESOURCE_EXHAUSTED", f"{n} rows in one step; limit {self.max_rows}")
+        if self.max_step_bytes:
+            check_step(self.spec, msg.rows_per_sample, self.max_step_bytes)
         if msg.pool_rows.shape != (b,) or (msg.pool_rows < 0).any() or (msg.pool_rows >= n).any():
             raise _bad(f"pool_rows must hold {b} row indices in [0, {n})")
         if side.task == "classification":
@@ -277,7 +282,10 @@ class Trainer:
                 metrics["tokens"] = float(keep.sum())
         if not torch.isfinite(loss):
             self._pending = None
-            raise RemoteError("INTERNAL", f"loss is {loss.item()} at step {b.step}; step skipped")
+            raise _bad(
+                f"step {b.step}'s activations give a loss of {loss.item()} (values too large?); "
+                "step dropped, nothing trained"
+            )
         return loss, metrics
 
     def _finish(self, p: _Pending) -> Ack:
@@ -298,8 +306,15 @@ class Trainer:
     def _train_on(self, loss: torch.Tensor, metrics: dict[str, float]) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        gn = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(gn):
+            # a finite loss can still overflow its gradients; stepping would poison the weights
+            self.opt.zero_grad(set_to_none=True)
+            self._pending = None
+            raise _bad("this step's gradients overflow; step dropped, nothing trained")
         if self.spec.train.grad_clip:
-            gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.spec.train.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(params, self.spec.train.grad_clip, gn)
             metrics["grad_norm"] = float(gn)
         metrics["lr"] = self.opt.param_groups[0]["lr"]
         self.opt.step()

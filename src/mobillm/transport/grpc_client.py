@@ -1,27 +1,25 @@
 """The device's gRPC client: a synchronous ``Transport`` over the ``SideTuning`` service.
 
 The device runtime is synchronous, so the client keeps a grpc.aio channel on an event loop in a
-background thread and offers blocking calls. ``send`` only enqueues (a bounded queue: when it
-is full the device's forward pass waits, which is the backpressure); a sender thread drains
-the queue, paces the bytes through the emulated link (sleeping there, never on the event loop)
-and writes them to one long-lived Train stream, whose writes wait on gRPC flow control. Acks
-come back on the same stream and become visible ``link.ack_delay()`` seconds late. Every
-gRPC failure surfaces as ``RemoteError(status name, details)``, as with the in-process
-transport.
+background thread and offers blocking calls. Sending and acks are ``QueuedSender``'s, shared
+with the in-process transport: its sender thread paces the bytes through the emulated link
+(sleeping there, never on the event loop) and writes them to one long-lived Train stream, whose
+writes wait on gRPC flow control; acks come back on the same stream. Keepalive pings end a run
+whose server has vanished or frozen within ``KEEPALIVE_SECONDS`` plus its timeout. Every gRPC
+failure surfaces as ``RemoteError(status name, details)``, as with the in-process transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import grpc
 
+from mobillm.errors import ConfigError
 from mobillm.proto.v1 import mobillm_pb2_grpc as pb_grpc
 from mobillm.transport import serde
 from mobillm.transport.link import Link, LinkConfig
@@ -35,26 +33,32 @@ from mobillm.transport.messages import (
     SideBlob,
     StepBegin,
 )
-from mobillm.transport.tls import TlsClientConfig, channel_credentials
+from mobillm.transport.sender import QueuedSender
+from mobillm.transport.tls import TlsClientConfig, channel_credentials, is_loopback
 
 __all__ = ["GrpcTransport", "TlsClientConfig"]
 
+API_KEY_HEADER = "x-mobillm-api-key"
 # The largest message a server may send or accept: a full chunk of the biggest size any server
 # announces, plus the fields around it.
 MAX_MESSAGE_BYTES = serde.MAX_CHUNK_BYTES + serde.ENVELOPE_BYTES
-_STOP = object()
+# HTTP/2 pings: a server that does not answer one within the timeout is gone or frozen.
+KEEPALIVE_SECONDS = 20
+KEEPALIVE_TIMEOUT_SECONDS = 10
 
 
 def _remote(e: grpc.aio.AioRpcError) -> RemoteError:
     return RemoteError(e.code().name, e.details() or "")
 
 
-class GrpcTransport:
+class GrpcTransport(QueuedSender):
     """A ``Transport`` talking to a ``mobillm serve`` at ``target`` ("host:port").
 
-    ``tls``: server CA (and client cert/key for mutual TLS); None or all empty = plaintext.
-    ``link``: emulated upload rate and round-trip time. ``queue_size``: messages ``send`` may
-    queue before it blocks. ``connect_timeout``: seconds ``open`` waits for the server.
+    ``tls``: server CA (and client cert/key for mutual TLS); None or all empty = plaintext,
+    which is refused for a non-loopback host unless ``insecure``. ``api_key``: the credential
+    ``OpenSession`` presents (``mobillm serve --add-api-key``). ``link``: emulated upload rate
+    and round-trip time. ``queue_size``: messages ``send`` may queue before it blocks.
+    ``connect_timeout``: seconds ``open`` waits for the server.
     """
 
     def __init__(
@@ -65,21 +69,27 @@ class GrpcTransport:
         queue_size: int = 256,
         connect_timeout: float = 10.0,
         close_timeout: float = 600.0,
+        api_key: str = "",
+        insecure: bool = False,
+        ack_timeout: float = 600.0,
     ) -> None:
+        super().__init__(Link(link), queue_size, ack_timeout)
         self.target = target
         self.tls = tls if tls is not None and tls.enabled else None
-        self.link = Link(link)
+        host = target.rpartition(":")[0] or target
+        if self.tls is None and not insecure and not is_loopback(host):
+            raise ConfigError(
+                f"refusing plaintext to {host}: the session token, the API key and the "
+                "activations would cross the network in the clear; give the server's CA "
+                "(--tls-ca), or --insecure if the network is trusted"
+            )
+        self.api_key = api_key
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self.info: SessionInfo | None = None
-        self._out: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._acks: queue.Queue = queue.Queue()
-        self._error: RemoteError | None = None
-        self._lock = threading.Lock()
         self._md: tuple[tuple[str, str], ...] = ()
         self._train: Any = None  # the Train stream call, opened by the first send
         self._reader: Any = None  # concurrent Future of the ack reader task
-        self._sender: threading.Thread | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="mobillm-grpc-client", daemon=True
@@ -100,6 +110,10 @@ class GrpcTransport:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if self.tls is None:
             return grpc.aio.insecure_channel(self.target, options=options)
@@ -109,12 +123,6 @@ class GrpcTransport:
         if self.info is None:
             raise RuntimeError("open a session first")
         return self.info
-
-    def _fail(self, err: RemoteError) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = err
-                self._acks.put(err)
 
     @staticmethod
     async def _status(call: Any) -> RemoteError | None:
@@ -147,8 +155,10 @@ class GrpcTransport:
         """Propose ``spec``; UNAVAILABLE quickly if nothing answers at the target."""
         request = serde.spec_to_proto(spec)
 
+        md = ((API_KEY_HEADER, self.api_key),) if self.api_key else ()
+
         async def call() -> Any:
-            return await self._stub.OpenSession(request, timeout=self.connect_timeout)
+            return await self._stub.OpenSession(request, timeout=self.connect_timeout, metadata=md)
 
         try:
             reply = asyncio.run_coroutine_threadsafe(call(), self._loop).result()
@@ -166,8 +176,7 @@ class GrpcTransport:
             ("authorization", f"Bearer {self.info.token}"),
             ("x-mobillm-session", self.info.session_id),
         )
-        self._sender = threading.Thread(target=self._pump, name="mobillm-sender", daemon=True)
-        self._sender.start()
+        self._start_sender()
         return self.info
 
     def upload_head(self, blob: bytes) -> None:
@@ -191,32 +200,20 @@ class GrpcTransport:
         serde.upload_reply_from_proto(self._run(finish()))
 
     # --- training stream --------------------------------------------------------------------
-    def send(self, msg: StepBegin | ActivationChunk) -> None:
-        """Queue ``msg`` for the sender thread; blocks while the queue is full."""
-        if self._error is not None:
-            raise self._error
-        self._out.put(msg)
+    def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
+        req = serde.train_request_to_proto(msg)
+        if self._train is None:
+            self._train = self._run(self._open_train())
+        self.link.send(req.ByteSize())
+        if (err := self._run(self._write(self._train, req))) is not None:
+            raise err
+        return None  # acks arrive on the stream, read by _read_acks
 
-    def _pump(self) -> None:
-        while (msg := self._out.get()) is not _STOP:
-            if self._error is not None:
-                continue  # drain: the stream already failed; send() reports it
-            try:
-                req = serde.train_request_to_proto(msg)
-                if self._train is None:
-                    self._train = self._run(self._open_train())
-                self.link.send(req.ByteSize())
-                err = self._run(self._write(self._train, req))
-            except RemoteError as e:
-                err = e
-            except Exception as e:  # never die silently: send() would block on a full queue
-                err = RemoteError("INTERNAL", f"sender failed: {type(e).__name__}: {e}")
-            if err is not None:
-                self._fail(err)
+    def _end_stream(self, failed: bool) -> None:
         if self._train is not None:
             # If the stream ended meanwhile, the reader reports how.
             with contextlib.suppress(RemoteError, asyncio.InvalidStateError):
-                self._run(self._end_train(self._train, cancel=self._error is not None))
+                self._run(self._end_train(self._train, cancel=failed))
 
     @staticmethod
     async def _end_train(call: Any, cancel: bool) -> None:
@@ -233,8 +230,7 @@ class GrpcTransport:
     async def _read_acks(self, call: Any) -> None:
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
-                ack = serde.ack_from_proto(resp)
-                self._acks.put((time.perf_counter() + self.link.ack_delay(), ack))
+                self._ack(serde.ack_from_proto(resp))
             err = await self._status(call)
         except grpc.aio.AioRpcError as e:
             err = _remote(e)
@@ -242,20 +238,6 @@ class GrpcTransport:
             err = RemoteError("INTERNAL", f"ack reader failed: {type(e).__name__}: {e}")
         if err is not None:
             self._fail(err)
-
-    def next_ack(self, timeout: float | None = None) -> Ack:
-        """The next step's ack; raises the stream's RemoteError once the acks before it are read.
-
-        Raises ``queue.Empty`` after ``timeout`` seconds without one.
-        """
-        item = self._acks.get(timeout=timeout)
-        if isinstance(item, RemoteError):
-            self._acks.put(item)  # stays the answer to every later call
-            raise item
-        visible_at, ack = item
-        if (wait := visible_at - time.perf_counter()) > 0:
-            time.sleep(wait)
-        return ack
 
     # --- results ----------------------------------------------------------------------------
     def finish(self) -> Iterator[EpochReport]:
@@ -285,10 +267,7 @@ class GrpcTransport:
         """End the Train stream (after every queued message), close the session, disconnect."""
         sid = self._session().session_id
         try:
-            if self._sender is not None:
-                self._out.put(_STOP)
-                self._sender.join()
-                self._sender = None
+            self._stop_sender()
             if self._reader is not None:
                 self._reader.result(self.close_timeout)  # the server has handled everything
 
@@ -306,9 +285,7 @@ class GrpcTransport:
             return
         if self._sender is not None:  # a session left open: stop its sender first
             self._fail(RemoteError("CANCELLED", "transport shut down"))
-            self._out.put(_STOP)
-            self._sender.join()
-            self._sender = None
+            self._stop_sender()
         asyncio.run_coroutine_threadsafe(self._channel.close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()

@@ -30,8 +30,14 @@ import grpc
 from mobillm.config import check
 from mobillm.errors import MobiLLMError
 from mobillm.proto.v1 import mobillm_pb2_grpc as pb_grpc
+from mobillm.server.auth import ApiKeys
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.transport import serde
+from mobillm.transport.grpc_client import (
+    API_KEY_HEADER,
+    KEEPALIVE_SECONDS,
+    KEEPALIVE_TIMEOUT_SECONDS,
+)
 from mobillm.transport.messages import RemoteError, StepBegin, spec_summary
 from mobillm.transport.tls import TlsServerConfig, is_loopback, server_credentials
 
@@ -44,6 +50,8 @@ AUTH_KEY = "authorization"
 STEP_BEGIN_BYTES_PER_ROW = 28
 # How long a new Train stream waits for the session's previous one to wind down.
 STREAM_HANDOVER_SECONDS = 30.0
+# How often idle sessions are looked for (at most; a short lease looks more often).
+REAP_SECONDS = 60.0
 
 
 class ServeError(MobiLLMError):
@@ -138,11 +146,41 @@ class _Stream:
 class SideTuningServicer(pb_grpc.SideTuningServicer):
     """The service's RPCs over a ``SessionManager``; see ``proto/mobillm/proto/v1``."""
 
-    def __init__(self, manager: SessionManager, jlog: JsonlLog, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        jlog: JsonlLog,
+        pool: ThreadPoolExecutor,
+        keys: ApiKeys | None = None,
+        mutual_tls: bool = False,
+    ) -> None:
         self.manager = manager
         self.jlog = jlog
         self.pool = pool
+        self.keys = keys
+        self.mutual_tls = mutual_tls
         self._streams: dict[str, _Stream] = {}  # the live Train stream of each session
+
+    async def _identify(self, context: grpc.aio.ServicerContext) -> str:
+        """The credential asking to open a session: ``key:<name>``, ``cert:<common name>``, or
+        "" (anonymous, on an open server); UNAUTHENTICATED otherwise."""
+        md = {k.lower(): v for k, v in context.invocation_metadata() or ()}
+        key = md.get(API_KEY_HEADER, "")
+        if key:
+            name = await self._run(self.keys.check, key) if self.keys is not None else None
+            if name is None:
+                raise RemoteError("UNAUTHENTICATED", "API key not accepted by this server")
+            return f"key:{name}"
+        if self.mutual_tls:  # the handshake already verified the certificate against the CA
+            names = (context.auth_context() or {}).get("x509_common_name") or [b"?"]
+            return f"cert:{names[0].decode(errors='replace')}"
+        if self.manager.cfg.open_access:
+            return ""
+        raise RemoteError(
+            "UNAUTHENTICATED",
+            f"this server opens sessions only for a credential: send an API key as metadata "
+            f"'{API_KEY_HEADER}' (mobillm train --api-key-file) or a client certificate",
+        )
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await _in_pool(self.pool, fn, *args)
@@ -184,14 +222,16 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
 
     async def OpenSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            client = await self._identify(context)
             spec = serde.spec_from_proto(request)
-            info = await self._run(self.manager.open, spec)
+            info = await self._run(self.manager.open, spec, client)
         except Exception as e:
             await self._abort(context, "OpenSession", _as_remote(e, "OpenSession"))
             raise  # unreachable: abort raises
         self.jlog.event(
             "open",
             session=info.session_id,
+            client=client or "anonymous",
             peer=context.peer(),
             need_head=info.need_head,
             **spec_summary(spec),
@@ -361,6 +401,20 @@ class GrpcServer:
         )
         self.manager = manager or SessionManager(cfg)
         self.cfg = self.manager.cfg
+        mutual = tls is not None and bool(tls.client_ca)
+        check(
+            not self.cfg.open_access or is_loopback(host),
+            f"open access (--open) is for loopback only; on {host} give --api-keys FILE "
+            "or --tls-client-ca",
+        )
+        check(
+            self.cfg.open_access or bool(self.cfg.api_keys_file) or mutual,
+            "say who may open sessions: --api-keys FILE (keys from --add-api-key), "
+            "--tls-client-ca CA (mutual TLS), or --open (anyone, loopback only)",
+        )
+        self.keys = ApiKeys.load(self.cfg.api_keys_file) if self.cfg.api_keys_file else None
+        self.mutual_tls = mutual
+        self._reaper: asyncio.Task | None = None
         self.host, self.port, self.tls = host, port, tls
         self.interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
@@ -393,10 +447,17 @@ class GrpcServer:
                 ("grpc.max_send_message_length", limit),
                 # A second server on a busy port must fail, not silently share it.
                 ("grpc.so_reuseport", 0),
+                # Devices ping every KEEPALIVE_SECONDS to notice a dead server; allow it. The
+                # server pings too, so a vanished device's streams end instead of hanging.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_SECONDS * 500),
+                ("grpc.keepalive_time_ms", 3 * KEEPALIVE_SECONDS * 1000),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 2000),
             ],
         )
         pb_grpc.add_SideTuningServicer_to_server(
-            SideTuningServicer(self.manager, self._jlog, self._pool), server
+            SideTuningServicer(self.manager, self._jlog, self._pool, self.keys, self.mutual_tls),
+            server,
         )
         try:
             if self.tls is None:
@@ -413,6 +474,7 @@ class GrpcServer:
         self.port = port
         await server.start()
         self._server = server
+        self._reaper = asyncio.ensure_future(self._reap(self._pool))
         self._jlog.event(
             "serving",
             address=self.address,
@@ -422,8 +484,23 @@ class GrpcServer:
         )
         return port
 
+    async def _reap(self, pool: ThreadPoolExecutor) -> None:
+        """Evict idle sessions and delete expired folders, now and then, off the event loop."""
+        period = min(REAP_SECONDS, self.cfg.lease_seconds / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await _in_pool(pool, self.manager.reap)
+            except RemoteError:
+                return  # the pool is shut down: the server is stopping
+            except Exception:  # a sweep that fails must not stop later ones
+                log.exception("reaping sessions failed")
+
     async def stop_async(self, grace: float = 2.0) -> None:
         """Stop taking calls, give running ones ``grace`` seconds, then release everything."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

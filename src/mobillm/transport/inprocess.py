@@ -1,15 +1,13 @@
 """In-process transport: the server's session manager in a thread of the device's process.
 
-It behaves like the network client (a bounded send queue drained by a sender thread, acks
-coming back asynchronously, the same errors), so the device runtime cannot tell them apart.
+It shares the network client's sending and acks (``QueuedSender``: a bounded send queue drained
+by a sender thread, acks coming back asynchronously, the same errors), so the device runtime
+cannot tell them apart.
 Tests and single-machine experiments use it.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,14 +17,12 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
-    RemoteError,
     SessionInfo,
     SessionSpec,
     SideBlob,
     StepBegin,
 )
-
-_STOP = object()
+from mobillm.transport.sender import QueuedSender
 
 
 def message_nbytes(msg: StepBegin | ActivationChunk) -> int:
@@ -39,19 +35,19 @@ def message_nbytes(msg: StepBegin | ActivationChunk) -> int:
     return n
 
 
-class InProcessTransport:
-    """A ``Transport`` that calls a ``SessionManager`` directly from a sender thread."""
+class InProcessTransport(QueuedSender):
+    """A ``Transport`` that calls a ``SessionManager`` directly from the sender thread."""
 
     def __init__(
-        self, manager: SessionManager, link: LinkConfig | None = None, queue_size: int = 256
+        self,
+        manager: SessionManager,
+        link: LinkConfig | None = None,
+        queue_size: int = 256,
+        ack_timeout: float = 600.0,
     ) -> None:
+        super().__init__(Link(link), queue_size, ack_timeout)
         self.manager = manager
-        self.link = Link(link)
         self.info: SessionInfo | None = None
-        self._out: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._acks: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._error: RemoteError | None = None
 
     @property
     def bytes_sent(self) -> int:
@@ -64,8 +60,7 @@ class InProcessTransport:
 
     def open(self, spec: SessionSpec) -> SessionInfo:
         self.info = self.manager.open(spec)
-        self._thread = threading.Thread(target=self._pump, name="mobillm-sender", daemon=True)
-        self._thread.start()
+        self._start_sender()
         return self.info
 
     def upload_head(self, blob: bytes) -> None:
@@ -78,37 +73,13 @@ class InProcessTransport:
                 info.session_id, info.token, part, i == len(parts) - 1, first=i == 0
             )
 
-    def send(self, msg: StepBegin | ActivationChunk) -> None:
-        if self._error is not None:
-            raise self._error
-        self._out.put(msg)
-
-    def _pump(self) -> None:
+    def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
         info = self._session()
-        while (msg := self._out.get()) is not _STOP:
-            if self._error is not None:
-                continue  # drain: the server already refused this stream
-            self.link.send(message_nbytes(msg))
-            try:
-                if isinstance(msg, StepBegin):
-                    self.manager.begin_step(info.session_id, info.token, msg)
-                    continue
-                ack = self.manager.add_chunk(info.session_id, info.token, msg)
-            except RemoteError as e:
-                self._error = e
-                self._acks.put(e)
-                continue
-            if ack is not None:
-                self._acks.put((time.perf_counter() + self.link.ack_delay(), ack))
-
-    def next_ack(self, timeout: float | None = None) -> Ack:
-        item = self._acks.get(timeout=timeout)
-        if isinstance(item, RemoteError):
-            raise item
-        visible_at, ack = item
-        if (wait := visible_at - time.perf_counter()) > 0:
-            time.sleep(wait)
-        return ack
+        self.link.send(message_nbytes(msg))
+        if isinstance(msg, StepBegin):
+            self.manager.begin_step(info.session_id, info.token, msg)
+            return None
+        return self.manager.add_chunk(info.session_id, info.token, msg)
 
     def finish(self) -> Iterator[EpochReport]:
         info = self._session()
@@ -120,8 +91,5 @@ class InProcessTransport:
 
     def close(self) -> dict[str, Any]:
         info = self._session()
-        if self._thread is not None:
-            self._out.put(_STOP)
-            self._thread.join()
-            self._thread = None
+        self._stop_sender()
         return self.manager.close(info.session_id, info.token)

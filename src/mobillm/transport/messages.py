@@ -49,7 +49,6 @@ class TrainConfig(Config):
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     seed: int = 0
-    checkpoint_every: int = 0
     epochs: int = 1
     replay: bool = True
 
@@ -61,7 +60,6 @@ class TrainConfig(Config):
         check(self.total_steps >= 0, "TrainConfig.total_steps must be >= 0")
         check(self.grad_clip >= 0, "TrainConfig.grad_clip must be >= 0 (0 = off)")
         check(0 <= self.label_smoothing < 1, "TrainConfig.label_smoothing must be in [0, 1)")
-        check(self.checkpoint_every >= 0, "TrainConfig.checkpoint_every must be >= 0")
         check(1 <= self.epochs <= MAX_EPOCHS, f"TrainConfig.epochs must be in [1, {MAX_EPOCHS}]")
 
 
@@ -253,7 +251,14 @@ CODES = (
 class RemoteError(MobiLLMError):
     """The other side refused a message; ``code`` is one of ``CODES``."""
 
+    MAX_MESSAGE_CHARS = 400
+
     def __init__(self, code: str, message: str) -> None:
+        # messages often quote what the other side sent; a refusal must not echo megabytes
+        # into logs and replies
+        if len(message) > self.MAX_MESSAGE_CHARS:
+            cut = len(message) - self.MAX_MESSAGE_CHARS
+            message = f"{message[: self.MAX_MESSAGE_CHARS]}... ({cut} more characters)"
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

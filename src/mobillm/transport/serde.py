@@ -33,6 +33,8 @@ from mobillm.transport.messages import (
 MAX_ITEMS = 1 << 22
 # Room for a message's fields around its bulk bytes (ids, flags, the spec, a chunk's meta).
 ENVELOPE_BYTES = 64 << 10
+# The largest session spec a server parses (a real one, split layers' config included, is a few KB).
+MAX_SPEC_CHARS = 48 << 10
 # The largest chunk any server may announce (the upper bound ServerConfig accepts).
 MAX_CHUNK_BYTES = 4 << 20
 INT32, INT64 = np.dtype("<i4"), np.dtype("<i8")
@@ -49,6 +51,11 @@ def spec_to_proto(spec: SessionSpec) -> pb.OpenSessionRequest:
 
 def spec_from_proto(req: pb.OpenSessionRequest) -> SessionSpec:
     """The proposed spec; its Config classes validate it and say precisely what is wrong."""
+    if len(req.spec_json) > MAX_SPEC_CHARS:
+        raise RemoteError(
+            "RESOURCE_EXHAUSTED",
+            f"session spec of {len(req.spec_json)} characters; limit {MAX_SPEC_CHARS}",
+        )
     try:
         return SessionSpec.from_json(req.spec_json)
     except ConfigError as e:

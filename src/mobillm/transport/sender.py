@@ -1,0 +1,112 @@
+"""Sending and acks: the one implementation every transport's training stream runs on.
+
+``send`` only enqueues (a bounded queue: when it is full the device's forward pass waits, which
+is the backpressure); a sender thread drains the queue through the transport's ``_deliver``.
+Acks become visible ``link.ack_delay()`` seconds after they arrive (the emulated round trip).
+The first failure anywhere (a refusal, a dead stream, a crashed sender, a server silent for
+``ack_timeout`` seconds) becomes the one ``RemoteError`` that every later ``send`` and
+``next_ack`` raises, after the acks that arrived before it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from mobillm.transport.link import Link
+from mobillm.transport.messages import Ack, ActivationChunk, RemoteError, StepBegin
+
+_STOP = object()
+
+
+class QueuedSender:
+    """Base of the device-side transports: the send queue, the sender thread and the acks.
+
+    Subclasses implement ``_deliver(msg)`` (hand one message to the server; return its Ack if
+    the server answered at once, else None and call ``_ack`` later) and may override
+    ``_end_stream(failed)``, run by the sender thread once the queue is closed.
+    """
+
+    def __init__(self, link: Link, queue_size: int = 256, ack_timeout: float = 600.0) -> None:
+        self.link = link
+        self.ack_timeout = ack_timeout
+        self._out: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._acks: queue.Queue = queue.Queue()
+        self._error: RemoteError | None = None
+        self._fail_lock = threading.Lock()
+        self._sender: threading.Thread | None = None
+
+    # --- to implement -----------------------------------------------------------------------
+    def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
+        raise NotImplementedError
+
+    def _end_stream(self, failed: bool) -> None:
+        """The queue is closed and drained; ``failed`` if the stream ended in an error."""
+
+    # --- the sender -------------------------------------------------------------------------
+    def _start_sender(self) -> None:
+        self._sender = threading.Thread(target=self._pump, name="mobillm-sender", daemon=True)
+        self._sender.start()
+
+    def _stop_sender(self) -> None:
+        """Close the queue after everything queued so far and wait for the sender to end."""
+        if self._sender is not None:
+            self._out.put(_STOP)
+            self._sender.join()
+            self._sender = None
+
+    def send(self, msg: StepBegin | ActivationChunk) -> None:
+        """Queue ``msg`` for the sender thread; blocks while the queue is full."""
+        if self._error is not None:
+            raise self._error
+        self._out.put(msg)
+
+    def _pump(self) -> None:
+        while (msg := self._out.get()) is not _STOP:
+            if self._error is not None:
+                continue  # drain: the stream already failed; send() reports it
+            try:
+                ack = self._deliver(msg)
+            except RemoteError as e:
+                self._fail(e)
+                continue
+            except Exception as e:  # never die silently: send() would block on a full queue
+                self._fail(RemoteError("INTERNAL", f"sender failed: {type(e).__name__}: {e}"))
+                continue
+            if ack is not None:
+                self._ack(ack)
+        self._end_stream(self._error is not None)
+
+    # --- acks and failures ------------------------------------------------------------------
+    def _ack(self, ack: Ack) -> None:
+        self._acks.put((time.perf_counter() + self.link.ack_delay(), ack))
+
+    def _fail(self, err: RemoteError) -> None:
+        with self._fail_lock:
+            if self._error is None:
+                self._error = err
+                self._acks.put(err)
+
+    def next_ack(self, timeout: float | None = None) -> Ack:
+        """The next step's ack; raises the stream's RemoteError once the acks before it are read,
+        or DEADLINE_EXCEEDED after ``timeout`` (default ``ack_timeout``) seconds of silence."""
+        wait = self.ack_timeout if timeout is None else timeout
+        try:
+            item = self._acks.get(timeout=wait)
+        except queue.Empty:
+            self._fail(
+                RemoteError(
+                    "DEADLINE_EXCEEDED",
+                    f"no answer from the server for {wait:.0f} s (overloaded or stuck?); "
+                    "the run stops here",
+                )
+            )
+            item = self._acks.get()
+        if isinstance(item, RemoteError):
+            self._acks.put(item)  # stays the answer to every later call
+            raise item
+        visible_at, ack = item
+        if (delay := visible_at - time.perf_counter()) > 0:
+            time.sleep(delay)
+        return ack
