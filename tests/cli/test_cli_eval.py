@@ -1,45 +1,11 @@
 """``mobillm eval`` on the user's own eval file alone: no train file, with --side or --zero-shot."""
 
-import csv
 import json
 
 import pytest
-from tinymodels import tiny_model
+from clidata import TASK_FLAGS, write_reviews
 
 from mobillm.cli.main import main
-
-TEMPLATE = "Review: {text}\\nSentiment:"
-TASK_FLAGS = [
-    "--text-column",
-    "review",
-    "--label-column",
-    "stars",
-    "--labels",
-    "neg,pos",
-    "--verbalizers",
-    "negative,positive",
-    "--template",
-    TEMPLATE,
-]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, bos_tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", vocab=len(bos_tokenizer), seed=0).save_pretrained(d)
-    bos_tokenizer.save_pretrained(d)
-    return str(d)
-
-
-def write_reviews(path, n: int) -> str:
-    """A TSV as pandas writes it: texts with newlines, tabs or quotes are quoted."""
-    with path.open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["review", "stars"])
-        for i in range(n):
-            w.writerow([f"a good movie {i}", "pos"])
-            w.writerow([f'a bad\nmovie, "really"\tbad {i}', "neg"])
-    return str(path)
 
 
 def write_replies(path, n: int) -> str:

@@ -47,8 +47,9 @@ def test_spilled_cache_replays_exactly(tmp_path, make_tiny_backbone):
     s_disk, w_disk, c_disk, spilled, left = _run(
         bb, tmp_path, "disk", cache_memory_bytes=2000, cache_disk_bytes=1 << 20
     )
-    assert not spilled_mem and c_mem["disk"] == 0 and c_mem["memory"] > 0
-    assert spilled and c_disk["disk"] > 0 and c_disk["memory"] <= 2000
+    # every step is on disk (a restarted server needs them); memory holds what fits
+    assert spilled_mem and c_mem["disk"] == c_disk["disk"] > 0
+    assert spilled and c_disk["memory"] <= 2000 < c_mem["memory"] == c_mem["disk"]
     assert w_disk == w_mem
     assert [e["val_accuracy"] for e in s_disk["epochs"]] == [
         e["val_accuracy"] for e in s_mem["epochs"]
@@ -61,7 +62,7 @@ def test_full_cache_is_refused_and_a_cacheless_server_asks_for_restreaming(
 ):
     bb = make_tiny_backbone("llama")
     with pytest.raises(RemoteError, match="activation cache full") as e:
-        _run(bb, tmp_path, "tiny", cache_memory_bytes=1000, cache_disk_bytes=1000)
+        _run(bb, tmp_path, "tiny", cache_memory_bytes=1 << 20, cache_disk_bytes=1000)
     assert e.value.code == "RESOURCE_EXHAUSTED"
     with pytest.raises(RemoteError, match="re-stream every epoch") as e:
         _run(bb, tmp_path, "none", cache_memory_bytes=0, cache_disk_bytes=0)

@@ -158,7 +158,7 @@ def test_session_quotas(tmp_path, make_tiny_backbone):
     _opened(mgr, spec, head, "key:carol")
 
 
-def test_idle_sessions_expire_and_old_folders_go(tmp_path, make_tiny_backbone):
+def test_idle_sessions_are_parked_and_old_folders_go(tmp_path, make_tiny_backbone):
     bb = make_tiny_backbone("llama")
     spec, head = _spec(bb)
     mgr = SessionManager(
@@ -166,18 +166,26 @@ def test_idle_sessions_expire_and_old_folders_go(tmp_path, make_tiny_backbone):
             workdir=str(tmp_path), max_sessions=1, lease_seconds=60, retention_seconds=3600
         )
     )
-    info = _opened(mgr, spec, head)  # a device that was killed after opening
+    info = _opened(mgr, spec, head)  # a device that went quiet after opening
     assert mgr.reap(time.monotonic() + 30) == []
     assert mgr.reap(time.monotonic() + 61) == [info.session_id]
-    msg = _code(lambda: mgr.stats(info.session_id, info.token), "FAILED_PRECONDITION")
-    assert "expired" in msg
-    _opened(mgr, spec, head)  # its slot is free again
+    assert not mgr._sessions  # its slot and memory are free
+    other = _opened(mgr, spec, head)
+    # the parked session comes back when its device calls, once there is room
+    msg = _code(lambda: mgr.stats(info.session_id, info.token), "RESOURCE_EXHAUSTED")
+    assert "server is full" in msg
+    mgr.close(other.session_id, other.token)
+    assert mgr.stats(info.session_id, info.token)["steps"] == 0
+    _code(lambda: mgr.stats(info.session_id, "wrong"), "PERMISSION_DENIED")
+    _code(lambda: mgr.stats(other.session_id, other.token), "FAILED_PRECONDITION")
+    _code(lambda: mgr.stats("0123456789abcdef", "x"), "NOT_FOUND")
+    _code(lambda: mgr.stats("../../etc", "x"), "NOT_FOUND")
     old = tmp_path / "sessions" / "0123456789abcdef"
     old.mkdir(parents=True)
     stale = time.time() - 7200
     os.utime(old, (stale, stale))
     mgr.reap()
-    assert not old.exists()
+    assert not old.exists() and (tmp_path / "sessions" / info.session_id).exists()
 
 
 def test_head_cache_and_uploads_are_bounded(tmp_path, make_tiny_backbone):
@@ -191,7 +199,7 @@ def test_head_cache_and_uploads_are_bounded(tmp_path, make_tiny_backbone):
     assert not mgr.open(spec_a).need_head  # cached
     _opened(mgr, spec_b, head_b)  # over the budget: A, least recently used, goes
     assert mgr.open(spec_a).need_head and not mgr.open(spec_b).need_head
-    assert mgr._heads_bytes <= size
+    assert mgr._heads.nbytes <= size
     # an upload broken off and closed leaves nothing buffered
     info = mgr.open(spec_a)
     mgr.upload_head(info.session_id, info.token, head_a[:100], last=False, first=True)

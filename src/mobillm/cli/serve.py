@@ -87,14 +87,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cache-mb",
         type=int,
         default=CacheConfig.memory_bytes >> 20,
-        help="each session's activation cache in memory, MB (default: %(default)s)",
+        help="the part of each session's activation cache also kept in memory, MB "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--cache-disk-mb",
         type=int,
         default=CacheConfig.disk_bytes >> 20,
-        help="each session's activation cache spilled to the workdir, MB; 0 and --cache-mb 0: "
-        "no cache, devices must re-stream every epoch (default: %(default)s)",
+        help="each session's activation cache in the workdir (every step), MB; 0 and "
+        "--cache-mb 0: no cache, devices must re-stream every epoch (default: %(default)s)",
     )
     g = p.add_argument_group("TLS")
     g.add_argument("--tls-cert", default="", help="server certificate chain (PEM)")

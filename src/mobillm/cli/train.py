@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
 from mobillm.errors import ConfigError
 from mobillm.transport.base import Transport
+from mobillm.transport.messages import SessionInfo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,12 +44,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="file holding the API key the server gave you (default: $MOBILLM_API_KEY)",
     )
     g.add_argument(
+        "--reconnect-s",
+        type=float,
+        default=300.0,
+        help="keep trying to reach a lost server this long, then resend only the steps it "
+        "lacks (0 = fail at once; default: %(default)s)",
+    )
+    g.add_argument(
         "--insecure",
         action="store_true",
         help="allow plaintext to a non-loopback server (token, key and activations in the clear)",
     )
     g.add_argument("--server-device", default="cpu", help="in-process server: cpu or cuda")
     p.add_argument("--no-eval", action="store_true", help="skip accuracy/loss before and after")
+    p.add_argument(
+        "--resume",
+        default="",
+        metavar="OUT",
+        help="continue the run whose --out was OUT after this device crashed (its session, "
+        "settings and data order are in OUT/session.json); other options are ignored",
+    )
     p.set_defaults(func=run)
 
 
@@ -99,7 +116,37 @@ def task_meta(dcfg: DataConfig, labels: tuple[str, ...]) -> dict[str, Any]:
     return {"data": d}
 
 
+SESSION_FILE = "session.json"
+
+
+def _save_session(out: Path, args: argparse.Namespace, info: SessionInfo) -> None:
+    """What ``--resume`` needs: every option as given and the session (its token: 0600)."""
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "resume")},
+        "session": dataclasses.asdict(info),
+    }
+    path = out / SESSION_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, SessionInfo]:
+    path = Path(args.resume) / SESSION_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {args.resume}: no {SESSION_FILE} there (the run finished, or it never "
+            "opened a session)"
+        )
+    record = json.loads(path.read_text())
+    saved = argparse.Namespace(**{**record["args"], "func": args.func, "resume": args.resume})
+    return saved, SessionInfo(**record["session"])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    session: SessionInfo | None = None
+    if args.resume:
+        args, session = _resumed(args)
     common.setup(args)
     out = Path(args.out)
     dcfg = common.data_config(args)
@@ -165,18 +212,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             validation_fraction=args.validation_fraction,
             max_steps=args.max_steps,
             log_every=args.log_every,
+            reconnect_seconds=args.reconnect_s,
         ),
     )
     progress = common.Progress(args.log_every)
     # Reach the server and have the session accepted before any slow work: a wrong address
     # or a refused spec fails in seconds, not after minutes of evaluation.
-    info = trainer.start(train, dcfg.batch_size, seed=dcfg.seed, progress=progress)
-    common.say(f"[train] session {info.session_id} open on {info.server or 'the server'}")
-    if held is not None and not args.no_eval:
+    info = trainer.start(train, dcfg.batch_size, seed=dcfg.seed, progress=progress, session=session)
+    if session is None:
+        _save_session(out, args, info)
+        common.say(f"[train] session {info.session_id} open on {info.server or 'the server'}")
+    else:
+        common.say(f"[train] resuming session {info.session_id}")
+    before = out / "before.json"
+    if held is not None and not args.no_eval and before.is_file():
+        result["before"] = json.loads(before.read_text())  # measured before the crash
+    elif held is not None and not args.no_eval:
         common.say("[train] evaluating the untrained side network (= the frozen backbone)")
         result["before"] = evaluate(
             LocalModel.untrained(backbone, side, dcfg.seed), held, dcfg.batch_size * 2
         )
+        common.write_json(before, result["before"])
         common.say(f"[train] before: {_fmt(result['before'])}")
     result["train"] = trainer.train(
         train, dcfg.batch_size, seed=dcfg.seed, progress=progress, validation=val
@@ -185,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer.download(out, task_meta(dcfg, labels))
     result["server"] = transport.close()
     trainer.write_log(out / "train_log.jsonl")
+    (out / SESSION_FILE).unlink(missing_ok=True)  # the session is closed: nothing to resume
+    before.unlink(missing_ok=True)
     common.say(f"[train] side network saved to {out}")
     if held is not None and not args.no_eval:
         model = LocalModel.load(backbone, out)

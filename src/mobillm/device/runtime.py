@@ -8,12 +8,19 @@ the server is still training on this one; at most ``window`` steps are unacknowl
 A validation split, when given, is streamed once before training. The training set is streamed
 once; the server replays later epochs from its activation cache (``replay``), scores the
 validation split after each epoch and keeps the best, so extra epochs cost the device nothing.
+
+The steps are planned up front (seeded), so any step can be computed again. When the link
+drops or the server restarts, the device reconnects with backoff for up to
+``reconnect_seconds``, learns how many steps the server holds, and resends only the steps
+after them; a device that itself crashed does the same from a fresh process (``attach``).
+The result is the same side network, bit for bit on CPU, as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +43,7 @@ from mobillm.transport.messages import (
     POSITIONS,
     Ack,
     EpochReport,
+    RemoteError,
     SessionInfo,
     SessionSpec,
     StepBegin,
@@ -53,6 +61,8 @@ class DeviceConfig(Config):
     server replays the rest from its activation cache. ``validation_fraction`` of the training
     samples is held out by the caller and streamed once as the validation split that guards
     every run (the server keeps the best epoch, or the untrained network).
+    ``reconnect_seconds``: how long the device keeps trying to reach a server it lost (0 = the
+    first failure ends the run).
     """
 
     positions: str = "loss"
@@ -63,6 +73,7 @@ class DeviceConfig(Config):
     max_steps: int = 0
     log_every: int = 10
     length_group: int = 32
+    reconnect_seconds: float = 300.0
 
     def validate(self) -> None:
         check(self.positions in POSITIONS, f"DeviceConfig.positions must be one of {POSITIONS}")
@@ -75,6 +86,7 @@ class DeviceConfig(Config):
         check(self.max_steps >= 0, "DeviceConfig.max_steps must be >= 0 (0 = all)")
         check(self.log_every >= 1, "DeviceConfig.log_every must be >= 1")
         check(self.length_group >= 0, "DeviceConfig.length_group must be >= 0 (0 = off)")
+        check(self.reconnect_seconds >= 0, "DeviceConfig.reconnect_seconds must be >= 0")
 
 
 @dataclasses.dataclass
@@ -89,6 +101,11 @@ class StepRecord:
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
+log = logging.getLogger("mobillm.device")
+# Failures of the link or the server, not of what the device sent: reconnect and go on.
+RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED")
+# While reconnecting, also wait out a server that is full (its sessions are loading back).
+RETRY_RESUME = (*RETRYABLE, "RESOURCE_EXHAUSTED")
 
 
 def build_side_config(
@@ -167,23 +184,32 @@ class DeviceTrainer:
         self.bytes_encoded = 0
         self.forward_seconds = 0.0
         self.forward_samples = 0
+        self.reconnects = 0
         self.info: SessionInfo | None = None
 
-    def open(self, total_steps: int) -> SessionInfo:
-        """Propose the session and upload the frozen head if the server lacks it."""
-        spec, head = build_session(
-            self.backbone,
-            self.side,
-            self.codec,
-            self.train_cfg.replace(
-                total_steps=total_steps, epochs=self.cfg.epochs, replay=self.cfg.replay
-            ),
-            self.cfg.positions,
+    def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
+        train = self.train_cfg.replace(
+            total_steps=total_steps, epochs=self.cfg.epochs, replay=self.cfg.replay
         )
+        return build_session(self.backbone, self.side, self.codec, train, self.cfg.positions)
+
+    def _upload_head(self, head: dict[str, torch.Tensor]) -> None:
+        self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
+        pages.release(head.values())
+
+    def open(self, total_steps: int, session: SessionInfo | None = None) -> SessionInfo:
+        """Propose the session and upload the frozen head if the server lacks it; or, given
+        ``session`` (a crashed run's), attach to it and resume where the server stands."""
+        self._total_steps = total_steps
+        if session is not None:
+            self.info = self.transport.attach(session)
+            return self.info
+        spec, head = self._session_spec(total_steps)
         self.info = self.transport.open(spec)
         if self.info.need_head:
-            self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
-        pages.release(head.values())
+            self._upload_head(head)
+        else:
+            pages.release(head.values())
         return self.info
 
     def _send_step(self, step: int, batch: Any, validation: bool = False) -> int:
@@ -214,9 +240,15 @@ class DeviceTrainer:
         self.forward_samples += len(batch)
         return len(batch)
 
-    def begin(self, total_steps: int, progress: ProgressFn | None = None) -> None:
+    def begin(
+        self,
+        total_steps: int,
+        progress: ProgressFn | None = None,
+        session: SessionInfo | None = None,
+    ) -> None:
         """Open the session for ``total_steps`` steps (the server's LR schedule needs it)."""
-        self.open(total_steps)
+        self.open(total_steps, session)
+        self._resuming = session is not None
         self._total, self._progress = total_steps, progress
         self._t_start = time.perf_counter()
         self._in_flight: dict[int, tuple[int, float]] = {}
@@ -261,12 +293,15 @@ class DeviceTrainer:
         batch_size: int,
         seed: int = 0,
         progress: ProgressFn | None = None,
+        session: SessionInfo | None = None,
     ) -> SessionInfo:
         """Plan the epochs over ``data`` and open the session (handshake, head upload).
 
         ``train`` calls it when the session is not open yet; a caller that has slow work to do
         first (evaluating the untrained model) calls it before, so an unreachable server or a
-        refused session fails in seconds, not after that work.
+        refused session fails in seconds, not after that work. ``session``: attach to this
+        session of a run that crashed instead (``mobillm train --resume``); ``train`` then
+        resumes it where the server stands.
         """
         batches = epoch_batches(data.lengths, batch_size, seed, 0, self.cfg.length_group)
         total = len(batches) * self.cfg.epochs
@@ -274,7 +309,7 @@ class DeviceTrainer:
             total = min(total, self.cfg.max_steps)
         if total == 0:
             raise ValueError("no training batches: the training set is empty")
-        self.begin(total, progress)
+        self.begin(total, progress, session)
         self._batches = batches
         self._steps_per_epoch = min(len(batches), total)
         streamed = 1 if self.cfg.replay else self.cfg.epochs
@@ -298,22 +333,77 @@ class DeviceTrainer:
         """
         if self.info is None:
             self.start(data, batch_size, seed, progress)
-        batches = self._batches
+        plan = self._plan(data, batch_size, seed, validation)
         self._t_start = time.perf_counter()  # the clock starts with the first step
+        if self._resuming:
+            self._recover(RemoteError("UNAVAILABLE", "this device restarted"))
+        while True:
+            try:
+                while self._next_step < len(plan):
+                    dataset, idx, is_val = plan[self._next_step]
+                    self.step(collate(dataset, idx), validation=is_val)
+                self.finish(progress)
+                break
+            except RemoteError as e:
+                if e.code not in RETRYABLE or not self.cfg.reconnect_seconds:
+                    raise
+                self._recover(e)
+        return self.summary()
+
+    def _plan(
+        self,
+        data: TokenizedDataset,
+        batch_size: int,
+        seed: int,
+        validation: TokenizedDataset | None,
+    ) -> list[tuple[TokenizedDataset, list[int], bool]]:
+        """Every step the device streams, in order: the validation split once, then the
+        training batches (one epoch with replay; all epochs in ``epoch_step_order`` without)."""
+        plan: list[tuple[TokenizedDataset, list[int], bool]] = []
         if validation is not None and len(validation):
             for idx in epoch_batches(validation.lengths, batch_size, seed, 0, 0):
-                self.step(collate(validation, idx), validation=True)
-        trained = 0  # the device's own steps: one epoch with replay, all of them without
+                plan.append((validation, idx, True))
+        trained = 0
         for epoch in range(self.cfg.epochs):
-            if trained >= self._total:
-                break
-            for i in epoch_step_order(len(batches), self.train_cfg.seed, epoch):
+            for i in epoch_step_order(len(self._batches), self.train_cfg.seed, epoch):
                 if trained >= self._total:
-                    break
-                self.step(collate(data, batches[i]))
+                    return plan
+                plan.append((data, self._batches[i], False))
                 trained += 1
-        self.finish(progress)
-        return self.summary()
+        return plan
+
+    def _recover(self, err: RemoteError) -> None:
+        """Reach the server again (backing off), then go on from the steps it holds."""
+        deadline = time.monotonic() + self.cfg.reconnect_seconds
+        delay, last = 0.5, err
+        while True:
+            try:
+                state = self.transport.resume()
+                break
+            except RemoteError as e:
+                last = e
+                if e.code not in RETRY_RESUME or time.monotonic() + delay > deadline:
+                    raise RemoteError(
+                        e.code,
+                        f"{e.message} (gave up reconnecting after {self.cfg.reconnect_seconds:.0f}"
+                        f" s; first failure: {err.message})",
+                    ) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
+        if state.need_head:  # the upload itself broke off
+            self._upload_head(self._session_spec(self._total_steps)[1])
+        self.reconnects += 1
+        log.warning(
+            "reconnected after %s (%s); the server holds %d steps, resending from there",
+            err.code,
+            last.message if last is not err else err.message,
+            state.steps_done,
+        )
+        # acks of the steps after the server's checkpoint are void: those steps are redone
+        self.records = [r for r in self.records if r.step < state.steps_done]
+        self._in_flight.clear()
+        self._next_step = state.steps_done
+        self.epochs = []
 
     def summary(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._t_start
@@ -336,6 +426,7 @@ class DeviceTrainer:
             # what the device computed per distinct sample, and what the server did with it
             "device_forward_passes_per_sample": round(self.forward_samples / max(1, distinct), 3),
             "server_epochs": self.epochs[-1].epoch if self.epochs else 0,
+            "reconnects": self.reconnects,
         }
         if self.epochs:
             out["epochs"] = [{"epoch": e.epoch, **e.metrics} for e in self.epochs]

@@ -3,8 +3,10 @@
 A device streams its training set once; the server keeps every step's row layout, labels and
 codec frames so that epochs after the first, and the scoring of a validation split after each
 epoch, cost the device nothing. Frames stay encoded (int8 is 4x smaller than the decoded
-floats). Steps live in memory up to a byte budget; past it they are written to the session's
-work folder as safetensors (never pickle) and read back when replayed. ``clear`` deletes them.
+floats). Every step is written to the session's folder as safetensors (never pickle), named by
+its step number, so a restarted server finds the steps its last checkpoint had seen
+(``reopen``); the first ``memory_bytes`` of steps are also kept in memory for fast replay.
+``clear`` deletes them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mobillm.config import Config, check
@@ -22,7 +25,8 @@ from mobillm.transport.messages import RemoteError, StepBegin
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig(Config):
-    """Byte budgets of one session's cache: in memory, then on disk (0 disables the cache)."""
+    """Byte budgets of one session's cache: all steps on disk, and the part of them also kept
+    in memory (both 0 disables the cache)."""
 
     memory_bytes: int = 256 << 20
     disk_bytes: int = 4 << 30
@@ -30,6 +34,11 @@ class CacheConfig(Config):
     def validate(self) -> None:
         check(self.memory_bytes >= 0, "CacheConfig.memory_bytes must be >= 0")
         check(self.disk_bytes >= 0, "CacheConfig.disk_bytes must be >= 0")
+        check(
+            self.disk_bytes > 0 or self.memory_bytes == 0,
+            "CacheConfig: every cached step is also on disk (a restarted server resumes from "
+            "it), so disk_bytes must be > 0 when memory_bytes is",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -73,21 +82,37 @@ class ActivationCache:
         return len(self._validation)
 
     def add(self, step: CachedStep) -> None:
-        """Keep ``step``; RESOURCE_EXHAUSTED once both budgets are spent."""
+        """Keep ``step``; RESOURCE_EXHAUSTED once the disk budget is spent."""
         n = step.nbytes
         where = self._validation if step.begin.validation else self._train
-        if self.memory_bytes + n <= self.cfg.memory_bytes:
-            self.memory_bytes += n
-            where.append(step)
-            return
         if self.disk_bytes + n > self.cfg.disk_bytes:
             raise RemoteError(
                 "RESOURCE_EXHAUSTED",
-                f"activation cache full ({self.memory_bytes} B in memory, {self.disk_bytes} B "
-                f"on disk); stream fewer samples, or train without cache epochs",
+                f"activation cache full ({self.disk_bytes} B on disk); stream fewer samples, "
+                "or train without cache epochs",
             )
         self.disk_bytes += n
-        where.append(self._spill(step, len(self._train) + len(self._validation)))
+        path = self._spill(step, step.begin.step)
+        if self.memory_bytes + n <= self.cfg.memory_bytes:
+            self.memory_bytes += n
+            where.append(step)
+        else:
+            where.append(path)
+
+    def reopen(self, steps_done: int) -> None:
+        """Index the steps on disk before ``steps_done`` (a checkpoint's); delete the rest."""
+        self._train, self._validation = [], []
+        self.memory_bytes = self.disk_bytes = 0
+        if not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("step-*.safetensors")):
+            if int(path.stem.removeprefix("step-")) >= steps_done:
+                path.unlink()
+                continue
+            with safe_open(str(path), "pt") as f:
+                validation = (f.metadata() or {}).get("validation") == "1"
+            self.disk_bytes += path.stat().st_size
+            (self._validation if validation else self._train).append(path)
 
     def _spill(self, step: CachedStep, index: int) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,19 @@ session are serialised by its lock; different sessions run concurrently.
 
 Everything a client chooses is priced before it is allocated (``mobillm.server.budget``): a
 session is registered only once its side network is known to fit, and only when it is fully
-built; sessions nobody calls for ``lease_seconds`` are checkpointed and evicted by ``reap``,
-their folders deleted after ``retention_seconds``; cached frozen heads are shared by content
-and settings and evicted least-recently-used past ``head_cache_bytes``.
+built. Frozen heads are shared by content and settings (``mobillm.server.heads``).
+
+Sessions outlive their process (``mobillm.server.state``): each is recorded on disk when it
+opens, its trainer is checkpointed every ``checkpoint_every`` steps, before and after Finish,
+when it is evicted (nobody called for ``lease_seconds``) and when the server stops. A call for
+a session that is not in memory -- evicted, or the server restarted -- loads it back from its
+last checkpoint; ``resume`` tells the device which step to send next. Folders of sessions that
+ended or were left are deleted after ``retention_seconds``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -21,7 +27,6 @@ import secrets
 import shutil
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +34,10 @@ from typing import Any
 from mobillm.config import Config, check
 from mobillm.server.budget import check_side
 from mobillm.server.cache import ActivationCache, CacheConfig
+from mobillm.server.heads import Frozen, HeadCache, head_key, parse_head
+from mobillm.server.state import SessionStore, head_file_key, token_hash
 from mobillm.server.trainer import Trainer
-from mobillm.side.head import FrozenHead, tensors_sha256
-from mobillm.side.io import SideFileError, SideMeta, save_side, weights_from_bytes, weights_to_bytes
+from mobillm.side.io import SideMeta, save_side, weights_to_bytes
 from mobillm.transport.messages import (
     DEFAULT_CHUNK_BYTES,
     PROTOCOL_VERSION,
@@ -39,6 +45,7 @@ from mobillm.transport.messages import (
     ActivationChunk,
     EpochReport,
     RemoteError,
+    ResumeState,
     SessionInfo,
     SessionSpec,
     SideBlob,
@@ -64,7 +71,8 @@ class ServerConfig(Config):
     ``mobillm.server.budget``; ``max_head_bytes``: one head upload;
     ``max_upload_bytes``: all head uploads in progress together; ``head_cache_bytes``: frozen
     heads kept for later sessions.
-    ``checkpoint_every``: the server's checkpoint policy in steps (0 = at close only).
+    ``checkpoint_every``: the server's checkpoint policy in steps (0 = only around Finish, on
+    eviction and at stop); a restarted server resumes from the last one.
     ``lease_seconds``: a session nobody calls for this long is checkpointed and evicted;
     ``retention_seconds``: its folder (checkpoints, metrics) is deleted this long after.
     ``api_keys_file``: salted key hashes (``mobillm.server.auth``) that may open sessions;
@@ -84,7 +92,7 @@ class ServerConfig(Config):
     head_cache_bytes: int = 2 << 30
     cache_memory_bytes: int = CacheConfig.memory_bytes
     cache_disk_bytes: int = CacheConfig.disk_bytes
-    checkpoint_every: int = 0
+    checkpoint_every: int = 10
     lease_seconds: float = 900.0
     retention_seconds: float = 7 * 86400.0
     allowed_backbones: tuple[str, ...] = ()
@@ -117,48 +125,29 @@ class ServerConfig(Config):
 @dataclasses.dataclass
 class Session:
     session_id: str
-    token: str
+    token_sha256: str
     spec: SessionSpec
     lock: threading.Lock
     client: str = ""
     trainer: Trainer | None = None
     head_parts: list[bytes] = dataclasses.field(default_factory=list)
     head_bytes: int = 0
-    created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
-    last_ack: Ack | None = None
-    closed: str = ""  # why the session ended: "closed" or "expired"
-
-
-def _head_key(spec: SessionSpec) -> tuple[str, str]:
-    """Cached heads are keyed by their tensors and by the settings that say how to apply them:
-    the same tensors with another norm epsilon are another head."""
-    return spec.head_sha256, spec.head.to_json(indent=None)
-
-
-Frozen = tuple[FrozenHead, dict[str, Any]]
-# Ended sessions are remembered (for a precise "closed"/"expired" answer) up to this many.
-_ENDED_KEPT = 1024
-
-
-def _nbytes(frozen: Frozen) -> int:
-    head, layers = frozen
-    tensors = [*head.tensors().values(), *layers.values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    closed: bool = False
+    finish_run: int = 0  # bumped when a Finish starts: an older, broken-off one must stop
 
 
 class SessionManager:
-    """Owns sessions and the cache of frozen heads (shared across sessions by content hash)."""
+    """Owns sessions, their records on disk, and the cache of frozen heads."""
 
     def __init__(self, cfg: ServerConfig | None = None) -> None:
         self.cfg = cfg or ServerConfig()
         self._sessions: dict[str, Session] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()
-        self._heads: OrderedDict[tuple[str, str], tuple[Frozen, int]] = OrderedDict()
-        self._heads_bytes = 0
+        self._heads = HeadCache(self.cfg.head_cache_bytes)
         self._uploading = 0  # bytes of head uploads in progress, all sessions
         self._lock = threading.Lock()
         self.workdir = Path(self.cfg.workdir)
+        self.store = SessionStore(self.workdir)
 
     # --- handshake --------------------------------------------------------------------------
     def _room(self, client: str) -> None:
@@ -206,12 +195,13 @@ class SessionManager:
         with self._lock:
             self._room(client)
         check_side(spec, self.cfg.max_side_bytes)
-        sid = secrets.token_hex(8)
-        sess = Session(sid, secrets.token_urlsafe(24), spec, threading.Lock(), client)
+        sid, token = secrets.token_hex(8), secrets.token_urlsafe(24)
+        sess = Session(sid, token_hash(token), spec, threading.Lock(), client)
         with self._lock:
-            head = self._cached_head(_head_key(spec))
+            head = self._heads.get(head_key(spec))
         if head is not None:
             self._start(sess, head)
+        self.store.write_session(sid, spec, token, client)
         with self._lock:
             try:
                 self._room(client)  # others may have opened meanwhile
@@ -230,30 +220,12 @@ class SessionManager:
                 }
             )
         )
-        return SessionInfo(sid, sess.token, head is None, self.cfg.max_chunk_bytes, "mobillm")
-
-    def _cached_head(self, key: tuple[str, str]) -> Frozen | None:
-        entry = self._heads.get(key)
-        if entry is None:
-            return None
-        self._heads.move_to_end(key)
-        return entry[0]
-
-    def _cache_head(self, key: tuple[str, str], frozen: Frozen) -> None:
-        """Keep ``frozen`` for later sessions; least recently used heads go past the budget."""
-        size = _nbytes(frozen)
-        if key in self._heads or size > self.cfg.head_cache_bytes:
-            return
-        self._heads[key] = (frozen, size)
-        self._heads_bytes += size
-        while self._heads_bytes > self.cfg.head_cache_bytes:
-            _, (_, old) = self._heads.popitem(last=False)
-            self._heads_bytes -= old
+        return SessionInfo(sid, token, head is None, self.cfg.max_chunk_bytes, "mobillm")
 
     def _start(self, sess: Session, frozen: Frozen) -> None:
         head, layers = frozen
         cfg = CacheConfig(self.cfg.cache_memory_bytes, self.cfg.cache_disk_bytes)
-        folder = self.workdir / "sessions" / sess.session_id / "cache"
+        folder = self.store.folder(sess.session_id) / "cache"
         cache = ActivationCache(cfg, folder) if cfg.enabled else None
         try:
             sess.trainer = Trainer(
@@ -271,17 +243,62 @@ class SessionManager:
     def _get(self, session_id: str, token: str) -> Session:
         with self._lock:
             sess = self._sessions.get(session_id)
-            ended = self._ended.get(session_id)
         if sess is None:
-            if ended is not None:
-                raise RemoteError("FAILED_PRECONDITION", f"session {session_id} is {ended}")
-            raise RemoteError("NOT_FOUND", f"unknown session {session_id!r}")
-        if not hmac.compare_digest(sess.token.encode(), token.encode()):
+            sess = self._load(session_id, token)
+        if not hmac.compare_digest(token_hash(token), sess.token_sha256):
             raise RemoteError("PERMISSION_DENIED", f"wrong token for session {session_id}")
         if sess.closed:
-            raise RemoteError("FAILED_PRECONDITION", f"session {session_id} is {sess.closed}")
+            raise RemoteError("FAILED_PRECONDITION", f"session {session_id} is closed")
         sess.last_used = time.monotonic()
         return sess
+
+    def _load(self, session_id: str, token: str) -> Session:
+        """A session not in memory (evicted, or opened before a restart), from disk."""
+        record = self.store.read_session(session_id)
+        if record is None:
+            raise RemoteError("NOT_FOUND", f"unknown session {session_id!r}")
+        if not hmac.compare_digest(token_hash(token), record["token_sha256"]):
+            raise RemoteError("PERMISSION_DENIED", f"wrong token for session {session_id}")
+        if record["ended"]:
+            raise RemoteError("FAILED_PRECONDITION", f"session {session_id} is {record['ended']}")
+        spec = SessionSpec.from_dict(record["spec"])
+        sess = Session(session_id, record["token_sha256"], spec, threading.Lock(), record["client"])
+        with sess.lock:
+            with self._lock:
+                if (live := self._sessions.get(session_id)) is not None:
+                    return live  # another call loaded it meanwhile
+                self._room(sess.client)
+                frozen = self._heads.get(head_key(spec))
+            if frozen is None:
+                blob = self.store.read_head(head_file_key(*head_key(spec)))
+                frozen = parse_head(spec, blob) if blob is not None else None
+            if frozen is not None:  # else the device never finished its upload: it resends
+                self._start(sess, frozen)
+                state = self.store.read_state(session_id)
+                assert sess.trainer is not None
+                if state is not None:
+                    sess.trainer.load_state(*state)
+                elif sess.trainer.cache is not None:
+                    sess.trainer.cache.reopen(0)
+            with self._lock:
+                if (live := self._sessions.get(session_id)) is not None:
+                    self._discard(sess)
+                    return live
+                self._sessions[session_id] = sess
+        steps = sess.trainer.steps_done if sess.trainer else 0
+        log.info(json.dumps({"event": "load", "session": session_id, "steps": steps}))
+        return sess
+
+    @contextlib.contextmanager
+    def _hold(self, session_id: str, token: str) -> Iterator[Session]:
+        """The session, locked; one unloaded meanwhile (evicted, stopping) is loaded again."""
+        for _ in range(3):
+            sess = self._get(session_id, token)
+            with sess.lock:
+                if not sess.closed:
+                    yield sess
+                    return
+        raise RemoteError("UNAVAILABLE", f"session {session_id} is being moved; retry")
 
     def authorize(self, session_id: str, token: str) -> None:
         """Raise unless ``token`` opens ``session_id`` (transports check each stream up front)."""
@@ -295,15 +312,13 @@ class SessionManager:
 
         ``first`` marks chunk 0: it drops whatever a previous, broken-off upload left behind.
         """
-        sess = self._get(session_id, token)
-        with sess.lock:
+        with self._hold(session_id, token) as sess:
             if sess.trainer is not None:
                 raise RemoteError("FAILED_PRECONDITION", "the server already has this head")
             if first:
                 self._drop_upload(sess)
             with self._lock:
-                room = self.cfg.max_upload_bytes - self._uploading
-                if len(data) > room:
+                if len(data) > self.cfg.max_upload_bytes - self._uploading:
                     self._drop_upload_locked(sess)
                     raise RemoteError(
                         "RESOURCE_EXHAUSTED",
@@ -321,24 +336,11 @@ class SessionManager:
                 return
             blob = b"".join(sess.head_parts)
             self._drop_upload(sess)
-            try:
-                tensors = weights_from_bytes(blob)
-                # a split learner's top layers travel with the head, under ``layers.``
-                layers = {k: v for k, v in tensors.items() if k.startswith("layers.")}
-                head_tensors = {k: v for k, v in tensors.items() if k not in layers}
-                head = FrozenHead(sess.spec.head, head_tensors)
-            except (SideFileError, ValueError) as e:
-                raise RemoteError("INVALID_ARGUMENT", f"uploaded head rejected: {e}") from None
-            digest = tensors_sha256({**head.tensors(), **layers})
-            if digest != sess.spec.head_sha256:
-                raise RemoteError(
-                    "INVALID_ARGUMENT",
-                    f"uploaded head hashes to {digest[:16]}, the session spec "
-                    f"promised {sess.spec.head_sha256[:16]}",
-                )
-            self._start(sess, (head, layers))
+            frozen = parse_head(sess.spec, blob)
+            self._start(sess, frozen)
+            self.store.write_head(head_file_key(*head_key(sess.spec)), blob)
             with self._lock:  # only a head that built a trainer is shared
-                self._cache_head(_head_key(sess.spec), (head, layers))
+                self._heads.put(head_key(sess.spec), frozen)
 
     def _drop_upload(self, sess: Session) -> None:
         with self._lock:
@@ -355,18 +357,16 @@ class SessionManager:
         return sess.trainer
 
     def begin_step(self, session_id: str, token: str, msg: StepBegin) -> None:
-        sess = self._get(session_id, token)
-        with sess.lock:
+        with self._hold(session_id, token) as sess:
             self._trainer(sess).begin(msg)
 
     def add_chunk(self, session_id: str, token: str, chunk: ActivationChunk) -> Ack | None:
-        sess = self._get(session_id, token)
         if len(chunk.data) > self.cfg.max_chunk_bytes:
             raise RemoteError(
                 "RESOURCE_EXHAUSTED",
                 f"chunk of {len(chunk.data)} bytes; limit {self.cfg.max_chunk_bytes}",
             )
-        with sess.lock:
+        with self._hold(session_id, token) as sess:
             trainer = self._trainer(sess)
             try:
                 ack = trainer.add_chunk(chunk)
@@ -374,16 +374,14 @@ class SessionManager:
                 trainer.abort_step()
                 raise
             if ack is not None:
-                sess.last_ack = ack
                 self._log_step(sess, ack)
                 every = self.cfg.checkpoint_every
                 if every and trainer.steps_done % every == 0:
-                    self.checkpoint(sess)
+                    self._save(sess)
             return ack
 
     def abort_step(self, session_id: str, token: str) -> None:
-        sess = self._get(session_id, token)
-        with sess.lock:
+        with self._hold(session_id, token) as sess:
             if sess.trainer is not None:
                 sess.trainer.abort_step()
 
@@ -400,19 +398,53 @@ class SessionManager:
         }
         log.info(json.dumps(rec))
 
+    def resume(self, session_id: str, token: str) -> ResumeState:
+        """Where the session stands for a device that reconnects: a half-received step is
+        dropped, a broken-off Finish is undone (the device calls Finish again)."""
+        with self._hold(session_id, token) as sess:
+            t = sess.trainer
+            if t is None:
+                return ResumeState(0, 0, need_head=True)
+            t.abort_step()
+            if t.finished and t.reports is None:
+                self._reload(sess)
+            return ResumeState(t.steps_done, t.optimizer_steps)
+
+    def _reload(self, sess: Session) -> None:
+        """Back to the last checkpoint (the one Finish took before it began)."""
+        assert sess.trainer is not None
+        sess.finish_run += 1  # a Finish still pulling reports stops
+        state = self.store.read_state(sess.session_id)
+        if state is None:
+            raise RemoteError("DATA_LOSS", "the session's checkpoint is gone; start again")
+        sess.trainer.load_state(*state)
+
     def finish(self, session_id: str, token: str) -> Iterator[EpochReport]:
         """Train the remaining epochs from the cache; one report per epoch, the last marked.
 
         The caller pulls reports one at a time (a transport runs each ``next`` in a worker
-        thread); the session's lock is held only while an epoch runs.
+        thread); the session's lock is held only while an epoch runs. Calling it again after
+        a broken-off Finish starts over from the checkpoint taken before it (the same result);
+        after a completed one it repeats the reports.
         """
-        sess = self._get(session_id, token)
-        with sess.lock:
-            epochs = self._trainer(sess).run_epochs()
+        with self._hold(session_id, token) as sess:
+            t = self._trainer(sess)
+            if t.reports is not None:
+                yield from list(t.reports)
+                return
+            if t.finished:
+                self._reload(sess)
+            self._save(sess)
+            sess.finish_run += 1
+            run = sess.finish_run
+            epochs = t.run_epochs()
         while True:
             with sess.lock:
-                self._get(session_id, token)  # closed meanwhile: stop
+                if sess.closed or sess.finish_run != run:
+                    return  # a newer Finish or a resume took over
                 report = next(epochs, None)
+                if report is not None and report.last:
+                    self._save(sess)
             if report is None:
                 return
             log.info(
@@ -435,8 +467,7 @@ class SessionManager:
 
     def download(self, session_id: str, token: str) -> SideBlob:
         """The side network as it stands now (``side.json`` text and safetensors bytes)."""
-        sess = self._get(session_id, token)
-        with sess.lock:
+        with self._hold(session_id, token) as sess:
             trainer = self._trainer(sess)
             meta = self.meta(sess)
             return SideBlob(
@@ -444,12 +475,16 @@ class SessionManager:
             )
 
     def checkpoint(self, sess: Session) -> Path:
+        """The side network as a loadable folder (what the device downloads), by step."""
         trainer = self._trainer(sess)
-        out = self.workdir / "sessions" / sess.session_id / f"step-{trainer.steps_done:06d}"
+        out = self.store.folder(sess.session_id) / f"step-{trainer.steps_done:06d}"
         return save_side(trainer.net, self.meta(sess), out)
 
     def stats(self, session_id: str, token: str) -> dict[str, float]:
-        sess = self._get(session_id, token)
+        return self._stats(self._get(session_id, token))
+
+    @staticmethod
+    def _stats(sess: Session) -> dict[str, float]:
         t = sess.trainer
         return {
             "steps": t.steps_done if t else 0,
@@ -459,70 +494,95 @@ class SessionManager:
             "server_epochs": t.epochs_done if t else 0,
         }
 
+    # --- lifecycle --------------------------------------------------------------------------
     def close(self, session_id: str, token: str) -> dict[str, Any]:
         """End a session: a final checkpoint is written and its memory is released."""
-        sess = self._get(session_id, token)
-        with sess.lock:
-            summary = self._end(sess, "closed")
+        with self._hold(session_id, token) as sess:
+            summary: dict[str, Any] = dict(self._stats(sess))
+            if sess.trainer is not None and sess.trainer.steps_done:
+                summary["checkpoint"] = str(self.checkpoint(sess))
+            self.store.end(session_id, "closed")
+            shutil.rmtree(self.store.folder(session_id) / "state", ignore_errors=True)
+            if sess.trainer is not None and sess.trainer.cache is not None:
+                sess.trainer.cache.clear()
+            self._unload(sess)
         log.info(json.dumps({"event": "close", "session": session_id, **summary}))
         return summary
 
-    def _end(self, sess: Session, why: str) -> dict[str, Any]:
-        """Checkpoint (when trained), release memory and the slot; the caller holds its lock."""
-        summary: dict[str, Any] = dict(self.stats(sess.session_id, sess.token))
-        if sess.trainer is not None and sess.trainer.steps_done:
-            summary["checkpoint"] = str(self.checkpoint(sess))
-        self._discard(sess)
-        sess.closed = why
-        with self._lock:
-            self._sessions.pop(sess.session_id, None)
-            self._ended[sess.session_id] = why
-            while len(self._ended) > _ENDED_KEPT:
-                self._ended.popitem(last=False)
-        return summary
+    def _save(self, sess: Session) -> None:
+        """Checkpoint the trainer (the caller holds the session's lock)."""
+        if sess.trainer is not None:
+            self.store.write_state(sess.session_id, *sess.trainer.state())
 
     def _discard(self, sess: Session) -> None:
-        """Free what a session holds in memory and in its activation cache."""
+        """Free what an unregistered session built."""
         self._drop_upload(sess)
         if sess.trainer is not None and sess.trainer.cache is not None:
             sess.trainer.cache.clear()
         sess.trainer = None
 
-    # --- lifecycle --------------------------------------------------------------------------
+    def _unload(self, sess: Session) -> None:
+        """Out of memory and out of the table (the caller holds the session's lock)."""
+        self._drop_upload(sess)
+        sess.trainer = None
+        sess.closed = True
+        sess.finish_run += 1
+        with self._lock:
+            if self._sessions.get(sess.session_id) is sess:
+                del self._sessions[sess.session_id]
+
+    def _park(self, sess: Session) -> dict[str, Any]:
+        """Checkpoint and unload; the next call for the session loads it back."""
+        summary = dict(self._stats(sess))
+        self._save(sess)
+        self._unload(sess)
+        return summary
+
+    def park_all(self) -> None:
+        """Checkpoint and unload every session (the server is stopping)."""
+        with self._lock:
+            live = list(self._sessions.values())
+        for sess in live:
+            with sess.lock:
+                if not sess.closed:
+                    self._park(sess)
+
     def reap(self, now: float | None = None) -> list[str]:
-        """Evict sessions idle past their lease (checkpointed first) and delete folders past
-        retention; returns the evicted ids. The server calls this periodically."""
+        """Park sessions idle past their lease and delete folders past retention; returns the
+        parked ids. The server calls this periodically."""
         now = time.monotonic() if now is None else now
         with self._lock:
             idle = [
                 s for s in self._sessions.values() if now - s.last_used > self.cfg.lease_seconds
             ]
-        evicted = []
+        parked = []
         for sess in idle:
             if not sess.lock.acquire(blocking=False):
                 continue  # busy: a call is running, so it is not idle
             try:
                 if sess.closed or now - sess.last_used <= self.cfg.lease_seconds:
                     continue
-                summary = self._end(sess, "expired")
+                summary = self._park(sess)
             finally:
                 sess.lock.release()
-            evicted.append(sess.session_id)
-            log.info(json.dumps({"event": "expire", "session": sess.session_id, **summary}))
+            parked.append(sess.session_id)
+            log.info(json.dumps({"event": "evict", "session": sess.session_id, **summary}))
         self._sweep()
-        return evicted
+        return parked
 
     def _sweep(self) -> None:
-        """Delete the folders of sessions that ended more than ``retention_seconds`` ago."""
-        root = self.workdir / "sessions"
-        if not root.is_dir():
-            return
+        """Delete session folders and stored heads untouched for ``retention_seconds``."""
         cutoff = time.time() - self.cfg.retention_seconds
         with self._lock:
             live = set(self._sessions)
-        for folder in root.iterdir():
-            if folder.name in live or not folder.is_dir():
+        for root in (self.store.root, self.store.heads):
+            if not root.is_dir():
                 continue
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
-                log.info(json.dumps({"event": "delete", "session": folder.name}))
+            for path in root.iterdir():
+                if path.name in live or path.stat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                log.info(json.dumps({"event": "delete", "path": str(path)}))

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,9 @@ class Trainer:
         self.bytes_received = 0
         self.epochs_done = 0
         self.finished = False
+        self.reports: list[EpochReport] | None = None  # Finish's reports, once it completed
         self._pending: _Pending | None = None
+        self._rng_at_begin: torch.Tensor | None = None
         self._epoch_losses: list[float] = []
         # the untrained network, the baseline every epoch must beat on the validation split
         self._initial = _copy_state(self.net)
@@ -150,6 +153,10 @@ class Trainer:
             raise RemoteError("FAILED_PRECONDITION", "this server keeps no validation steps")
         keep = self.cache is not None and (msg.validation or self._replays)
         self._pending = self._open(msg, keep)
+        # a step that is dropped halfway must not have used up dropout draws: the device
+        # resends it, and it must train exactly as if the first attempt never happened
+        g = self._generator()
+        self._rng_at_begin = g.get_state() if g is not None else None
 
     def _open(self, msg: StepBegin, keep: bool) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
@@ -281,7 +288,7 @@ class Trainer:
                 loss = F.cross_entropy(logits, b.targets[keep].to(self.device))
                 metrics["tokens"] = float(keep.sum())
         if not torch.isfinite(loss):
-            self._pending = None
+            self.abort_step()
             raise _bad(
                 f"step {b.step}'s activations give a loss of {loss.item()} (values too large?); "
                 "step dropped, nothing trained"
@@ -311,7 +318,7 @@ class Trainer:
         if not torch.isfinite(gn):
             # a finite loss can still overflow its gradients; stepping would poison the weights
             self.opt.zero_grad(set_to_none=True)
-            self._pending = None
+            self.abort_step()
             raise _bad("this step's gradients overflow; step dropped, nothing trained")
         if self.spec.train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, self.spec.train.grad_clip, gn)
@@ -373,6 +380,7 @@ class Trainer:
         n = self.cache.num_train if self.cache is not None and self._replays else 0
         epoch = self.epochs_done = 1 if n else tc.epochs  # without replay the device streamed all
         remaining = max(0, tc.total_steps - self.optimizer_steps) if n else 0
+        reports: list[EpochReport] = []
         while True:
             losses, self._epoch_losses = self._epoch_losses, []
             metrics = {"train_loss": sum(losses) / max(1, len(losses)), "steps": len(losses)}
@@ -387,7 +395,10 @@ class Trainer:
                 self._keep(best[2] if scores is not None else None)
                 metrics["best_epoch"] = float(best[0] if scores is not None else epoch)
                 metrics |= {f"untrained_{k}": v for k, v in (baseline or {}).items()}
-            yield EpochReport(epoch, metrics, last=done)
+            reports.append(EpochReport(epoch, metrics, last=done))
+            if done:
+                self.reports = reports
+            yield reports[-1]
             if done:
                 return
             epoch = self.epochs_done = epoch + 1
@@ -415,7 +426,75 @@ class Trainer:
 
     def abort_step(self) -> None:
         """Drop a half-received step (the device gave up on it); the next step reuses its id."""
+        if self._pending is not None and self._rng_at_begin is not None:
+            g = self._generator()
+            assert g is not None
+            g.set_state(self._rng_at_begin)
         self._pending = None
+
+    # --- checkpoints --------------------------------------------------------------------------
+    _COUNTERS = ("steps_done", "optimizer_steps", "samples_seen", "bytes_received")
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything the next step's result depends on: tensors, and JSON-able rest.
+
+        Taken between steps (a half-received step is not part of it: the device resends it).
+        """
+        opt = self.opt.state_dict()
+        tensors = {f"net.{k}": v for k, v in self.net.trainable_state().items()}
+        tensors |= {f"initial.{k}": v for k, v in self._initial.items()}
+        for i, st in opt["state"].items():
+            tensors |= {f"opt.{i}.{k}": v for k, v in st.items()}
+        if (g := self._generator()) is not None:
+            tensors["rng"] = g.get_state()
+        meta: dict[str, Any] = {k: getattr(self, k) for k in self._COUNTERS}
+        meta |= {
+            "epochs_done": self.epochs_done,
+            "finished": self.finished,
+            "epoch_losses": self._epoch_losses,
+            "param_groups": opt["param_groups"],
+            "scheduler": self.sched.state_dict(),
+            "reports": None
+            if self.reports is None
+            else [{"epoch": r.epoch, "metrics": r.metrics, "last": r.last} for r in self.reports],
+        }
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Become the trainer that ``state`` was taken from."""
+        net = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        missing = set(self.net.trainable_state()) - set(net)
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)[:3]}")
+        self.net.load_state_dict(net, strict=False)
+        self._initial = {k[8:]: v for k, v in tensors.items() if k.startswith("initial.")}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.sched.load_state_dict(meta["scheduler"])
+        if (g := self._generator()) is not None and "rng" in tensors:
+            g.set_state(tensors["rng"])
+        for k in self._COUNTERS:
+            setattr(self, k, int(meta[k]))
+        self.epochs_done = int(meta["epochs_done"])
+        self.finished = bool(meta["finished"])
+        self._epoch_losses = [float(x) for x in meta["epoch_losses"]]
+        reports = meta.get("reports")
+        self.reports = None if reports is None else [EpochReport(**r) for r in reports]
+        self._pending = None
+        if self.cache is not None:
+            self.cache.reopen(self.steps_done)
+
+    def _generator(self) -> torch.Generator | None:
+        """The learner's private dropout generator, if it has one."""
+        for m in self.net.modules():
+            g = getattr(m, "generator", None)
+            if isinstance(g, torch.Generator):
+                return g
+        return None
 
 
 def _copy_state(net: Learner) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
+    ResumeState,
     SessionInfo,
     SessionSpec,
     SideBlob,
@@ -27,6 +28,15 @@ class Transport(Protocol):
     bytes_sent: int
 
     def open(self, spec: SessionSpec) -> SessionInfo: ...
+
+    def attach(self, info: SessionInfo) -> SessionInfo:
+        """Use a session opened before (by a run that crashed)."""
+        ...
+
+    def resume(self) -> ResumeState:
+        """After a failure: start the stream afresh and learn where the server's session
+        stands; RemoteError (UNAVAILABLE while unreachable) if it cannot say."""
+        ...
 
     def upload_head(self, blob: bytes) -> None: ...
 

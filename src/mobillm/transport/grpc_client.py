@@ -28,6 +28,7 @@ from mobillm.transport.messages import (
     ActivationChunk,
     EpochReport,
     RemoteError,
+    ResumeState,
     SessionInfo,
     SessionSpec,
     SideBlob,
@@ -171,13 +172,39 @@ class GrpcTransport(QueuedSender):
                     f"with the same TLS settings?): {e.details()}",
                 ) from None
             raise _remote(e) from None
-        self.info = serde.session_info_from_proto(reply)
+        return self.attach(serde.session_info_from_proto(reply))
+
+    def attach(self, info: SessionInfo) -> SessionInfo:
+        """Use the session ``info`` (opened here, or by a run that crashed: ``--resume``)."""
+        self.info = info
         self._md = (
-            ("authorization", f"Bearer {self.info.token}"),
-            ("x-mobillm-session", self.info.session_id),
+            ("authorization", f"Bearer {info.token}"),
+            ("x-mobillm-session", info.session_id),
         )
         self._start_sender()
-        return self.info
+        return info
+
+    def resume(self) -> ResumeState:
+        """After a failure: a new Train stream, and where the server's session stands.
+
+        One attempt; UNAVAILABLE while the server is unreachable (the caller backs off).
+        """
+        sid = self._session().session_id
+        if self._train is not None:
+            self._train.cancel()  # a write blocked on the dead stream returns
+        self._restart_sender()
+
+        async def call() -> Any:
+            request = serde.resume_request_to_proto(sid)
+            return await self._stub.Resume(request, metadata=self._md, timeout=self.connect_timeout)
+
+        try:
+            reply = asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RemoteError("UNAVAILABLE", f"no answer from {self.target}") from None
+            raise _remote(e) from None
+        return serde.resume_reply_from_proto(reply)
 
     def upload_head(self, blob: bytes) -> None:
         """Stream the frozen head in ``max_chunk_bytes`` chunks, paced by the link."""
@@ -214,6 +241,7 @@ class GrpcTransport(QueuedSender):
             # If the stream ended meanwhile, the reader reports how.
             with contextlib.suppress(RemoteError, asyncio.InvalidStateError):
                 self._run(self._end_train(self._train, cancel=failed))
+            self._train = None
 
     @staticmethod
     async def _end_train(call: Any, cancel: bool) -> None:
@@ -224,20 +252,21 @@ class GrpcTransport(QueuedSender):
 
     async def _open_train(self) -> Any:
         call = self._stub.Train(metadata=self._md)
-        self._reader = asyncio.run_coroutine_threadsafe(self._read_acks(call), self._loop)
+        reader = self._read_acks(call, self._gen)
+        self._reader = asyncio.run_coroutine_threadsafe(reader, self._loop)
         return call
 
-    async def _read_acks(self, call: Any) -> None:
+    async def _read_acks(self, call: Any, gen: int) -> None:
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
-                self._ack(serde.ack_from_proto(resp))
+                self._ack(serde.ack_from_proto(resp), gen)
             err = await self._status(call)
         except grpc.aio.AioRpcError as e:
             err = _remote(e)
         except Exception as e:  # never die silently: next_ack() would wait forever
             err = RemoteError("INTERNAL", f"ack reader failed: {type(e).__name__}: {e}")
         if err is not None:
-            self._fail(err)
+            self._fail(err, gen)
 
     # --- results ----------------------------------------------------------------------------
     def finish(self) -> Iterator[EpochReport]:

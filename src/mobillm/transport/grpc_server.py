@@ -330,6 +330,18 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         with contextlib.suppress(RemoteError):  # a closed session has nothing pending
             self.manager.abort_step(sid, token)
 
+    async def Resume(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        sid = ""
+        try:
+            sid, token = await self._authorize(context)
+            self._same(sid, serde.resume_request_from_proto(request))
+            state = await self._run(self.manager.resume, sid, token)
+        except Exception as e:
+            await self._abort(context, "Resume", _as_remote(e, "Resume"), sid)
+            raise
+        self.jlog.event("resume", session=sid, steps_done=state.steps_done)
+        return serde.resume_reply_to_proto(state)
+
     async def Finish(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         sid = ""
         err: RemoteError | None = None
@@ -505,6 +517,8 @@ class GrpcServer:
             await self._server.stop(grace)
             self._server = None
         if self._pool is not None:
+            # a graceful stop keeps every session: a restarted server goes on from here
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.manager.park_all)
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._jlog is not None:
             # the server's own peak memory, for benchmarks that compare device and server

@@ -17,6 +17,7 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
+    ResumeState,
     SessionInfo,
     SessionSpec,
     SideBlob,
@@ -59,9 +60,17 @@ class InProcessTransport(QueuedSender):
         return self.info
 
     def open(self, spec: SessionSpec) -> SessionInfo:
-        self.info = self.manager.open(spec)
+        return self.attach(self.manager.open(spec))
+
+    def attach(self, info: SessionInfo) -> SessionInfo:
+        self.info = info
         self._start_sender()
-        return self.info
+        return info
+
+    def resume(self) -> ResumeState:
+        info = self._session()
+        self._restart_sender()
+        return self.manager.resume(info.session_id, info.token)
 
     def upload_head(self, blob: bytes) -> None:
         info = self._session()

@@ -179,6 +179,17 @@ class StepBegin:
         return int(self.rows_per_sample.sum())
 
 
+@dataclasses.dataclass(frozen=True)
+class ResumeState:
+    """Where a session stands after a reconnect: the steps the server holds (the next step the
+    device sends is ``steps_done``), the optimizer steps taken on them, and whether the server
+    still lacks the frozen head (an upload that broke off)."""
+
+    steps_done: int
+    optimizer_steps: int
+    need_head: bool = False
+
+
 @dataclasses.dataclass
 class ActivationChunk:
     """Part ``seq`` of tapped layer ``tap``'s codec frame for step ``step``; ``last`` ends it."""

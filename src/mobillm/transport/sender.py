@@ -5,7 +5,8 @@ is the backpressure); a sender thread drains the queue through the transport's `
 Acks become visible ``link.ack_delay()`` seconds after they arrive (the emulated round trip).
 The first failure anywhere (a refusal, a dead stream, a crashed sender, a server silent for
 ``ack_timeout`` seconds) becomes the one ``RemoteError`` that every later ``send`` and
-``next_ack`` raises, after the acks that arrived before it.
+``next_ack`` raises, after the acks that arrived before it. ``_restart_sender`` starts afresh
+after a failure (a reconnect); acks and failures of the stream before it are ignored.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class QueuedSender:
         self._error: RemoteError | None = None
         self._fail_lock = threading.Lock()
         self._sender: threading.Thread | None = None
+        self._gen = 0  # which stream acks and failures belong to
 
     # --- to implement -----------------------------------------------------------------------
     def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
@@ -48,6 +50,17 @@ class QueuedSender:
     def _start_sender(self) -> None:
         self._sender = threading.Thread(target=self._pump, name="mobillm-sender", daemon=True)
         self._sender.start()
+
+    def _restart_sender(self) -> None:
+        """After a failure: drop what was queued, forget the error, start a new sender."""
+        self._fail(RemoteError("CANCELLED", "restarting the stream"))
+        self._stop_sender()
+        with self._fail_lock:
+            self._gen += 1
+            self._out = queue.Queue(maxsize=self._out.maxsize)
+            self._acks = queue.Queue()
+            self._error = None
+        self._start_sender()
 
     def _stop_sender(self) -> None:
         """Close the queue after everything queued so far and wait for the sender to end."""
@@ -79,11 +92,15 @@ class QueuedSender:
         self._end_stream(self._error is not None)
 
     # --- acks and failures ------------------------------------------------------------------
-    def _ack(self, ack: Ack) -> None:
-        self._acks.put((time.perf_counter() + self.link.ack_delay(), ack))
-
-    def _fail(self, err: RemoteError) -> None:
+    def _ack(self, ack: Ack, gen: int | None = None) -> None:
         with self._fail_lock:
+            if gen is None or gen == self._gen:
+                self._acks.put((time.perf_counter() + self.link.ack_delay(), ack))
+
+    def _fail(self, err: RemoteError, gen: int | None = None) -> None:
+        with self._fail_lock:
+            if gen is not None and gen != self._gen:
+                return
             if self._error is None:
                 self._error = err
                 self._acks.put(err)

@@ -22,6 +22,7 @@ from mobillm.transport.messages import (
     ActivationChunk,
     EpochReport,
     RemoteError,
+    ResumeState,
     SessionInfo,
     SessionSpec,
     SideBlob,
@@ -209,6 +210,26 @@ def ack_from_proto(msg: pb.Ack) -> Ack:
 
 
 # --- finish: epochs from the cache ------------------------------------------------------------
+def resume_request_to_proto(session_id: str) -> pb.ResumeRequest:
+    return pb.ResumeRequest(session_id=session_id)
+
+
+def resume_request_from_proto(msg: pb.ResumeRequest) -> str:
+    return msg.session_id
+
+
+def resume_reply_to_proto(state: ResumeState) -> pb.ResumeReply:
+    return pb.ResumeReply(
+        steps_done=state.steps_done,
+        optimizer_steps=state.optimizer_steps,
+        need_head=state.need_head,
+    )
+
+
+def resume_reply_from_proto(msg: pb.ResumeReply) -> ResumeState:
+    return ResumeState(int(msg.steps_done), int(msg.optimizer_steps), msg.need_head)
+
+
 def finish_request_to_proto(session_id: str) -> pb.FinishRequest:
     return pb.FinishRequest(session_id=session_id)
 

@@ -103,6 +103,22 @@ class Ack(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class ResumeRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ResumeReply(_message.Message):
+    __slots__ = ("steps_done", "optimizer_steps", "need_head")
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEED_HEAD_FIELD_NUMBER: _ClassVar[int]
+    steps_done: int
+    optimizer_steps: int
+    need_head: bool
+    def __init__(self, steps_done: _Optional[int] = ..., optimizer_steps: _Optional[int] = ..., need_head: _Optional[bool] = ...) -> None: ...
+
 class FinishRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class SideTuningStub:
                 request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.SerializeToString,
                 response_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/mobillm.v1.SideTuning/Resume',
+                request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.ResumeReply.FromString,
+                _registered_method=True)
         self.Finish = channel.unary_stream(
                 '/mobillm.v1.SideTuning/Finish',
                 request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.FinishRequest.SerializeToString,
@@ -96,6 +101,15 @@ class SideTuningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """After a dropped stream, a restarted server or a restarted device: where the session
+        stands. The server drops any half-received step and answers the number of steps it holds
+        (from its live state or its last checkpoint); the device resends the steps after them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Finish(self, request, context):
         """After the last streamed step: train the remaining epochs from the server's activation
         cache (no device work), scoring the validation split after each; one EpochReport per
@@ -136,6 +150,11 @@ def add_SideTuningServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.FromString,
                     response_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.ResumeRequest.FromString,
+                    response_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.ResumeReply.SerializeToString,
             ),
             'Finish': grpc.unary_stream_rpc_method_handler(
                     servicer.Finish,
@@ -235,6 +254,33 @@ class SideTuning:
             '/mobillm.v1.SideTuning/Train',
             mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.SerializeToString,
             mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mobillm.v1.SideTuning/Resume',
+            mobillm_dot_proto_dot_v1_dot_mobillm__pb2.ResumeRequest.SerializeToString,
+            mobillm_dot_proto_dot_v1_dot_mobillm__pb2.ResumeReply.FromString,
             options,
             channel_credentials,
             insecure,
