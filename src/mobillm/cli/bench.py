@@ -42,6 +42,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--out", default="results/overlap")
     o.set_defaults(func=run_overlap_cmd)
+    f = bsub.add_parser(
+        "faults",
+        help="fuzz, disconnects, server and device kills, a soak and the known attacks, "
+        "against real processes on loopback; writes JSON and docs/reliability.md",
+    )
+    f.add_argument("--fuzz", type=int, default=100_000, help="fuzzed messages (0 = skip)")
+    f.add_argument("--disconnects", type=int, default=20, help="cuts of a training run")
+    f.add_argument("--server-kills", type=int, default=5, help="SIGKILLs of the server")
+    f.add_argument("--device-kills", type=int, default=1, help="SIGKILLs of a device")
+    f.add_argument("--soak-devices", type=int, default=16)
+    f.add_argument("--soak-s", type=float, default=900.0, help="soak length (0 = skip)")
+    f.add_argument("--no-attacks", dest="attacks", action="store_false")
+    f.add_argument("--samples", type=int, default=640, help="training samples per device run")
+    f.add_argument("--out", default="results/faults")
+    f.add_argument("--doc", default="docs/reliability.md")
+    f.set_defaults(func=run_faults_cmd)
     c = bsub.add_parser(
         "compare",
         help="MobiLLM vs on-device LoRA, full FT and side-tuning (memory, time, "
@@ -333,3 +349,28 @@ def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
     (out / "overlap.md").write_text(table)
     common.say("\n" + table)
     return result
+
+
+def run_faults_cmd(args: argparse.Namespace) -> dict[str, Any]:
+    common.setup(args)
+    from mobillm.bench.faults import FaultsConfig, Harness
+    from mobillm.bench.faults_report import write
+
+    cfg = FaultsConfig(
+        fuzz_messages=args.fuzz,
+        disconnects=args.disconnects,
+        server_kills=args.server_kills,
+        device_kills=args.device_kills,
+        soak_devices=args.soak_devices,
+        soak_seconds=args.soak_s,
+        attacks=args.attacks,
+        samples=args.samples,
+        out=args.out,
+    )
+    results = Harness(cfg, common.say).run()
+    out = Path(args.out)
+    common.write_json(out / "results.json", results)
+    command = "mobillm bench faults " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    write(results, command.strip(), Path(args.doc), out)
+    common.say(f"[faults] wrote {out / 'results.json'} and {args.doc}")
+    return {k: v for k, v in results.items() if k != "config"}

@@ -13,6 +13,7 @@ of a sample (the mixer attends over all rows of a step, the split layers over ea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -30,6 +31,8 @@ BYTES_PER_FROZEN = 4
 MAX_HIDDEN = 1 << 15
 MAX_LAYERS = 1024
 MAX_LAYERS_CONFIG_CHARS = 1 << 16
+# safetensors header (names, shapes, offsets) beside the tensor bytes of an upload
+UPLOAD_SLACK = 1 << 20
 
 
 def _over(what: str, need: int, limit: int) -> RemoteError:
@@ -45,9 +48,18 @@ def _meta_head(spec: SessionSpec) -> FrozenHead:
         return FrozenHead(spec.head, tensors)
 
 
-def side_bytes(spec: SessionSpec) -> int:
-    """Bytes of the session's learner: trainable parameters with their optimizer state, frozen
-    head and (split mode) frozen top layers, counted on a build with no storage."""
+@dataclasses.dataclass(frozen=True)
+class Price:
+    """``side_bytes``: the learner with its optimizer state; ``upload_bytes``: the most its
+    head upload can take (fp32 tensors plus room for the safetensors header)."""
+
+    side_bytes: int
+    upload_bytes: int
+
+
+def price(spec: SessionSpec) -> Price:
+    """What the session's learner costs: trainable parameters with their optimizer state,
+    frozen head and (split mode) frozen top layers, counted on a build with no storage."""
     side = spec.side
     if max(side.hidden_size, spec.head.out_size) > MAX_HIDDEN:
         raise RemoteError("RESOURCE_EXHAUSTED", f"hidden size over {MAX_HIDDEN} is not served")
@@ -69,19 +81,23 @@ def side_bytes(spec: SessionSpec) -> int:
         raise
     except Exception as e:  # anything the client's numbers make the build trip over
         raise RemoteError("INVALID_ARGUMENT", f"cannot build the side network: {e}") from None
-    total = 0
-    for p in net.parameters():
-        total += p.numel() * (BYTES_PER_TRAINABLE if p.requires_grad else BYTES_PER_FROZEN)
-    total += sum(b.numel() * BYTES_PER_FROZEN for b in net.buffers())
-    return total
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    frozen += sum(b.numel() for b in net.buffers())
+    uploaded = sum(t.numel() for t in head.tensors().values())
+    uploaded += sum(t.numel() for t in (layers or {}).values())
+    return Price(
+        trainable * BYTES_PER_TRAINABLE + frozen * BYTES_PER_FROZEN,
+        uploaded * BYTES_PER_FROZEN + UPLOAD_SLACK,
+    )
 
 
-def check_side(spec: SessionSpec, limit: int) -> int:
-    """``side_bytes`` or RESOURCE_EXHAUSTED when over ``limit``."""
-    need = side_bytes(spec)
-    if need > limit:
-        raise _over("the side network with its optimizer state", need, limit)
-    return need
+def check_side(spec: SessionSpec, limit: int) -> Price:
+    """The session's ``price``; RESOURCE_EXHAUSTED when its learner is over ``limit``."""
+    p = price(spec)
+    if p.side_bytes > limit:
+        raise _over("the side network with its optimizer state", p.side_bytes, limit)
+    return p
 
 
 def step_bytes(spec: SessionSpec, rows_per_sample: torch.Tensor) -> int:

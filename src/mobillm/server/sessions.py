@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mobillm.config import Config, check
-from mobillm.server.budget import check_side
+from mobillm.server.budget import check_side, price
 from mobillm.server.cache import ActivationCache, CacheConfig
 from mobillm.server.heads import Frozen, HeadCache, head_key, parse_head
 from mobillm.server.state import SessionStore, head_file_key, token_hash
@@ -134,6 +134,7 @@ class Session:
     head_bytes: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
     closed: bool = False
+    max_upload: int = 0  # what this session's head upload may take (priced at open)
     finish_run: int = 0  # bumped when a Finish starts: an older, broken-off one must stop
 
 
@@ -194,9 +195,10 @@ class SessionManager:
             )
         with self._lock:
             self._room(client)
-        check_side(spec, self.cfg.max_side_bytes)
+        cost = check_side(spec, self.cfg.max_side_bytes)
         sid, token = secrets.token_hex(8), secrets.token_urlsafe(24)
         sess = Session(sid, token_hash(token), spec, threading.Lock(), client)
+        sess.max_upload = min(self.cfg.max_head_bytes, cost.upload_bytes)
         with self._lock:
             head = self._heads.get(head_key(spec))
         if head is not None:
@@ -263,6 +265,7 @@ class SessionManager:
             raise RemoteError("FAILED_PRECONDITION", f"session {session_id} is {record['ended']}")
         spec = SessionSpec.from_dict(record["spec"])
         sess = Session(session_id, record["token_sha256"], spec, threading.Lock(), record["client"])
+        sess.max_upload = min(self.cfg.max_head_bytes, price(spec).upload_bytes)
         with sess.lock:
             with self._lock:
                 if (live := self._sessions.get(session_id)) is not None:
@@ -327,10 +330,12 @@ class SessionManager:
                 self._uploading += len(data)
             sess.head_bytes += len(data)
             sess.head_parts.append(data)
-            if sess.head_bytes > self.cfg.max_head_bytes:
+            limit = sess.max_upload or self.cfg.max_head_bytes
+            if sess.head_bytes > limit:
                 self._drop_upload(sess)
                 raise RemoteError(
-                    "RESOURCE_EXHAUSTED", f"head upload over {self.cfg.max_head_bytes} bytes"
+                    "RESOURCE_EXHAUSTED",
+                    f"head upload over {limit} bytes, what this session's head can take",
                 )
             if not last:
                 return

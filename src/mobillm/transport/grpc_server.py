@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mobillm.config import check
 from mobillm.errors import MobiLLMError
@@ -102,6 +103,50 @@ class JsonlLog:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+class _Corrupt:
+    """What the request decoder hands a handler for bytes that are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = RemoteError("INVALID_ARGUMENT", f"malformed message: {error}")
+
+
+def _safe_decoder(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def safe(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError as e:
+            return _Corrupt(e)
+
+    return safe
+
+
+def _decoded(request: Any) -> Any:
+    """``request``, or the INVALID_ARGUMENT its bytes deserve."""
+    if isinstance(request, _Corrupt):
+        raise request.error
+    return request
+
+
+class _SafeRegistration:
+    """Stands in for the server while the generated code registers the service: every request
+    decoder is wrapped, so corrupt bytes reach the handler as INVALID_ARGUMENT instead of
+    gRPC's UNKNOWN (unary calls) or an INTERNAL with a traceback (streams)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the registered handlers below carry the same methods
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        safe = {
+            name: h._replace(request_deserializer=_safe_decoder(h.request_deserializer))
+            for name, h in handlers.items()
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
+        self.server.add_registered_method_handlers(service, safe)
 
 
 def _as_remote(e: BaseException, rpc: str) -> RemoteError:
@@ -223,7 +268,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
     async def OpenSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             client = await self._identify(context)
-            spec = serde.spec_from_proto(request)
+            spec = serde.spec_from_proto(_decoded(request))
             info = await self._run(self.manager.open, spec, client)
         except Exception as e:
             await self._abort(context, "OpenSession", _as_remote(e, "OpenSession"))
@@ -243,7 +288,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         try:
             sid, token = await self._authorize(context)
             async for req in request_iterator:
-                part = serde.head_part_from_proto(req)
+                part = serde.head_part_from_proto(_decoded(req))
                 self._same(sid, part.session_id)
                 if done or part.seq != seq:
                     raise RemoteError(
@@ -273,6 +318,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
             await me.run(self.pool, self._drop_step, sid, token)  # a step an old stream left
             wire = 0
             while (req := await me.next(request_iterator)) is not None:
+                req = _decoded(req)
                 wire += req.ByteSize()
                 msg = serde.train_request_from_proto(req)
                 self._same(sid, msg.session_id)
@@ -334,7 +380,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         sid = ""
         try:
             sid, token = await self._authorize(context)
-            self._same(sid, serde.resume_request_from_proto(request))
+            self._same(sid, serde.resume_request_from_proto(_decoded(request)))
             state = await self._run(self.manager.resume, sid, token)
         except Exception as e:
             await self._abort(context, "Resume", _as_remote(e, "Resume"), sid)
@@ -347,7 +393,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         err: RemoteError | None = None
         try:
             sid, token = await self._authorize(context)
-            self._same(sid, serde.finish_request_from_proto(request))
+            self._same(sid, serde.finish_request_from_proto(_decoded(request)))
             reports = self.manager.finish(sid, token)
             # one epoch per worker-thread call: the event loop stays free meanwhile
             while (report := await self._run(next, reports, None)) is not None:
@@ -362,7 +408,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         sid = ""
         try:
             sid, token = await self._authorize(context)
-            self._same(sid, serde.download_request_from_proto(request))
+            self._same(sid, serde.download_request_from_proto(_decoded(request)))
             blob = await self._run(self.manager.download, sid, token)
         except Exception as e:
             await self._abort(context, "Download", _as_remote(e, "Download"), sid)
@@ -375,7 +421,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         sid = ""
         try:
             sid, token = await self._authorize(context)
-            self._same(sid, serde.close_request_from_proto(request))
+            self._same(sid, serde.close_request_from_proto(_decoded(request)))
             summary = await self._run(self.manager.close, sid, token)
         except Exception as e:
             await self._abort(context, "CloseSession", _as_remote(e, "CloseSession"), sid)
@@ -469,7 +515,7 @@ class GrpcServer:
         )
         pb_grpc.add_SideTuningServicer_to_server(
             SideTuningServicer(self.manager, self._jlog, self._pool, self.keys, self.mutual_tls),
-            server,
+            _SafeRegistration(server),
         )
         try:
             if self.tls is None:
