@@ -11,9 +11,9 @@ from mobillm.codec import CodecConfig
 from mobillm.data import ClassificationExample, DataConfig, LMExample, tokenize_examples
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.server.inprocess import InProcessTransport
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.side.io import SideFileError
-from mobillm.transport.inprocess import InProcessTransport
 from mobillm.transport.messages import TrainConfig
 
 

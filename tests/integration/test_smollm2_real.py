@@ -10,11 +10,11 @@ from mobillm.codec import CodecConfig
 from mobillm.data import DataConfig, LMExample, load_examples, resolve_preset, tokenize_examples
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.server.inprocess import InProcessTransport
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.model import SideNetwork
-from mobillm.transport.inprocess import InProcessTransport
 from mobillm.transport.messages import TrainConfig
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import pytest
 from mobillm.codec import CodecConfig
 from mobillm.data import ClassificationExample, DataConfig, tokenize_examples
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.server.inprocess import InProcessTransport
 from mobillm.server.sessions import ServerConfig, SessionManager
-from mobillm.transport.inprocess import InProcessTransport
 from mobillm.transport.messages import RemoteError, TrainConfig
 
 

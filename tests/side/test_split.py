@@ -8,10 +8,10 @@ from mobillm.device.local import LocalModel
 from mobillm.device.rows import plan_rows
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
 from mobillm.errors import ConfigError
+from mobillm.server.inprocess import InProcessTransport
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.side.head import FrozenHead
 from mobillm.side.learner import build_learner
-from mobillm.transport.inprocess import InProcessTransport
 from mobillm.transport.messages import TrainConfig
 
 

@@ -11,8 +11,8 @@ from safetensors.torch import save
 from mobillm.codec import CodecConfig
 from mobillm.data import ClassificationExample, DataConfig, tokenize_examples
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_session, build_side_config
+from mobillm.server.grpc_server import GrpcServer
 from mobillm.server.sessions import ServerConfig
-from mobillm.transport.grpc_server import GrpcServer
 from mobillm.transport.messages import TrainConfig
 from mobillm.transport.tls import make_certs
 

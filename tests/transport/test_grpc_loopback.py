@@ -6,8 +6,8 @@ import time
 import pytest
 
 from mobillm.errors import ConfigError
+from mobillm.server.grpc_server import GrpcServer
 from mobillm.transport.grpc_client import GrpcTransport, TlsClientConfig
-from mobillm.transport.grpc_server import GrpcServer
 from mobillm.transport.messages import RemoteError
 from mobillm.transport.tls import TlsServerConfig, is_loopback, make_certs
 
@@ -153,7 +153,7 @@ def test_plaintext_only_on_loopback(tmp_path):
 
 
 def test_busy_port_is_refused(start_server):
-    from mobillm.transport.grpc_server import ServeError
+    from mobillm.server.grpc_server import ServeError
 
     server = start_server()
     with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{server.port}"):
@@ -164,8 +164,8 @@ def test_cache_epochs_and_validation_over_grpc(
     tmp_path, make_tiny_backbone, cls_data, start_server, device_trainer
 ):
     """Finish streams one report per replayed epoch; the result equals the in-process run."""
+    from mobillm.server.inprocess import InProcessTransport
     from mobillm.server.sessions import ServerConfig, SessionManager
-    from mobillm.transport.inprocess import InProcessTransport
 
     server = start_server()
     bb = make_tiny_backbone("llama")

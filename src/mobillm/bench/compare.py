@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from mobillm.cli.bench import split_cores, start_server
+from mobillm.bench.serverproc import split_cores, start_server
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mobillm.bench.serverproc import start_server
 from mobillm.bench.tinymodel import TASK_FLAGS, write_task, write_tiny_model
 from mobillm.config import Config, check
 from mobillm.server.auth import add_key
@@ -70,40 +70,17 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A ``mobillm serve`` process on a fixed loopback port; ``restart`` keeps port and folder."""
 
     def __init__(self, workdir: Path, *flags: str) -> None:
         self.workdir, self.flags = workdir, flags
-        self.port = _free_port()
+        self.port = 0  # any free one first, then the same one at each restart
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
-        cmd = [
-            *CLI, "serve", "--port", str(self.port), "--workdir", str(self.workdir),
-            "--threads", "1", *self.flags,
-        ]  # fmt: skip
-        if "--api-keys" not in self.flags:
-            cmd.append("--open")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        err = (self.workdir / "stderr.log").open("a")
-        self.proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: see {self.workdir / 'stderr.log'}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("the server did not start within 120 s")
+        self.proc, self.port = start_server(self.workdir, *self.flags, port=self.port)
 
     @property
     def target(self) -> str:

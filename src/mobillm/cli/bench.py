@@ -6,14 +6,13 @@ import argparse
 import dataclasses
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from mobillm.bench.serverproc import split_cores, start_server
 from mobillm.cli import common
-from mobillm.errors import MobiLLMError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -235,51 +234,6 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
     write_doc(done, out, Path(args.doc), command.strip())
     common.say(f"[bench] results in {store}, plots in {out}, report in {args.doc}")
     return {"bench": "compare", "jobs": len(done), "results": str(store), "doc": args.doc}
-
-
-def split_cores() -> tuple[set[int], set[int]]:
-    """(device cores, server cores): the server stands in for another machine, so on a box of
-    several cores it gets one of its own and the device keeps the rest."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return set(cores), set(cores)
-    return set(cores[:-1]), {cores[-1]}
-
-
-def start_server(
-    workdir: Path, threads: int = 1, cores: set[int] | None = None
-) -> tuple[subprocess.Popen, int]:
-    """A `mobillm serve` child process on a free loopback port (plain TCP: loopback only)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / "port"
-    port_file.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mobillm.cli.main",
-        "serve",
-        "--open",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--workdir",
-        str(workdir),
-        "--threads",
-        str(threads),
-    ]
-    proc = subprocess.Popen(cmd, stderr=(workdir / "stderr.log").open("w"))
-    if cores:
-        os.sched_setaffinity(proc.pid, cores)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise MobiLLMError(f"the benchmark server exited; see {workdir / 'stderr.log'}")
-        if port_file.is_file() and port_file.read_text().strip():
-            return proc, int(port_file.read_text())
-        time.sleep(0.1)
-    proc.kill()
-    raise MobiLLMError("the benchmark server did not start in 120 s")
 
 
 def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:

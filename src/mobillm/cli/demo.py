@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mobillm.bench.serverproc import start_server
 from mobillm.cli import common
 from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import MobiLLMError
@@ -51,39 +52,6 @@ def _mobillm() -> list[str]:
     return [sys.executable, "-m", "mobillm.cli.main"]
 
 
-def _start_server(out: Path, tls: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    port_file = out / "server.port"
-    port_file.unlink(missing_ok=True)
-    cmd = [
-        *_mobillm(),
-        "serve",
-        "--open",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--workdir",
-        str(out / "server"),
-    ]
-    if tls:
-        cmd += ["--tls-cert", tls["cert"], "--tls-key", tls["key"]]
-    log = (out / "server.stderr.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise MobiLLMError(
-                f"the server exited with code {proc.returncode}; see {out / 'server.stderr.log'}"
-            )
-        if port_file.is_file() and port_file.read_text().strip():
-            return proc, int(port_file.read_text())
-        time.sleep(0.2)
-    proc.terminate()
-    raise MobiLLMError("the server did not start within 120 s")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.setup(args)
     out = Path(args.out)
@@ -94,7 +62,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         tls = {k: str(v) for k, v in make_certs(out / "certs").items()}
     t0 = time.perf_counter()
-    server, port = _start_server(out, tls)
+    flags = ["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []
+    server, port = start_server(out / "server", *flags, log=out / "server.stderr.log")
     common.say(
         f"[demo] server process {server.pid} listening on 127.0.0.1:{port} "
         f"({'TLS' if tls else 'plain TCP'})"

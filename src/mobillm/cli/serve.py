@@ -124,8 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     common.setup(args)
+    from mobillm.server.grpc_server import GrpcServer, serve
     from mobillm.server.sessions import ServerConfig
-    from mobillm.transport.grpc_server import GrpcServer, serve
     from mobillm.transport.tls import TlsServerConfig, make_certs
 
     if args.add_api_key:

@@ -80,8 +80,8 @@ def make_transport(args: argparse.Namespace, out: Path) -> Transport:
             except OSError as e:
                 raise ConfigError(f"--api-key-file: {e}") from None
         return GrpcTransport(args.server, tls=tls, link=link, api_key=key, insecure=args.insecure)
+    from mobillm.server.inprocess import InProcessTransport
     from mobillm.server.sessions import ServerConfig, SessionManager
-    from mobillm.transport.inprocess import InProcessTransport
 
     manager = SessionManager(ServerConfig(device=args.server_device, workdir=str(out / "server")))
     return InProcessTransport(manager, link)
