@@ -52,6 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="concurrent sessions of one credential (default: %(default)s)",
     )
     g.add_argument(
+        "--max-side-mb",
+        type=int,
+        default=None,
+        help="largest side network a session may ask for, with its optimizer state (default: 4096)",
+    )
+    g.add_argument(
+        "--max-step-mb",
+        type=int,
+        default=None,
+        help="largest step a session may send, as its activations would take in memory "
+        "(default: 4096)",
+    )
+    g.add_argument(
         "--lease-s",
         type=float,
         default=900.0,
@@ -157,6 +170,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         device=args.device,
         max_sessions=args.max_sessions,
         max_sessions_per_client=args.max_sessions_per_client,
+        **{
+            f"max_{name}_bytes": mb << 20
+            for name, mb in (("side", args.max_side_mb), ("step", args.max_step_mb))
+            if mb is not None
+        },
         lease_seconds=args.lease_s,
         retention_seconds=args.retention_h * 3600,
         checkpoint_every=args.checkpoint_every,
