@@ -153,3 +153,39 @@ def test_server_killed_and_restarted_resumes_bit_exact(tmp_path, make_tiny_backb
         server[0].send_signal(signal.SIGTERM)
         server[0].communicate(timeout=60)
     assert tr.reconnects == 1 and weights == ref
+
+
+@pytest.mark.slow
+def test_frozen_server_ends_the_run_with_one_clear_error(tmp_path, make_tiny_backbone, cls_data):
+    """A server that stops answering (SIGSTOP): keepalive pings notice, the device tries to
+    reconnect for its reconnect time, then fails with UNAVAILABLE, never a raw traceback."""
+    bb = make_tiny_backbone("llama")
+    data, _ = cls_data(bb.tokenizer, n=96)
+    port = _free_port()
+    server = _serve(port, tmp_path / "srv")
+    acks = threading.Semaphore(0)
+
+    class Counting(GrpcTransport):
+        def _ack(self, ack, gen=None):
+            super()._ack(ack, gen)
+            acks.release()
+
+    def freeze():
+        acks.acquire()
+        server.send_signal(signal.SIGSTOP)
+
+    threading.Thread(target=freeze, daemon=True).start()
+    transport = Counting(f"127.0.0.1:{port}", connect_timeout=2)
+    tr = _trainer(bb, transport, reconnect_seconds=3)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RemoteError) as e:
+            tr.train(data, 8)
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+        transport.shutdown()
+    assert e.value.code == "UNAVAILABLE" and "gave up reconnecting after 3 s" in e.value.message
+    # gRPC notices the silence through its keepalive pings; it takes about a minute here
+    assert time.monotonic() - t0 < 120

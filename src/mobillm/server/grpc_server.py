@@ -34,11 +34,7 @@ from mobillm.proto.v1 import mobillm_pb2_grpc as pb_grpc
 from mobillm.server.auth import ApiKeys
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.transport import serde
-from mobillm.transport.grpc_client import (
-    API_KEY_HEADER,
-    KEEPALIVE_SECONDS,
-    KEEPALIVE_TIMEOUT_SECONDS,
-)
+from mobillm.transport.grpc_client import API_KEY_HEADER, KEEPALIVE_SECONDS
 from mobillm.transport.messages import RemoteError, StepBegin, spec_summary
 from mobillm.transport.tls import TlsServerConfig, is_loopback, server_credentials
 
@@ -510,7 +506,7 @@ class GrpcServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_SECONDS * 500),
                 ("grpc.keepalive_time_ms", 3 * KEEPALIVE_SECONDS * 1000),
-                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 2000),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
             ],
         )
         pb_grpc.add_SideTuningServicer_to_server(

@@ -43,9 +43,8 @@ API_KEY_HEADER = "x-mobillm-api-key"
 # The largest message a server may send or accept: a full chunk of the biggest size any server
 # announces, plus the fields around it.
 MAX_MESSAGE_BYTES = serde.MAX_CHUNK_BYTES + serde.ENVELOPE_BYTES
-# HTTP/2 pings: a server that does not answer one within the timeout is gone or frozen.
+# HTTP/2 pings: a server that does not answer one within half the interval is gone or frozen.
 KEEPALIVE_SECONDS = 20
-KEEPALIVE_TIMEOUT_SECONDS = 10
 
 
 def _remote(e: grpc.aio.AioRpcError) -> RemoteError:
@@ -59,7 +58,8 @@ class GrpcTransport(QueuedSender):
     which is refused for a non-loopback host unless ``insecure``. ``api_key``: the credential
     ``OpenSession`` presents (``mobillm serve --add-api-key``). ``link``: emulated upload rate
     and round-trip time. ``queue_size``: messages ``send`` may queue before it blocks.
-    ``connect_timeout``: seconds ``open`` waits for the server.
+    ``connect_timeout``: seconds ``open`` waits for the server. ``keepalive``: seconds between
+    pings that notice a vanished or frozen server (it has half that long to answer).
     """
 
     def __init__(
@@ -73,6 +73,7 @@ class GrpcTransport(QueuedSender):
         api_key: str = "",
         insecure: bool = False,
         ack_timeout: float = 600.0,
+        keepalive: float = KEEPALIVE_SECONDS,
     ) -> None:
         super().__init__(Link(link), queue_size, ack_timeout)
         self.target = target
@@ -85,6 +86,7 @@ class GrpcTransport(QueuedSender):
                 "(--tls-ca), or --insecure if the network is trusted"
             )
         self.api_key = api_key
+        self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self.info: SessionInfo | None = None
@@ -111,10 +113,14 @@ class GrpcTransport(QueuedSender):
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+            ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive * 500)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC otherwise spaces pings without data 5 minutes apart: a frozen server, which
+            # sends no data, would go unnoticed that long
+            ("grpc.http2.min_sent_ping_interval_without_data_ms", int(self.keepalive * 1000)),
+            ("grpc.http2.min_time_between_pings_ms", int(self.keepalive * 1000)),
         ]
         if self.tls is None:
             return grpc.aio.insecure_channel(self.target, options=options)
