@@ -46,11 +46,16 @@ class BackboneConfig(Config):
     ``source``: a Hugging Face folder, a ``.gguf`` file, an alias (``smollm2-135m``) or a hub id.
     ``taps``: ``"all"``, ``"every:K"`` (layers K-1, 2K-1, ...) or a comma list ``"3,7,11"``
     (0-based decoder layer indices). The last layer is always tapped: the head needs it.
+    ``stream``: weights stay in their memory-mapped file and only the layer that runs is
+    resident: each layer's pages are handed back once it has run and the next layer's are
+    prefetched meanwhile (``mobillm.backbone.pages``); the embedding keeps only the rows the
+    batch read. Results are bit for bit the same.
     """
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
     taps: str = "all"
+    stream: bool = False
 
     def validate(self) -> None:
         check(bool(self.source), "BackboneConfig.source is empty")
@@ -215,6 +220,28 @@ class Backbone:
             raise ConfigError(f"verbalizers {list(words)} share a first token {ids}")
         return ids
 
+    def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Per layer: prefetch the next layer's weights before it runs, release its own after."""
+        weights = [list(layer.parameters()) for layer in self.layers]
+        handles = []
+        for i, layer in enumerate(self.layers):
+            # hooks must return None: a forward hook's return value replaces the output
+            def before(_m: nn.Module, _inp: object, i: int = i) -> None:
+                if i + 1 < len(weights):
+                    pages.prefetch(weights[i + 1])
+
+            def after(_m: nn.Module, _inp: object, _out: object, i: int = i) -> None:
+                pages.release(weights[i])
+
+            handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+
+        def embedded(m: nn.Module, _inp: object, _out: object) -> None:
+            pages.release(m.parameters())  # the rows this batch read are copied out by now
+            pages.prefetch(weights[0])
+
+        handles.append(self.model.get_input_embeddings().register_forward_hook(embedded))
+        return handles
+
     def run(
         self,
         input_ids: torch.Tensor,
@@ -237,6 +264,8 @@ class Backbone:
                     raise _Stop  # the layers above belong to the server
 
             handles.append(self.layers[layer_idx].register_forward_hook(hook))
+        if self.cfg.stream:
+            handles += self._stream_hooks()
         try:
             with torch.inference_mode():
                 out = self.family.base(self.model)(

@@ -1,4 +1,5 @@
-"""Hand the pages of weights the device has read once but will not use back to the kernel.
+"""Hand the pages of weights the device has read once but will not use back to the kernel,
+and ask for the ones it will read next.
 
 Weights load as a memory map of the safetensors file, so a tensor costs resident memory only
 once it is read. The device reads the final norm and LM head once, to hash them for the
@@ -7,6 +8,10 @@ training: no LM logits are computed. Left alone, those pages stay counted in the
 (890 MB for Qwen2.5-1.5B's untied head). ``MADV_PAGEOUT`` asks the kernel to reclaim them; it
 never changes contents (file-backed pages fault back in from the file, anonymous ones would go
 to swap or stay), so it is safe for any tensor.
+
+Streamed weights (``BackboneConfig.stream``) use the same two calls per decoder layer: once a
+layer has run, ``release`` its weights; before it runs, ``prefetch`` (``MADV_WILLNEED``) the
+next layer's, so the kernel reads them from storage while this one computes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
+_MADV_WILLNEED = 3
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 _MIN_BYTES = 1 << 20
 
@@ -37,11 +43,7 @@ def _madvise() -> ctypes._CFuncPtr | None:
 _MADVISE = _madvise()
 
 
-def release(tensors: Iterable[torch.Tensor]) -> int:
-    """Ask the kernel to reclaim the pages behind large CPU ``tensors``; returns bytes advised.
-
-    A hint: it fails quietly (0 bytes) where the platform has no ``MADV_PAGEOUT``.
-    """
+def _advise(tensors: Iterable[torch.Tensor], advice: int) -> int:
     if _MADVISE is None:
         return 0
     advised = 0
@@ -53,6 +55,19 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
             continue
         start = t.data_ptr() & ~(mmap.PAGESIZE - 1)
         length = t.data_ptr() + n - start
-        if _MADVISE(start, length, _MADV_PAGEOUT) == 0:
+        if _MADVISE(start, length, advice) == 0:
             advised += length
     return advised
+
+
+def release(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask the kernel to reclaim the pages behind large CPU ``tensors``; returns bytes advised.
+
+    A hint: it fails quietly (0 bytes) where the platform has no ``MADV_PAGEOUT``.
+    """
+    return _advise(tensors, _MADV_PAGEOUT)
+
+
+def prefetch(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask the kernel to start reading the pages behind large CPU ``tensors``; bytes advised."""
+    return _advise(tensors, _MADV_WILLNEED)

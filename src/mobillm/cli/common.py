@@ -80,6 +80,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads", type=_count, default=0, help="torch CPU threads (default: all cores)"
     )
+    g.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="keep only the running layer's weights resident (memory-mapped, released after "
+        "each layer, the next one prefetched): far less device memory, same results",
+    )
+
+
+def backbone_config(args: argparse.Namespace, taps: str = "all") -> Any:
+    """The ``BackboneConfig`` that the backbone options ask for."""
+    from mobillm.backbone import BackboneConfig
+
+    return BackboneConfig(
+        source=args.model, dtype=args.dtype, taps=taps, stream=args.stream_weights
+    )
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:

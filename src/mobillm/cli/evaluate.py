@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mobillm.backbone import Backbone, BackboneConfig
+from mobillm.backbone import Backbone
 from mobillm.cli import common
 from mobillm.data import load_examples, resolve_labels, tokenize_examples
 from mobillm.device.local import LocalModel
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if dcfg.task == "classification":
         dcfg = dcfg.replace(labels=resolve_labels(dcfg))
     examples = load_examples(dcfg, "eval")
-    backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype))
+    backbone = Backbone.load(common.backbone_config(args))
     if args.side:
         model = LocalModel.load(backbone, args.side)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mobillm.backbone import Backbone, BackboneConfig
+from mobillm.backbone import Backbone
 from mobillm.cli import common
 from mobillm.device.local import LocalModel
 from mobillm.errors import MobiLLMError
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.setup(args)
-    backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype))
+    backbone = Backbone.load(common.backbone_config(args))
     model = LocalModel.load(backbone, args.side)
     if model.side.cfg.task != "causal_lm":
         raise MobiLLMError(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mobillm.backbone import Backbone, BackboneConfig
+from mobillm.backbone import Backbone
 from mobillm.cli import common
 from mobillm.data import DataConfig, hold_out, load_examples, resolve_labels, tokenize_examples
 from mobillm.device.local import LocalModel
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     labels = resolve_labels(dcfg) if dcfg.task == "classification" else ()
     dcfg = dcfg.replace(labels=labels)
     t0 = time.perf_counter()
-    backbone = Backbone.load(BackboneConfig(source=args.model, dtype=args.dtype, taps=args.taps))
+    backbone = Backbone.load(common.backbone_config(args, args.taps))
     common.say(
         f"[train] backbone {backbone.fingerprint.short()} loaded in "
         f"{time.perf_counter() - t0:.1f}s; {len(backbone.taps)} tapped layers"

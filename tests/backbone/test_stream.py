@@ -1,0 +1,44 @@
+"""Streamed weights: the same hidden states bit for bit, and only about a layer resident."""
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mobillm.backbone import Backbone, BackboneConfig
+
+
+def _mapped_rss_mb(path: Path) -> float:
+    """Resident MB of the mappings of ``path`` in this process (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total / 1024
+
+
+def test_streamed_forward_is_identical_and_holds_a_layer(tmp_path, bos_tokenizer):
+    cfg = LlamaConfig(
+        vocab_size=len(bos_tokenizer), hidden_size=512, intermediate_size=1024,
+        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    bos_tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    ids = torch.randint(3, len(bos_tokenizer), (4, 16))
+    mask = torch.ones_like(ids)
+    outs = {}
+    for stream in (False, True):
+        bb = Backbone.load(BackboneConfig(source=str(tmp_path), stream=stream))
+        got: list[torch.Tensor] = []
+        bb.run(ids, mask, lambda i, h, got=got: got.append(h.clone()))
+        outs[stream] = (got, _mapped_rss_mb(weights))
+        del bb
+    (plain, plain_rss), (streamed, streamed_rss) = outs[False], outs[True]
+    assert all(torch.equal(a, b) for a, b in zip(plain, streamed, strict=True))
+    total = weights.stat().st_size / 2**20
+    assert plain_rss > total / 2, (plain_rss, total)  # the check can see resident weights
+    assert streamed_rss < total / 4, (streamed_rss, total)
