@@ -57,22 +57,24 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
     by: dict[tuple[str, int, int], dict[str, dict]] = defaultdict(dict)
     for r in results:
         if r["mode"] == "cost" and r.get("codec", "int8") == "int8":
-            by[(r["model"], r["batch"], r["seq"])][r["method"]] = r
+            name = r["method"] + ("+stream" if r.get("stream") else "")
+            by[(r["model"], r["batch"], r["seq"])][name] = r
     lines, verdicts = [], []
     models = sorted({k[0] for k in by}, key=lambda m: (m != "smollm2-135m", m))
     for model in models:
         keys = sorted((k for k in by if k[0] == model), key=lambda k: k[1] * k[2])
         lines.append(f"\n#### {model}\n")
         lines.append(
-            "| batch x seq | MobiLLM device | on-device LoRA | on-device full FT "
-            "| on-device side-tuning | server | memory LoRA / MobiLLM "
-            "| s/sample MobiLLM | s/sample LoRA | s/sample LoRA / MobiLLM |"
+            "| batch x seq | MobiLLM device | MobiLLM device, streamed weights | on-device LoRA "
+            "| on-device full FT | on-device side-tuning | server | memory LoRA / MobiLLM "
+            "| memory LoRA / MobiLLM streamed | s/sample MobiLLM | s/sample streamed "
+            "| s/sample LoRA | s/sample LoRA / MobiLLM |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         largest_fit = None
         for k in keys:
             row = by[k]
-            m, lo = row.get("mobillm"), row.get("lora")
+            m, lo, st = row.get("mobillm"), row.get("lora"), row.get("mobillm+stream")
 
             def mem(r: dict | None) -> str:
                 if r is None:
@@ -89,15 +91,20 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 speed_ratio = lo["seconds_per_sample"] / m["seconds_per_sample"]
                 largest_fit = (k, mem_ratio, speed_ratio)
             ok_m, ok_lo = bool(m and _ok_result(m)), bool(lo and _ok_result(lo))
+            ok_st = bool(st and _ok_result(st))
+            st_ratio = lo["peak_rss_mb"] / st["peak_rss_mb"] if ok_st and ok_lo else None
             cells = [
                 f"{k[1]}x{k[2]}",
                 mem(m),
+                mem(st),
                 mem(lo),
                 mem(row.get("full")),
                 mem(row.get("side_local")),
                 f"{m['server_peak_rss_mb'] / 1024:.2f} GB" if ok_m else "-",
                 f"**{mem_ratio:.2f}**" if mem_ratio else "-",
+                f"**{st_ratio:.2f}**" if st_ratio else "-",
                 f"{m['seconds_per_sample']:.3f}" if ok_m else "-",
+                f"{st['seconds_per_sample']:.3f}" if ok_st else "-",
                 f"{lo['seconds_per_sample']:.3f}" if ok_lo else "-",
                 f"**{speed_ratio:.2f}**" if speed_ratio else "-",
             ]

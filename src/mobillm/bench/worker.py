@@ -254,7 +254,13 @@ def main(argv: list[str]) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    backbone = Backbone.load(BackboneConfig(source=job["model"], dtype=job.get("dtype", "float32")))
+    backbone = Backbone.load(
+        BackboneConfig(
+            source=job["model"],
+            dtype=job.get("dtype", "float32"),
+            stream=job.get("stream", False),
+        )
+    )
     loaded_mb = peak_rss_mb()
     run = run_cost if job["mode"] == "cost" else run_race
     result = {

@@ -67,7 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="smollm2-135m=8x128,16x256,32x256;qwen2.5-coder-1.5b=2x128,4x128,8x128,16x128",
         help="model=BxT,BxT;model=... settings for memory and s/sample ('' = skip)",
     )
-    c.add_argument("--cost-methods", default="mobillm,lora,full,side_local")
+    c.add_argument(
+        "--cost-methods",
+        default="mobillm,mobillm+stream,lora,full,side_local",
+        help="mobillm+stream = MobiLLM with streamed device weights",
+    )
     c.add_argument("--cost-steps", type=int, default=2, help="measured steps after a warm-up")
     c.add_argument(
         "--codecs",
@@ -131,9 +135,19 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
         model, _, settings = part.partition("=")
         for setting in settings.split(","):
             b, s = (int(x) for x in setting.lower().split("x"))
-            for method in args.cost_methods.split(","):
+            for name in args.cost_methods.split(","):
+                method, _, variant = name.partition("+")  # "mobillm+stream": streamed weights
                 jobs.append(
-                    Job("cost", method, model, b, seq=s, lr=lrs[method], steps=args.cost_steps)
+                    Job(
+                        "cost",
+                        method,
+                        model,
+                        b,
+                        seq=s,
+                        lr=lrs[method],
+                        steps=args.cost_steps,
+                        stream=variant == "stream",
+                    )
                 )
     first = next((j for j in jobs if j.model == "smollm2-135m"), None)
     for codec in args.codecs.split(","):
