@@ -20,6 +20,7 @@ from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.head import HeadSpec, tensors_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTS = ("none", "int8")
 
 # Config keys that do not change what the layers compute.
 _VOLATILE_KEYS = {
@@ -50,16 +51,26 @@ class BackboneConfig(Config):
     resident: each layer's pages are handed back once it has run and the next layer's are
     prefetched meanwhile (``mobillm.backbone.pages``); the embedding keeps only the rows the
     batch read. Results are bit for bit the same.
+    ``quant="int8"``: the linear layers the device runs use int8 weights and dynamically
+    quantized int8 activations (PyTorch's own fbgemm/qnnpack kernels via
+    ``torch.ao.quantization.quantize_dynamic``); the side network trains on, and later infers
+    with, this quantized backbone's features, and the fingerprint says so.
     """
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
     taps: str = "all"
     stream: bool = False
+    quant: str = "none"
 
     def validate(self) -> None:
         check(bool(self.source), "BackboneConfig.source is empty")
         check(self.dtype in DTYPES, f"BackboneConfig.dtype must be one of {sorted(DTYPES)}")
+        check(self.quant in QUANTS, f"BackboneConfig.quant must be one of {QUANTS}")
+        check(
+            self.quant == "none" or self.dtype == "float32",
+            "BackboneConfig.quant='int8' quantizes float32 weights; use dtype float32",
+        )
         _parse_taps(self.taps)
 
 
@@ -189,6 +200,8 @@ class Backbone:
     @cached_property
     def fingerprint(self) -> BackboneFingerprint:
         cfg = {k: v for k, v in self.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+        if self.cfg.quant != "none":  # another backbone as far as its features go
+            cfg["mobillm_device_quant"] = self.cfg.quant
         blob = json.dumps(cfg, sort_keys=True, default=str).encode()
         _, head = export_head(self.model)
         head_sha256 = tensors_sha256(head)
@@ -219,6 +232,22 @@ class Backbone:
         if len(set(ids)) != len(ids):
             raise ConfigError(f"verbalizers {list(words)} share a first token {ids}")
         return ids
+
+    def _quantize(self) -> None:
+        """int8 weights for the linear layers of the layers the device runs (up to its last tap;
+        in split mode the top layers stay as they are: the server receives them)."""
+        import warnings
+
+        for layer in self.layers[: self.taps[-1] + 1]:
+            if getattr(layer, "_mobillm_quantized", False):
+                continue
+            with warnings.catch_warnings():
+                # PyTorch points eager quantization users to torchao; its kernels still serve
+                warnings.simplefilter("ignore")
+                torch.ao.quantization.quantize_dynamic(
+                    layer, {nn.Linear}, dtype=torch.qint8, inplace=True
+                )
+            layer._mobillm_quantized = True
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Per layer: prefetch the next layer's weights before it runs, release its own after."""
@@ -254,6 +283,8 @@ class Backbone:
 
         Returns the KV cache when ``use_cache`` (generation), else None.
         """
+        if self.cfg.quant != "none":
+            self._quantize()
         tap_of = {layer: i for i, layer in enumerate(self.taps)}
         handles = []
         for layer_idx, tap_idx in tap_of.items():

@@ -81,6 +81,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--threads", type=_count, default=0, help="torch CPU threads (default: all cores)"
     )
     g.add_argument(
+        "--device-quant",
+        default="none",
+        choices=["none", "int8"],
+        help="run the device's frozen linear layers in int8 (the side network is trained on "
+        "that backbone; evaluate with the same flag) (default: %(default)s)",
+    )
+    g.add_argument(
         "--stream-weights",
         action="store_true",
         help="keep only the running layer's weights resident (memory-mapped, released after "
@@ -93,7 +100,11 @@ def backbone_config(args: argparse.Namespace, taps: str = "all") -> Any:
     from mobillm.backbone import BackboneConfig
 
     return BackboneConfig(
-        source=args.model, dtype=args.dtype, taps=taps, stream=args.stream_weights
+        source=args.model,
+        dtype=args.dtype,
+        taps=taps,
+        stream=args.stream_weights,
+        quant=args.device_quant,
     )
 
 
