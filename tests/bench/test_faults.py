@@ -33,6 +33,5 @@ def test_fault_harness_small(tmp_path):
     a = r["attacks"]
     assert all(x["refused"] for x in a["replays"]), a["replays"]
     assert a["victim_weights_identical"] and a["server_alive_throughout"]
-    assert "| fuzz: crashes / hangs / INTERNAL | 0 / 0 / 0 | 0 / 0 / 0 | **met** |" in render(
-        r, "test", None
-    )
+    doc = render(r, None)
+    assert "| fuzz: crashes / hangs / INTERNAL | 0 / 0 / 0 | 0 / 0 / 0 | **met** |" in doc

@@ -247,7 +247,9 @@ class Harness:
         cuts = 0
         try:
             with (out / "stderr.log").open("w") as err:
-                cmd = self.device_cmd(f"127.0.0.1:{proxy.port}", out)
+                # a slower link than the other runs: long enough for every planned cut
+                rtt = str(3 * self.cfg.rtt_ms)
+                cmd = self.device_cmd(f"127.0.0.1:{proxy.port}", out, "--link-rtt-ms", rtt)
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
                 while cuts < self.cfg.disconnects and proc.poll() is None:
                     time.sleep(self.rnd.uniform(0.3, 1.2))

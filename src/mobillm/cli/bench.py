@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -335,10 +336,17 @@ def run_faults_cmd(args: argparse.Namespace) -> dict[str, Any]:
         samples=args.samples,
         out=args.out,
     )
-    results = Harness(cfg, common.say).run()
     out = Path(args.out)
-    common.write_json(out / "results.json", results)
+    # scenarios skipped this time keep what an earlier run in the same folder measured
+    store = out / "results.json"
+    earlier = json.loads(store.read_text()) if store.is_file() else {}
     command = "mobillm bench faults " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
-    write(results, command.strip(), Path(args.doc), out)
+    fresh = Harness(cfg, common.say).run()
+    for name, scenario in fresh.items():
+        if name != "config":
+            scenario["command"] = command.strip()
+    results = {**earlier, **fresh}
+    common.write_json(store, results)
+    write(results, Path(args.doc), out)
     common.say(f"[faults] wrote {out / 'results.json'} and {args.doc}")
     return {k: v for k, v in results.items() if k != "config"}
