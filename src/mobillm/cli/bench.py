@@ -214,10 +214,16 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
     if args.fresh:
         done = []
     jobs = compare_jobs(args)
+    # a field added to Job after a result was stored reads as its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(jobs[0])} if jobs else {}
+
+    def same(r: dict[str, Any], key: dict[str, Any]) -> bool:
+        return all(r.get(k, defaults.get(k)) == v for k, v in key.items())
+
     t0 = time.time()
     for i, job in enumerate(jobs, 1):
         key = dataclasses.asdict(job)
-        if any(all(r.get(k) == v for k, v in key.items()) for r in done):
+        if any(same(r, key) for r in done):
             continue
         common.say(f"[bench] job {i}/{len(jobs)} ({time.time() - t0:.0f}s elapsed)")
         smaller_oom = job.mode == "cost" and any(
@@ -239,7 +245,7 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
             common.say(f"[bench] {job.label}: out of memory at a smaller setting; skipped")
         else:
             res = run_job(job, out / "work", args.mem_limit_mb, args.threads, common.say)
-        done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [res]
+        done = [r for r in done if not same(r, key)] + [res]
         store.write_text("".join(json.dumps(r) + "\n" for r in done))
     command = (
         "mobillm bench compare " + shlex.join(sys.argv[3:])
