@@ -12,9 +12,9 @@ def test_fault_harness_small(tmp_path):
         fuzz_messages=1500,
         disconnects=2,
         server_kills=1,
-        device_kills=1,
-        soak_devices=2,
-        soak_seconds=8,
+        device_kills=0,  # tests/cli/test_train_resume.py kills devices
+        soak_devices=1,
+        soak_seconds=2,
         attack_lease_seconds=4,
         samples=96,
         out=str(tmp_path),
@@ -28,8 +28,7 @@ def test_fault_harness_small(tmp_path):
     k = r["server_kills"]
     assert k["kills"] == 1 and k["device_exit"] == 0 and k["weights_identical"]
     assert all(x["acked_steps_redone"] <= 1 for x in k["per_kill"])
-    assert all(x["resume_exit"] == 0 and x["weights_identical"] for x in r["device_kills"]["runs"])
-    assert r["soak"]["failures"] == 0 and r["soak"]["runs"] >= 2
+    assert r["soak"]["failures"] == 0 and r["soak"]["runs"] >= 1
     a = r["attacks"]
     assert all(x["refused"] for x in a["replays"]), a["replays"]
     assert a["victim_weights_identical"] and a["server_alive_throughout"]
