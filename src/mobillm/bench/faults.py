@@ -251,6 +251,9 @@ class Harness:
                 rtt = str(3 * self.cfg.rtt_ms)
                 cmd = self.device_cmd(f"127.0.0.1:{proxy.port}", out, "--link-rtt-ms", rtt)
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+                # cut a training run, not the handshake (which fails fast on purpose)
+                while proc.poll() is None and not server.events("step"):
+                    time.sleep(0.05)
                 while cuts < self.cfg.disconnects and proc.poll() is None:
                     time.sleep(self.rnd.uniform(0.3, 1.2))
                     if proc.poll() is None and proxy.cut() > 0:
