@@ -105,6 +105,7 @@ class Trainer:
             torch.manual_seed(spec.train.seed)
             self.net: Learner = build_learner(spec.side, head, layers).to(self.device)
         self.net.seed_dropout(spec.train.seed + 1)
+        self._rng = self._generator()  # found once: begin() reads it every step
         self.net.train()
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
@@ -155,8 +156,7 @@ class Trainer:
         self._pending = self._open(msg, keep)
         # a step that is dropped halfway must not have used up dropout draws: the device
         # resends it, and it must train exactly as if the first attempt never happened
-        g = self._generator()
-        self._rng_at_begin = g.get_state() if g is not None else None
+        self._rng_at_begin = self._rng.get_state() if self._rng is not None else None
 
     def _open(self, msg: StepBegin, keep: bool) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
@@ -427,9 +427,8 @@ class Trainer:
     def abort_step(self) -> None:
         """Drop a half-received step (the device gave up on it); the next step reuses its id."""
         if self._pending is not None and self._rng_at_begin is not None:
-            g = self._generator()
-            assert g is not None
-            g.set_state(self._rng_at_begin)
+            assert self._rng is not None
+            self._rng.set_state(self._rng_at_begin)
         self._pending = None
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -445,8 +444,8 @@ class Trainer:
         tensors |= {f"initial.{k}": v for k, v in self._initial.items()}
         for i, st in opt["state"].items():
             tensors |= {f"opt.{i}.{k}": v for k, v in st.items()}
-        if (g := self._generator()) is not None:
-            tensors["rng"] = g.get_state()
+        if self._rng is not None:
+            tensors["rng"] = self._rng.get_state()
         meta: dict[str, Any] = {k: getattr(self, k) for k in self._COUNTERS}
         meta |= {
             "epochs_done": self.epochs_done,
@@ -475,8 +474,8 @@ class Trainer:
                 state.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict(meta["scheduler"])
-        if (g := self._generator()) is not None and "rng" in tensors:
-            g.set_state(tensors["rng"])
+        if self._rng is not None and "rng" in tensors:
+            self._rng.set_state(tensors["rng"])
         for k in self._COUNTERS:
             setattr(self, k, int(meta[k]))
         self.epochs_done = int(meta["epochs_done"])
