@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mobillm.config import Config, check
+from mobillm.server.batching import BatchConfig, Batcher
 from mobillm.server.budget import check_side, price
 from mobillm.server.cache import ActivationCache, CacheConfig
 from mobillm.server.heads import Frozen, HeadCache, head_key, parse_head
@@ -78,6 +79,9 @@ class ServerConfig(Config):
     ``api_keys_file``: salted key hashes (``mobillm.server.auth``) that may open sessions;
     ``open_access``: anyone may (loopback only). A network server needs one of the two or a
     mutual-TLS client CA.
+    ``max_batch``: session-steps of same-shaped side networks trained together in one
+    stacked round (``mobillm.server.batching``; 1 = each session on its own);
+    ``batch_wait_ms``: how long a round waits after its first step for others.
     """
 
     device: str = "cpu"
@@ -99,8 +103,11 @@ class ServerConfig(Config):
     api_keys_file: str = ""
     open_access: bool = False
     workdir: str = "runs/server"
+    max_batch: int = 1
+    batch_wait_ms: float = 2.0
 
     def validate(self) -> None:
+        BatchConfig(self.max_batch, self.batch_wait_ms)  # validates both
         check(self.max_sessions > 0, "ServerConfig.max_sessions must be > 0")
         check(self.max_sessions_per_client > 0, "ServerConfig.max_sessions_per_client must be > 0")
         for name in ("max_side_bytes", "max_step_bytes", "max_upload_bytes"):
@@ -149,6 +156,8 @@ class SessionManager:
         self._lock = threading.Lock()
         self.workdir = Path(self.cfg.workdir)
         self.store = SessionStore(self.workdir)
+        batching = BatchConfig(self.cfg.max_batch, self.cfg.batch_wait_ms)
+        self.batcher = Batcher(batching) if batching.max_batch > 1 else None
 
     # --- handshake --------------------------------------------------------------------------
     def _room(self, client: str) -> None:
@@ -238,6 +247,7 @@ class SessionManager:
                 cache,
                 layers,
                 self.cfg.max_step_bytes,
+                self.batcher,
             )
         except (ValueError, RuntimeError) as e:
             raise RemoteError("INVALID_ARGUMENT", f"cannot build the side network: {e}") from None
@@ -551,6 +561,9 @@ class SessionManager:
             with sess.lock:
                 if not sess.closed:
                     self._park(sess)
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
 
     def reap(self, now: float | None = None) -> list[str]:
         """Park sessions idle past their lease and delete folders past retention; returns the

@@ -20,13 +20,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
+from mobillm.server.batching import Batcher, FlatState, Ready, decays, stackable
 from mobillm.server.budget import check_step
 from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.side.head import FrozenHead
+from mobillm.server.objective import IGNORE, correct, task_loss
 from mobillm.side.learner import Learner, build_learner
+from mobillm.side.model import pool_matrix
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
@@ -37,7 +39,6 @@ from mobillm.transport.messages import (
     epoch_step_order,
 )
 
-IGNORE = -100
 _INIT_LOCK = threading.Lock()
 
 
@@ -65,9 +66,11 @@ def _bad(msg: str) -> RemoteError:
 class _Pending:
     """One step in progress: its labels, the ladder state so far, and the chunks of one layer."""
 
-    def __init__(self, begin: StepBegin, frame_nbytes: int, keep: bool) -> None:
+    def __init__(self, begin: StepBegin, frame_nbytes: int, keep: bool, batched: bool) -> None:
         self.begin = begin
         self.frames: list[bytes] | None = [] if keep else None
+        # a batched step keeps its decoded taps for the round instead of folding them now
+        self.hidden: list[torch.Tensor] | None = [] if batched else None
         self.row_sample = torch.repeat_interleave(
             torch.arange(begin.num_samples), begin.rows_per_sample.long()
         )
@@ -93,6 +96,7 @@ class Trainer:
         cache: ActivationCache | None = None,
         layers: dict[str, torch.Tensor] | None = None,
         max_step_bytes: int = 0,
+        batcher: Batcher | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
@@ -110,7 +114,7 @@ class Trainer:
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
             if p.requires_grad:  # a split learner's frozen layers are parameters too
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+                (decay if decays(name, p) else no_decay).append(p)
         tc = spec.train
         self.opt = torch.optim.AdamW(
             [
@@ -134,6 +138,18 @@ class Trainer:
         self._epoch_losses: list[float] = []
         # the untrained network, the baseline every epoch must beat on the validation split
         self._initial = _copy_state(self.net)
+        # Streamed training steps of a stackable learner train in the batcher's rounds
+        # together with other sessions'; everything else (validation, cache epochs) here.
+        self.batcher = batcher if batcher is not None and stackable(self.net) else None
+        self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
+        self.batch_key = (
+            spec.head_sha256, spec.head, spec.side, spec.train.label_smoothing, str(self.device)
+        )
+
+    @property
+    def rng(self) -> torch.Generator | None:
+        """The session's dropout generator."""
+        return self._rng
 
     # --- message handling -------------------------------------------------------------------
     def begin(self, msg: StepBegin) -> None:
@@ -153,14 +169,14 @@ class Trainer:
         if msg.validation and self.cache is None:
             raise RemoteError("FAILED_PRECONDITION", "this server keeps no validation steps")
         keep = self.cache is not None and (msg.validation or self._replays)
-        self._pending = self._open(msg, keep)
+        self._pending = self._open(msg, keep, self.batcher is not None and not msg.validation)
         # a step that is dropped halfway must not have used up dropout draws: the device
         # resends it, and it must train exactly as if the first attempt never happened
         self._rng_at_begin = self._rng.get_state() if self._rng is not None else None
 
-    def _open(self, msg: StepBegin, keep: bool) -> _Pending:
+    def _open(self, msg: StepBegin, keep: bool, batched: bool = False) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
-        return _Pending(msg, nbytes, keep)
+        return _Pending(msg, nbytes, keep, batched)
 
     @contextlib.contextmanager
     def _mode(self, p: _Pending) -> Iterator[None]:
@@ -245,6 +261,10 @@ class Trainer:
         h = self._decode(frame, p)
         if p.frames is not None:
             p.frames.append(frame)
+        if p.hidden is not None:
+            p.hidden.append(h)
+            p.next_tap += 1
+            return
         with self._mode(p):
             p.state = self.net.step(p.state, p.next_tap, h, p.begin.rows_per_sample)
         p.next_tap += 1
@@ -278,14 +298,14 @@ class Trainer:
                 )
                 labels = b.labels.to(self.device)
                 smoothing = 0.0 if b.validation else self.spec.train.label_smoothing
-                loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-                correct = float((logits.argmax(-1) == labels).sum())
-                metrics["accuracy"] = correct / b.num_samples
-                metrics["correct"] = correct
+                loss = task_loss(logits, labels, smoothing)
+                hits = float(correct(logits, labels))
+                metrics["accuracy"] = hits / b.num_samples
+                metrics["correct"] = hits
             else:
-                keep = b.targets != IGNORE
+                keep = b.targets != IGNORE  # the LM head only on the rows that carry loss
                 logits = self.net.logits(feats[keep.to(self.device)])
-                loss = F.cross_entropy(logits, b.targets[keep].to(self.device))
+                loss = task_loss(logits, b.targets[keep].to(self.device))
                 metrics["tokens"] = float(keep.sum())
         if not torch.isfinite(loss):
             self.abort_step()
@@ -297,10 +317,15 @@ class Trainer:
 
     def _finish(self, p: _Pending) -> Ack:
         b = p.begin
-        loss, metrics = self._loss(p)
-        if not b.validation:
-            self._train_on(loss, metrics)
-            self._epoch_losses.append(float(loss.detach()))
+        if p.hidden is not None:
+            loss, metrics = self._train_batched(p)
+            self._epoch_losses.append(loss)
+        else:
+            t_loss, metrics = self._loss(p)
+            loss = float(t_loss.detach())
+            if not b.validation:
+                self._train_on(t_loss, metrics)
+                self._epoch_losses.append(loss)
         self.steps_done += 1
         self.samples_seen += b.num_samples
         self._pending = None
@@ -308,9 +333,27 @@ class Trainer:
         metrics["server_ms"] = 1000 * (time.perf_counter() - p.started)
         if b.validation:
             metrics["validation"] = 1.0
-        return Ack(step=b.step, loss=float(loss.detach()), metrics=metrics)
+        return Ack(step=b.step, loss=loss, metrics=metrics)
+
+    def _train_batched(self, p: _Pending) -> tuple[float, dict[str, float]]:
+        """Train this step in the batcher's next round, with other sessions' steps."""
+        assert self.batcher is not None and p.hidden is not None
+        b = p.begin
+        if self.spec.side.task == "classification":
+            rows = b.num_rows
+            pool = pool_matrix(b.rows_per_sample, b.pool_rows, self.spec.side.pooling, rows)
+            item = Ready(self, p.hidden, b.labels.long(), pool)
+        else:
+            item = Ready(self, p.hidden, b.targets.long(), None)
+        loss, metrics = self.batcher.train(item)  # a RemoteError drops the step (abort_step)
+        self.opt._opt_called = True  # type: ignore[attr-defined] # the batcher stepped it
+        self.sched.step()
+        self.optimizer_steps += 1
+        return loss, metrics
 
     def _train_on(self, loss: torch.Tensor, metrics: dict[str, float]) -> None:
+        if self.flat is not None:  # batched rounds left torch's per-tensor counters behind
+            self.flat.sync_steps(self.opt, self.optimizer_steps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.net.parameters() if p.grad is not None]
@@ -439,6 +482,8 @@ class Trainer:
 
         Taken between steps (a half-received step is not part of it: the device resends it).
         """
+        if self.flat is not None and self.optimizer_steps:
+            self.flat.sync_steps(self.opt, self.optimizer_steps)
         opt = self.opt.state_dict()
         tensors = {f"net.{k}": v for k, v in self.net.trainable_state().items()}
         tensors |= {f"initial.{k}": v for k, v in self._initial.items()}
@@ -457,7 +502,8 @@ class Trainer:
             if self.reports is None
             else [{"epoch": r.epoch, "metrics": r.metrics, "last": r.last} for r in self.reports],
         }
-        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+        # copies: the live tensors (views of the flat vectors, too) go on training
+        return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Become the trainer that ``state`` was taken from."""
@@ -474,6 +520,8 @@ class Trainer:
                 state.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict(meta["scheduler"])
+        if self.flat is not None:  # loading replaced the moments: make them views again
+            self.flat.bind(self.opt, int(meta["optimizer_steps"]))
         if self._rng is not None and "rng" in tensors:
             self._rng.set_state(tensors["rng"])
         for k in self._COUNTERS:

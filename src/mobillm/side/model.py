@@ -39,11 +39,21 @@ class SeededDropout(nn.Module):
         super().__init__()
         self.p = p
         self.generator: torch.Generator | None = None
+        # A mask drawn ahead for the next call: a batched server draws each session's masks
+        # from that session's generator, in this network's call order, outside ``vmap``.
+        self.next_mask: torch.Tensor | None = None
+
+    def draw(self, shape: tuple[int, ...] | torch.Tensor, generator: torch.Generator | None):
+        """The keep-mask one call on input ``shape`` (or into tensor ``shape``) would draw."""
+        out = shape if isinstance(shape, torch.Tensor) else torch.empty(shape)
+        return out.bernoulli_(1.0 - self.p, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        keep, self.next_mask = self.next_mask, None
+        if keep is None:
+            keep = self.draw(torch.empty_like(x), self.generator)
         return x * keep / (1.0 - self.p)
 
 
@@ -91,6 +101,22 @@ def same_sample_mask(rows_per_sample: torch.Tensor) -> torch.Tensor:
     """(rows, rows) bool: True where two rows belong to the same sample."""
     sample = torch.repeat_interleave(torch.arange(rows_per_sample.numel()), rows_per_sample.long())
     return sample.unsqueeze(0) == sample.unsqueeze(1)
+
+
+def pool_matrix(
+    rows_per_sample: torch.Tensor, pool_rows: torch.Tensor, pooling: str, rows: int
+) -> torch.Tensor:
+    """(B, rows) float weights that pool head features per sample: one-hot at each sample's
+    ``pool_rows`` entry ("last") or its rows' average ("mean"); columns past the step's own
+    rows (padding) get zero weight."""
+    b = rows_per_sample.numel()
+    w = torch.zeros(b, rows)
+    if pooling == "last":
+        w[torch.arange(b), pool_rows.long()] = 1.0
+    else:
+        sample = torch.repeat_interleave(torch.arange(b), rows_per_sample.long())
+        w[sample, torch.arange(sample.numel())] = 1.0 / rows_per_sample.float()[sample]
+    return w
 
 
 def task_classifier(cfg: SideConfig, head: FrozenHead) -> nn.Linear | None:
@@ -149,6 +175,18 @@ class SideNetwork(nn.Module):
             if isinstance(m, SeededDropout):
                 m.generator = g
 
+    def dropout_calls(self) -> list[SeededDropout]:
+        """The dropout layers in the order one forward pass calls them, each once, each on a
+        ``(rows, width)`` input; empty when dropout is off."""
+        if self.cfg.dropout == 0.0:
+            return []
+        calls: list[SeededDropout] = []
+        for tap in range(self.cfg.num_taps):
+            if self.mixers:
+                calls.append(self.mixers[tap].drop)
+            calls.append(self.adapters[tap].drop)
+        return calls
+
     # Layer-by-layer interface: the device's inference and the server's training both use it.
     def start(self) -> None:
         """Return the empty ladder state (``None``): the first ``step`` initialises it."""
@@ -196,14 +234,18 @@ class SideNetwork(nn.Module):
         pool_rows: torch.Tensor | None = None,
         row_sample: torch.Tensor | None = None,
         num_samples: int = 0,
+        pool_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Task logits from head features.
 
         Classification: pools rows per sample (``pool_rows`` (B,) for "last", or ``row_sample``
-        (rows,) sample ids for "mean") -> (B, num_labels). Causal LM: (rows, vocab).
+        (rows,) sample ids for "mean", or a ``pool_weights`` (B, rows) matrix for either)
+        -> (B, num_labels). Causal LM: (rows, vocab).
         """
         if self.classifier is None:
             return self.frozen.logits_from_features(feats)
+        if pool_weights is not None:  # the shape-static form a batched server needs
+            return self.classifier(pool_weights.to(feats.dtype) @ feats)
         if self.cfg.pooling == "last":
             if pool_rows is None:
                 raise ValueError("pooling='last' needs pool_rows")

@@ -1,0 +1,357 @@
+"""Many sessions' steps trained as one: a stacked forward/backward and one AdamW update.
+
+A side-network step with a few rows per sample is tiny, so a server that trains sessions one
+after another is bound by per-operation overhead (kernel launches on a GPU, the optimizer's
+per-tensor loop on a CPU). The ``Batcher`` collects the streamed training steps that are ready
+across sessions, groups those whose learners have the same shape (same side config, same frozen
+head, same label smoothing), and trains each group at once:
+
+* each session's trainable parameters and AdamW moments live in three flat vectors
+  (``FlatState``; the module's parameters and the optimizer's state are views into them), so a
+  group is gathered with one ``stack`` per vector and written back with one copy each;
+* ``torch.func.vmap`` over ``functional_call`` runs the same learner code the per-session
+  trainer runs, on rows padded to the group's longest step (padding carries no loss, and the
+  ladder is position-wise, so it changes nothing);
+* dropout masks are drawn outside ``vmap`` from each session's own generator, in the order one
+  forward pass calls its dropout layers: a session's draws are the same whoever shares its round;
+* AdamW is applied to the stacked vectors with per-session learning rate (its own schedule),
+  weight decay, bias correction and gradient clipping, the same arithmetic as ``torch.optim``.
+
+A session trained in a batch ends with the same weights as trained alone, up to floating-point
+reassociation. A round waits at most ``wait_ms`` after its first step for others, so a slow
+device never holds back the rest. Learners that cannot be stacked (the split learner, the
+attention mixer) are trained alone by their own trainer, as before.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from mobillm.config import Config, check
+from mobillm.server.objective import IGNORE, task_loss
+from mobillm.side.learner import build_learner
+from mobillm.side.model import SideNetwork
+from mobillm.transport.messages import RemoteError
+
+if TYPE_CHECKING:
+    from mobillm.server.trainer import Trainer
+
+BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the per-session trainer uses
+EPS = 1e-8
+_GROUPS = 16  # learner templates kept (one per distinct shape); a rebuilt one costs one init
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig(Config):
+    """How the server batches sessions.
+
+    ``max_batch``: session-steps trained together in one round (1 = every step alone, through
+    the same code); ``wait_ms``: how long a round waits after its first step for more.
+    """
+
+    max_batch: int = 64
+    wait_ms: float = 2.0
+
+    def validate(self) -> None:
+        check(1 <= self.max_batch <= 4096, "BatchConfig.max_batch must be in [1, 4096]")
+        check(0.0 <= self.wait_ms <= 1000.0, "BatchConfig.wait_ms must be in [0, 1000]")
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies to parameter ``name`` (not biases, gates, norms)."""
+    return p.ndim >= 2 and "norm" not in name
+
+
+def stackable(net: nn.Module) -> bool:
+    """Whether a learner can be trained in a stacked batch with others of its shape."""
+    return isinstance(net, SideNetwork) and not net.mixers
+
+
+class FlatState:
+    """A learner's trainable parameters and AdamW moments as views of three flat vectors."""
+
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        n = sum(p.numel() for p in self.params)
+        dev = self.params[0].device
+        self.p = torch.empty(n, device=dev)
+        self.m = torch.zeros(n, device=dev)
+        self.v = torch.zeros(n, device=dev)
+        off = 0
+        for p in self.params:
+            view = self.p[off : off + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            off += p.numel()
+        self.bind(opt, 0)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, off = [], 0
+        for p in self.params:
+            out.append(flat[off : off + p.numel()].view_as(p))
+            off += p.numel()
+        return out
+
+    def bind(self, opt: torch.optim.Optimizer, steps: int) -> None:
+        """Make the optimizer's moments views of ``m`` and ``v`` (after it loaded a state)."""
+        for p, m, v in zip(self.params, self._views(self.m), self._views(self.v), strict=True):
+            st = opt.state[p]
+            m.copy_(st["exp_avg"]) if "exp_avg" in st else m.zero_()
+            v.copy_(st["exp_avg_sq"]) if "exp_avg_sq" in st else v.zero_()
+            st["exp_avg"], st["exp_avg_sq"] = m, v
+            st["step"] = torch.tensor(float(steps))
+
+    def sync_steps(self, opt: torch.optim.Optimizer, steps: int) -> None:
+        """Batched rounds count steps per session, not per tensor: bring torch's counters up."""
+        for p in self.params:
+            opt.state[p]["step"].fill_(float(steps))
+
+
+class _Objective(nn.Module):
+    """The learner's loss as one module call, so ``functional_call`` can swap its weights."""
+
+    def __init__(self, net: SideNetwork, smoothing: float) -> None:
+        super().__init__()
+        self.net = net
+        self.smoothing = smoothing
+        self.calls = net.dropout_calls()
+
+    def forward(
+        self,
+        hidden: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        pool: torch.Tensor | None,
+        target: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for drop, mask in zip(self.calls, masks, strict=True):
+            drop.next_mask = mask
+        feats = self.net.features(hidden)
+        logits = self.net.logits(feats, pool_weights=pool)
+        return task_loss(logits, target, self.smoothing), logits
+
+
+class _Group:
+    """A template learner for one shape: parameter layout, decay mask, the batched loss."""
+
+    def __init__(self, trainer: Trainer, smoothing: float) -> None:
+        net = build_learner(trainer.spec.side, trainer.net.frozen).to(trainer.device)
+        assert isinstance(net, SideNetwork)
+        net.train()
+        self.objective = _Objective(net, smoothing)
+        named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+        self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
+        self.decay = torch.cat(
+            [torch.full((p.numel(),), float(decays(k, p))) for k, p in named]
+        ).to(trainer.device)
+        self.calls = self.objective.calls
+        self.width = net.cfg.width
+        # pool: (B, rows) weights per session for classification, None for causal LM
+        self.batched = vmap(self._one, in_dims=(0, 0, 0, 0, 0))
+        self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
+
+    def _one(self, flat, hidden, masks, pool, target):
+        params, off = {}, 0
+        for name, n, shape in self.layout:
+            params[name] = flat[off : off + n].view(shape)
+            off += n
+        return functional_call(self.objective, params, (hidden, masks, pool, target))
+
+
+@dataclasses.dataclass
+class Ready:
+    """One session's step, every tap decoded, waiting for a round."""
+
+    trainer: Trainer
+    hidden: list[torch.Tensor]  # per tap, (rows, hidden) on the server's device
+    target: torch.Tensor  # (B,) class ids or (rows,) token ids, IGNORE where no loss
+    pool: torch.Tensor | None  # (B, rows) pooling weights (classification)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: tuple[float, dict[str, float]] | None = None
+    error: RemoteError | None = None
+
+
+class Batcher:
+    """Trains the ready steps of many sessions in rounds, on one thread of its own."""
+
+    def __init__(self, cfg: BatchConfig | None = None) -> None:
+        self.cfg = cfg or BatchConfig()
+        self._queue: queue.Queue[Ready | None] = queue.Queue()
+        self._groups: collections.OrderedDict[Any, _Group] = collections.OrderedDict()
+        self.rounds = 0
+        self.session_steps = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mobillm-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Steps waiting for a round."""
+        return self._queue.qsize()
+
+    def train(self, item: Ready) -> tuple[float, dict[str, float]]:
+        """Train ``item`` in the next round; its loss and metrics, or its RemoteError."""
+        if self._closed:
+            raise RemoteError("UNAVAILABLE", "the server is shutting down")
+        self._queue.put(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # --- the round loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        held: list[Ready] = []
+        while True:
+            if not held:
+                first = self._queue.get()
+                if first is None:
+                    return
+                held.append(first)
+            deadline = time.monotonic() + self.cfg.wait_ms / 1000
+            while len(held) < self.cfg.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._fail(held, RemoteError("UNAVAILABLE", "the server is shutting down"))
+                    return
+                held.append(item)
+            by_key: dict[Any, list[Ready]] = {}
+            for item in held:
+                by_key.setdefault(item.trainer.batch_key, []).append(item)
+            # the largest group trains now; the others wait for the next round, which starts
+            # at once (they are already ready), so no group starves
+            key, items = max(by_key.items(), key=lambda kv: len(kv[1]))
+            items = items[: self.cfg.max_batch]
+            taken = {id(i) for i in items}
+            held = [i for i in held if id(i) not in taken]
+            try:
+                self._round(key, items)
+            except Exception as e:  # noqa: BLE001 - one bad round must not kill the thread
+                self._fail(items, RemoteError("INTERNAL", f"batched step failed: {e}"))
+
+    @staticmethod
+    def _fail(items: list[Ready], err: RemoteError) -> None:
+        for item in items:
+            if not item.done.is_set():
+                item.error = err
+                item.done.set()
+
+    def _group(self, key: Any, trainer: Trainer) -> _Group:
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(trainer, trainer.spec.train.label_smoothing)
+            while len(self._groups) > _GROUPS:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(key)
+        return group
+
+    def _round(self, key: Any, items: list[Ready]) -> None:
+        g = self._group(key, items[0].trainer)
+        dev = items[0].trainer.device
+        rows = max(i.hidden[0].shape[0] for i in items)
+        flat = torch.stack([i.trainer.flat.p for i in items]).requires_grad_()
+        hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
+        masks = []
+        for drop in g.calls:  # each session's draws, in its own call order, from its generator
+            buf = torch.zeros(len(items), rows, g.width, device=dev)
+            for j, item in enumerate(items):
+                drop.draw(buf[j, : item.hidden[0].shape[0]], item.trainer.rng)
+            masks.append(buf)
+        classify = items[0].pool is not None
+        if classify:
+            samples = max(i.target.shape[0] for i in items)
+            pool = torch.stack([_pad2(i.pool, samples, rows) for i in items]).to(dev)
+            target = _pad([i.target for i in items], samples, IGNORE).to(dev)
+        else:
+            pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
+        run = g.batched if classify else g.batched_lm
+        loss, logits = run(flat, hidden, masks, pool, target)
+        (grad,) = torch.autograd.grad(loss.sum(), [flat])
+        norms = grad.norm(dim=1)
+        ok = torch.isfinite(loss) & torch.isfinite(norms)
+        clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
+        coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
+        grad.mul_(coef.unsqueeze(1))
+        lr = torch.tensor([i.trainer.opt.param_groups[0]["lr"] for i in items], device=dev)
+        wd = torch.tensor([i.trainer.spec.train.weight_decay for i in items], device=dev)
+        steps = torch.tensor([i.trainer.optimizer_steps + 1.0 for i in items], device=dev)
+        m = torch.stack([i.trainer.flat.m for i in items])
+        v = torch.stack([i.trainer.flat.v for i in items])
+        with torch.no_grad():
+            p = flat.detach()
+            _adamw(p, grad, m, v, lr, wd, steps, g.decay)
+        losses, oks = loss.detach().tolist(), ok.tolist()
+        norm_list = norms.tolist()
+        if classify:
+            hits = ((logits.argmax(-1) == target) & (target != IGNORE)).sum(-1).tolist()
+        else:
+            tokens = (target != IGNORE).sum(-1).tolist()
+        self.rounds += 1
+        for j, item in enumerate(items):
+            t = item.trainer
+            if not oks[j]:
+                item.error = RemoteError(
+                    "INVALID_ARGUMENT",
+                    f"this step's activations give a loss of {losses[j]} or overflowing "
+                    "gradients (values too large?); step dropped, nothing trained",
+                )
+                item.done.set()
+                continue
+            t.flat.p.copy_(p[j])
+            t.flat.m.copy_(m[j])
+            t.flat.v.copy_(v[j])
+            metrics = {"lr": float(lr[j]), "batch": float(len(items))}
+            if t.spec.train.grad_clip:
+                metrics["grad_norm"] = norm_list[j]
+            if classify:
+                b = item.target.shape[0]
+                metrics |= {"accuracy": hits[j] / b, "correct": float(hits[j])}
+            else:
+                metrics["tokens"] = float(tokens[j])
+            item.result = (losses[j], metrics)
+            self.session_steps += 1
+            item.done.set()
+
+
+def _adamw(p, grad, m, v, lr, wd, steps, decay) -> None:
+    """torch.optim.AdamW's update on stacked rows, each with its own lr, decay and step."""
+    b1, b2 = BETAS
+    col = lambda x: x.unsqueeze(1)  # noqa: E731 - per-row scalar, broadcast over the row
+    p.mul_(1.0 - col(lr * wd) * decay.unsqueeze(0))
+    m.lerp_(grad, 1.0 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+    bc1 = 1.0 - b1**steps
+    bc2 = 1.0 - b2**steps
+    denom = (v.sqrt() / col(bc2.sqrt())).add_(EPS)
+    p.sub_(m / denom * col(lr / bc1))
+
+
+def _pad(parts: list[torch.Tensor], size: int, value: float = 0.0) -> torch.Tensor:
+    """Stack along a new first dim, each padded along its first dim to ``size``."""
+    out = parts[0].new_full((len(parts), size, *parts[0].shape[1:]), value)
+    for j, x in enumerate(parts):
+        out[j, : x.shape[0]] = x
+    return out
+
+
+def _pad2(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    out = w.new_zeros(rows, cols)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out

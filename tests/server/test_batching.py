@@ -1,0 +1,177 @@
+"""Sessions trained together in stacked rounds end exactly where they end trained alone."""
+
+import threading
+
+import pytest
+import torch
+
+from mobillm.codec import CodecConfig, encode
+from mobillm.device.runtime import build_session
+from mobillm.server.batching import Batcher, BatchConfig, Ready
+from mobillm.server.trainer import Trainer
+from mobillm.side.config import SideConfig
+from mobillm.side.head import FrozenHead
+from mobillm.transport.messages import RemoteError, StepBegin, TrainConfig, chunk_frame
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _spec(bb, task, seed, lr, pooling="last", dropout=0.1):
+    side = SideConfig(
+        hidden_size=bb.hidden_size,
+        num_taps=len(bb.taps),
+        task=task,
+        head_init="random",
+        dropout=dropout,
+        pooling=pooling,
+    )
+    train = TrainConfig(lr=lr, total_steps=12, seed=seed, label_smoothing=0.0)
+    positions = "valid" if pooling == "mean" else "loss"
+    return build_session(bb, side, CodecConfig("int8"), train, positions)
+
+
+def _trainers(bb, task, batcher, pooling="last"):
+    out = []
+    head = None
+    for seed, lr in ((0, 1e-2), (1, 3e-3), (2, 2e-2)):
+        spec, tensors = _spec(bb, task, seed, lr, pooling)
+        head = head or FrozenHead(spec.head, tensors)  # one shared head, as the server's cache
+        out.append(Trainer(spec, head, batcher=batcher))
+    return out
+
+
+def _data(bb, task, n_steps, all_rows=False):
+    """Per session and step: (begin, frames); sessions differ in batch size and rows."""
+    g = torch.Generator().manual_seed(3)
+    plan = []
+    for sess, b in enumerate((8, 5, 3)):
+        steps = []
+        for s in range(n_steps):
+            ids = torch.randint(3, 300, (b, 4), generator=g)
+            frames: list[bytes] = []
+            if task == "classification" and not all_rows:
+                bb.run(ids, torch.ones_like(ids), lambda t, h, f=frames: f.append(
+                    encode(h[:, -1, :].float(), CodecConfig("int8"))))
+                begin = StepBegin(f"s{sess}", s, torch.ones(b, dtype=torch.int32),
+                                  torch.arange(b), (ids[:, -1] % 2).long())
+            else:
+                bb.run(ids, torch.ones_like(ids), lambda t, h, f=frames: f.append(
+                    encode(h.reshape(-1, h.shape[-1]).float(), CodecConfig("int8"))))
+                targets = torch.roll(ids, -1, 1).reshape(-1).clone()
+                targets[::4] = -100
+                labels = (ids[:, -1] % 2).long() if task == "classification" else None
+                begin = StepBegin(f"s{sess}", s, torch.full((b,), 4, dtype=torch.int32),
+                                  torch.arange(b) * 4 + 3, labels,
+                                  None if labels is not None else targets)
+            steps.append((begin, frames))
+        plan.append(steps)
+    return plan
+
+
+def _step(trainer, begin, frames):
+    trainer.begin(begin)
+    ack = None
+    for tap, f in enumerate(frames):
+        for c in chunk_frame(begin.session_id, begin.step, tap, f, 1 << 20):
+            ack = trainer.add_chunk(c)
+    return ack
+
+
+def _run_together(trainers, plan, n_steps):
+    """Each step of every session at once, from its own thread, as the server's pool does."""
+    acks = [[None] * n_steps for _ in trainers]
+
+    def go(i, s):
+        acks[i][s] = _step(trainers[i], *plan[i][s])
+
+    for s in range(n_steps):
+        threads = [threading.Thread(target=go, args=(i, s)) for i in range(len(trainers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return acks
+
+
+@pytest.mark.parametrize(
+    "arch,task,pooling",
+    [("llama", "classification", "last"), ("llama", "classification", "mean"),
+     ("qwen2", "causal_lm", "last")],
+)
+def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling):
+    bb = make_tiny_backbone(arch)
+    n = 6
+    plan = _data(bb, task, n, all_rows=pooling == "mean")
+    alone = _trainers(bb, task, None, pooling)
+    ref = [[_step(t, *plan[i][s]) for s in range(n)] for i, t in enumerate(alone)]
+    batcher = Batcher(BatchConfig(max_batch=8, wait_ms=300))
+    try:
+        together = _trainers(bb, task, batcher, pooling)
+        assert all(t.batcher is batcher for t in together)
+        got = _run_together(together, plan, n)
+    finally:
+        batcher.close()
+    assert max(a.metrics["batch"] for row in got for a in row) == 3  # they did share rounds
+    for i in range(3):
+        assert [a.loss for a in got[i]] == pytest.approx([a.loss for a in ref[i]], rel=1e-4, abs=1e-5)
+        want, have = alone[i].state(), together[i].state()
+        for k, v in want[0].items():
+            torch.testing.assert_close(have[0][k], v, **TOL, msg=k)
+        assert have[1]["optimizer_steps"] == want[1]["optimizer_steps"] == n
+        assert have[1]["scheduler"] == want[1]["scheduler"]
+
+
+def test_batched_checkpoint_resumes_and_trains_alone_after(make_tiny_backbone):
+    """A batched session's checkpoint loads into a fresh trainer (batched or not) and goes on
+    exactly as the original would; the optimizer moments stay shared with the flat vectors."""
+    bb = make_tiny_backbone("llama")
+    plan = _data(bb, "classification", 6)
+    batcher = Batcher(BatchConfig(max_batch=4, wait_ms=0))
+    try:
+        first = _trainers(bb, "classification", batcher)[0]
+        for s in range(3):
+            _step(first, *plan[0][s])
+        saved = first.state()
+        again = _trainers(bb, "classification", batcher)[0]
+        again.load_state(*saved)
+        plain = _trainers(bb, "classification", None)[0]
+        plain.load_state(*saved)
+        for s in range(3, 6):
+            a = _step(first, *plan[0][s])
+            b = _step(again, *plan[0][s])
+            c = _step(plain, *plan[0][s])
+            assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.loss == pytest.approx(c.loss, rel=1e-4)
+    finally:
+        batcher.close()
+    for k, v in first.state()[0].items():
+        torch.testing.assert_close(again.state()[0][k], v, **TOL, msg=k)
+        torch.testing.assert_close(plain.state()[0][k], v, **TOL, msg=k)
+
+
+def test_a_poisoned_step_fails_only_its_session(make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    plan = _data(bb, "classification", 1)
+    batcher = Batcher(BatchConfig(max_batch=8, wait_ms=300))
+    try:
+        good, bad, _ = _trainers(bb, "classification", batcher)
+        before = {k: v.clone() for k, v in bad.net.trainable_state().items()}
+        hidden = [torch.full((5, bb.hidden_size), float("inf"))] * len(bb.taps)
+        poisoned = Ready(bad, hidden, torch.zeros(5, dtype=torch.long), torch.eye(5))
+        errors = []
+
+        def poison():
+            try:
+                batcher.train(poisoned)
+            except RemoteError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=poison)
+        t.start()
+        ack = _step(good, *plan[0][0])
+        t.join()
+    finally:
+        batcher.close()
+    assert ack.step == 0 and ack.metrics["batch"] == 2 and ack.loss == ack.loss  # shared, finite
+    assert [e.code for e in errors] == ["INVALID_ARGUMENT"]
+    for k, v in bad.net.trainable_state().items():
+        assert torch.equal(v, before[k]), k
