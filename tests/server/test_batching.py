@@ -7,7 +7,7 @@ import torch
 
 from mobillm.codec import CodecConfig, encode
 from mobillm.device.runtime import build_session
-from mobillm.server.batching import Batcher, BatchConfig, Ready
+from mobillm.server.batching import BatchConfig, Batcher, Ready
 from mobillm.server.trainer import Trainer
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
@@ -50,19 +50,39 @@ def _data(bb, task, n_steps, all_rows=False):
             ids = torch.randint(3, 300, (b, 4), generator=g)
             frames: list[bytes] = []
             if task == "classification" and not all_rows:
-                bb.run(ids, torch.ones_like(ids), lambda t, h, f=frames: f.append(
-                    encode(h[:, -1, :].float(), CodecConfig("int8"))))
-                begin = StepBegin(f"s{sess}", s, torch.ones(b, dtype=torch.int32),
-                                  torch.arange(b), (ids[:, -1] % 2).long())
+                bb.run(
+                    ids,
+                    torch.ones_like(ids),
+                    lambda t, h, f=frames: f.append(
+                        encode(h[:, -1, :].float(), CodecConfig("int8"))
+                    ),
+                )
+                begin = StepBegin(
+                    f"s{sess}",
+                    s,
+                    torch.ones(b, dtype=torch.int32),
+                    torch.arange(b),
+                    (ids[:, -1] % 2).long(),
+                )
             else:
-                bb.run(ids, torch.ones_like(ids), lambda t, h, f=frames: f.append(
-                    encode(h.reshape(-1, h.shape[-1]).float(), CodecConfig("int8"))))
+                bb.run(
+                    ids,
+                    torch.ones_like(ids),
+                    lambda t, h, f=frames: f.append(
+                        encode(h.reshape(-1, h.shape[-1]).float(), CodecConfig("int8"))
+                    ),
+                )
                 targets = torch.roll(ids, -1, 1).reshape(-1).clone()
                 targets[::4] = -100
                 labels = (ids[:, -1] % 2).long() if task == "classification" else None
-                begin = StepBegin(f"s{sess}", s, torch.full((b,), 4, dtype=torch.int32),
-                                  torch.arange(b) * 4 + 3, labels,
-                                  None if labels is not None else targets)
+                begin = StepBegin(
+                    f"s{sess}",
+                    s,
+                    torch.full((b,), 4, dtype=torch.int32),
+                    torch.arange(b) * 4 + 3,
+                    labels,
+                    None if labels is not None else targets,
+                )
             steps.append((begin, frames))
         plan.append(steps)
     return plan
@@ -95,8 +115,11 @@ def _run_together(trainers, plan, n_steps):
 
 @pytest.mark.parametrize(
     "arch,task,pooling",
-    [("llama", "classification", "last"), ("llama", "classification", "mean"),
-     ("qwen2", "causal_lm", "last")],
+    [
+        ("llama", "classification", "last"),
+        ("llama", "classification", "mean"),
+        ("qwen2", "causal_lm", "last"),
+    ],
 )
 def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling):
     bb = make_tiny_backbone(arch)
@@ -113,7 +136,9 @@ def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling):
         batcher.close()
     assert max(a.metrics["batch"] for row in got for a in row) == 3  # they did share rounds
     for i in range(3):
-        assert [a.loss for a in got[i]] == pytest.approx([a.loss for a in ref[i]], rel=1e-4, abs=1e-5)
+        assert [a.loss for a in got[i]] == pytest.approx(
+            [a.loss for a in ref[i]], rel=1e-4, abs=1e-5
+        )
         want, have = alone[i].state(), together[i].state()
         for k, v in want[0].items():
             torch.testing.assert_close(have[0][k], v, **TOL, msg=k)
@@ -140,7 +165,9 @@ def test_batched_checkpoint_resumes_and_trains_alone_after(make_tiny_backbone):
             a = _step(first, *plan[0][s])
             b = _step(again, *plan[0][s])
             c = _step(plain, *plan[0][s])
-            assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.loss == pytest.approx(c.loss, rel=1e-4)
+            assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.loss == pytest.approx(
+                c.loss, rel=1e-4
+            )
     finally:
         batcher.close()
     for k, v in first.state()[0].items():

@@ -243,7 +243,7 @@ class Batcher:
             held = [i for i in held if id(i) not in taken]
             try:
                 self._round(key, items)
-            except Exception as e:  # noqa: BLE001 - one bad round must not kill the thread
+            except Exception as e:
                 self._fail(items, RemoteError("INTERNAL", f"batched step failed: {e}"))
 
     @staticmethod

@@ -25,8 +25,8 @@ from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
 from mobillm.server.batching import Batcher, FlatState, Ready, decays, stackable
 from mobillm.server.budget import check_step
 from mobillm.server.cache import ActivationCache, CachedStep
-from mobillm.side.head import FrozenHead
 from mobillm.server.objective import IGNORE, correct, task_loss
+from mobillm.side.head import FrozenHead
 from mobillm.side.learner import Learner, build_learner
 from mobillm.side.model import pool_matrix
 from mobillm.transport.messages import (
@@ -143,7 +143,11 @@ class Trainer:
         self.batcher = batcher if batcher is not None and stackable(self.net) else None
         self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
         self.batch_key = (
-            spec.head_sha256, spec.head, spec.side, spec.train.label_smoothing, str(self.device)
+            spec.head_sha256,
+            spec.head,
+            spec.side,
+            spec.train.label_smoothing,
+            str(self.device),
         )
 
     @property
