@@ -59,7 +59,7 @@ class BatchConfig(Config):
     """
 
     max_batch: int = 64
-    wait_ms: float = 2.0
+    wait_ms: float = 10.0
 
     def validate(self) -> None:
         check(1 <= self.max_batch <= 4096, "BatchConfig.max_batch must be in [1, 4096]")
@@ -71,6 +71,13 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.ndim >= 2 and "norm" not in name
 
 
+def flat_order(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters in flat-vector order: decayed ones first, so that weight decay
+    touches one leading block of the vector."""
+    named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+    return [x for x in named if decays(*x)] + [x for x in named if not decays(*x)]
+
+
 def stackable(net: nn.Module) -> bool:
     """Whether a learner can be trained in a stacked batch with others of its shape."""
     return isinstance(net, SideNetwork) and not net.mixers
@@ -80,7 +87,7 @@ class FlatState:
     """A learner's trainable parameters and AdamW moments as views of three flat vectors."""
 
     def __init__(self, net: nn.Module, opt: torch.optim.Optimizer) -> None:
-        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.params = [p for _, p in flat_order(net)]
         n = sum(p.numel() for p in self.params)
         dev = self.params[0].device
         self.p = torch.empty(n, device=dev)
@@ -147,11 +154,10 @@ class _Group:
         assert isinstance(net, SideNetwork)
         net.train()
         self.objective = _Objective(net, smoothing)
-        named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+        named = flat_order(net)
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
-        self.decay = torch.cat(
-            [torch.full((p.numel(),), float(decays(k, p))) for k, p in named]
-        ).to(trainer.device)
+        self.decayed = sum(p.numel() for k, p in named if decays(k, p))
+        self.sizes = [n for _, n, _ in self.layout]
         self.calls = self.objective.calls
         self.width = net.cfg.width
         # pool: (B, rows) weights per session for classification, None for causal LM
@@ -159,10 +165,10 @@ class _Group:
         self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
 
     def _one(self, flat, hidden, masks, pool, target):
-        params, off = {}, 0
-        for name, n, shape in self.layout:
-            params[name] = flat[off : off + n].view(shape)
-            off += n
+        # one split, not a slice per parameter: a slice's backward writes a whole-vector
+        # gradient for each parameter, the split's backward one concatenation for all
+        parts = flat.split(self.sizes)
+        params = {name: x.view(shape) for (name, _, shape), x in zip(self.layout, parts)}
         return functional_call(self.objective, params, (hidden, masks, pool, target))
 
 
@@ -216,14 +222,17 @@ class Batcher:
     # --- the round loop -----------------------------------------------------------------------
     def _run(self) -> None:
         held: list[Ready] = []
+        expect = self.cfg.max_batch
         while True:
             if not held:
                 first = self._queue.get()
                 if first is None:
                     return
                 held.append(first)
+            # wait for the sessions of the last round to come back, but not past the deadline:
+            # a slow device waits for the next round, it does not hold this one back
             deadline = time.monotonic() + self.cfg.wait_ms / 1000
-            while len(held) < self.cfg.max_batch:
+            while len(held) < min(self.cfg.max_batch, max(2, expect)):
                 try:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -241,6 +250,7 @@ class Batcher:
             items = items[: self.cfg.max_batch]
             taken = {id(i) for i in items}
             held = [i for i in held if id(i) not in taken]
+            expect = len(items) + len(held)
             try:
                 self._round(key, items)
             except Exception as e:
@@ -296,7 +306,7 @@ class Batcher:
         v = torch.stack([i.trainer.flat.v for i in items])
         with torch.no_grad():
             p = flat.detach()
-            _adamw(p, grad, m, v, lr, wd, steps, g.decay)
+            _adamw(p, grad, m, v, lr, wd, steps, g.decayed)
         losses, oks = loss.detach().tolist(), ok.tolist()
         norm_list = norms.tolist()
         if classify:
@@ -330,17 +340,22 @@ class Batcher:
             item.done.set()
 
 
-def _adamw(p, grad, m, v, lr, wd, steps, decay) -> None:
-    """torch.optim.AdamW's update on stacked rows, each with its own lr, decay and step."""
+def _adamw(p, grad, m, v, lr, wd, steps, decayed: int) -> None:
+    """torch.optim.AdamW's update on stacked rows, each with its own lr, decay and step.
+
+    Rearranged to touch each [rows, N] tensor as few times as possible (the update is bound
+    by memory traffic): p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+    = p - m / ((sqrt(v) + eps*sqrt(bc2)) * bc1 / (lr*sqrt(bc2))).
+    """
     b1, b2 = BETAS
     col = lambda x: x.unsqueeze(1)  # noqa: E731 - per-row scalar, broadcast over the row
-    p.mul_(1.0 - col(lr * wd) * decay.unsqueeze(0))
+    p[:, :decayed].mul_(col(1.0 - lr * wd))
     m.lerp_(grad, 1.0 - b1)
     v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
     bc1 = 1.0 - b1**steps
-    bc2 = 1.0 - b2**steps
-    denom = (v.sqrt() / col(bc2.sqrt())).add_(EPS)
-    p.sub_(m / denom * col(lr / bc1))
+    bc2s = (1.0 - b2**steps).sqrt()
+    denom = v.sqrt().add_(col(EPS * bc2s)).mul_(col(bc1 / (lr * bc2s)))
+    p.addcdiv_(m, denom, value=-1.0)
 
 
 def _pad(parts: list[torch.Tensor], size: int, value: float = 0.0) -> torch.Tensor:

@@ -1,0 +1,269 @@
+"""``mobillm bench server``: many simulated devices against one server, batched and not.
+
+Each simulated device is a thread that opens a session on a ``SessionManager`` (the object the
+gRPC servicer calls; the network is left out so that the figure is the server's), uploads a
+frozen head, and then replays recorded frames as fast as the server takes them: StepBegin, one
+chunk per tapped layer, wait for the ack, next step. Nothing is computed on the "device".
+
+Frames are either recorded from a real backbone on real text (``record_frames``: SST-2 through
+SmolLM2, the template's last token, the int8 codec) or, for shapes whose model is not at hand,
+synthetic hidden states of the same shape through the same codec. The server's work does not
+depend on the values except through denormals, which real frames exercise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save, save_file
+
+from mobillm.codec import CodecConfig, encode
+from mobillm.config import Config, check
+from mobillm.fingerprint import BackboneFingerprint
+from mobillm.server.sessions import ServerConfig, SessionManager
+from mobillm.side.config import SideConfig
+from mobillm.side.head import HeadSpec, tensors_sha256
+from mobillm.transport.messages import SessionSpec, StepBegin, TrainConfig, chunk_frame
+
+# hidden size, decoder layers, vocabulary: the side network's shape depends on nothing else
+SHAPES = {
+    "smollm2-135m": (576, 30, 49152),
+    "qwen2.5-1.5b": (1536, 28, 151936),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig(Config):
+    """One measured point: ``sessions`` devices of one ``shape``, each step ``batch`` samples
+    of ``seq`` rows (1 = the last token, pooled "last"; more = that many tokens, mean-pooled,
+    every row in the loss), trained ``max_batch`` at a time by the server (1 = unbatched)."""
+
+    shape: str = "smollm2-135m"
+    sessions: int = 8
+    batch: int = 16
+    seq: int = 1
+    steps: int = 10
+    warmup: int = 2
+    max_batch: int = 1
+    wait_ms: float = 10.0
+    device: str = "cpu"
+    codec: str = "int8"
+    frames: str = ""  # a file from record_frames ('' = synthetic frames)
+
+    def validate(self) -> None:
+        check(self.shape in SHAPES, f"LoadConfig.shape must be one of {sorted(SHAPES)}")
+        for name in ("sessions", "batch", "seq", "steps", "max_batch"):
+            check(getattr(self, name) >= 1, f"LoadConfig.{name} must be >= 1")
+        check(self.warmup >= 0, "LoadConfig.warmup must be >= 0")
+
+
+def _head(shape: str) -> tuple[HeadSpec, dict[str, torch.Tensor]]:
+    d = SHAPES[shape][0]
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "norm.weight": 1.0 + 0.1 * torch.randn(d, generator=g),
+        "lm_head.weight": 0.02 * torch.randn(2, d, generator=g),  # the two label words' rows
+    }
+    return HeadSpec(hidden_size=d, out_size=d, vocab_rows=2, norm="rms", norm_eps=1e-6), tensors
+
+
+def session_spec(cfg: LoadConfig, seed: int) -> tuple[SessionSpec, bytes]:
+    """The spec a device of ``cfg.shape`` proposes (SST-2-like classification) and its head."""
+    d, layers, vocab = SHAPES[cfg.shape]
+    head_spec, tensors = _head(cfg.shape)
+    digest = tensors_sha256(tensors)
+    fp = BackboneFingerprint(
+        architecture=cfg.shape,
+        hidden_size=d,
+        num_layers=layers,
+        vocab_size=vocab,
+        config_sha256=hashlib.sha256(cfg.shape.encode()).hexdigest(),
+        head_sha256=digest,
+    )
+    side = SideConfig(
+        hidden_size=d,
+        num_taps=layers,
+        verbalizer_ids=(0, 1),
+        pooling="last" if cfg.seq == 1 else "mean",
+    )
+    total = cfg.warmup + cfg.steps
+    spec = SessionSpec(
+        fingerprint=fp,
+        taps=tuple(range(layers)),
+        side=side,
+        head=head_spec,
+        head_sha256=digest,
+        codec=CodecConfig(cfg.codec),
+        train=TrainConfig(total_steps=total, seed=seed, epochs=1),
+        positions="loss" if cfg.seq == 1 else "valid",
+    )
+    return spec, save(tensors)
+
+
+@dataclasses.dataclass
+class Frames:
+    """Steps to replay: per step, its labels and one encoded frame per tapped layer."""
+
+    labels: list[torch.Tensor]
+    frames: list[list[bytes]]
+    source: str
+
+
+def synthetic_frames(cfg: LoadConfig, steps: int = 4) -> Frames:
+    d, layers, _ = SHAPES[cfg.shape]
+    g = torch.Generator().manual_seed(1)
+    rows = cfg.batch * cfg.seq
+    codec = CodecConfig(cfg.codec)
+    labels, frames = [], []
+    for _ in range(steps):
+        labels.append(torch.randint(0, 2, (cfg.batch,), generator=g))
+        frames.append([encode(torch.randn(rows, d, generator=g), codec) for _ in range(layers)])
+    return Frames(labels, frames, "synthetic")
+
+
+def record_frames(model: str, out: str | Path, steps: int = 8, batch: int = 16) -> Path:
+    """Run ``model`` over SST-2 training sentences and keep each tapped layer's int8 frame of
+    the template's last token: the frames a SmolLM2 device streams in the default mode."""
+    from mobillm.backbone.model import Backbone, BackboneConfig
+    from mobillm.data import DataConfig, load_examples, resolve_preset, tokenize_examples
+
+    bb = Backbone.load(BackboneConfig(source=model))
+    dcfg = resolve_preset(DataConfig(preset="sst2"))
+    data = tokenize_examples(load_examples(dcfg, "train")[: steps * batch], bb.tokenizer, dcfg)
+    from mobillm.data import collate
+
+    tensors: dict[str, torch.Tensor] = {}
+    codec = CodecConfig("int8")
+    for s in range(steps):
+        b = collate(data, range(s * batch, (s + 1) * batch))
+        last = b.attention_mask.sum(1) - 1
+        rows = torch.arange(b.input_ids.shape[0])
+
+        def keep(tap: int, h: torch.Tensor, s: int = s) -> None:
+            frame = encode(h[rows, last].float(), codec)
+            tensors[f"step{s}.tap{tap}"] = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+
+        bb.run(b.input_ids, b.attention_mask, keep)
+        tensors[f"step{s}.labels"] = b.labels.long()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"model": model, "data": "sst2", "batch": str(batch)})
+    return out
+
+
+def load_frames(path: str | Path, cfg: LoadConfig) -> Frames:
+    t = load_file(str(path))
+    layers = SHAPES[cfg.shape][1]
+    steps = sorted({int(k.split(".")[0][4:]) for k in t})
+    labels = [t[f"step{s}.labels"] for s in steps]
+    check(
+        all(x.numel() == cfg.batch for x in labels) and cfg.seq == 1,
+        f"{path} holds steps of {labels[0].numel()} last-token rows; run with that --batch",
+    )
+    frames = [[t[f"step{s}.tap{i}"].numpy().tobytes() for i in range(layers)] for s in steps]
+    return Frames(labels, frames, f"recorded ({Path(path).name})")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
+    """Measure one point; returns throughput, ack latency percentiles and memory per session."""
+    frames = load_frames(cfg.frames, cfg) if cfg.frames else synthetic_frames(cfg)
+    manager = SessionManager(
+        ServerConfig(
+            device=cfg.device,
+            max_sessions=cfg.sessions,
+            max_sessions_per_client=cfg.sessions,
+            max_batch=cfg.max_batch,
+            batch_wait_ms=cfg.wait_ms,
+            cache_memory_bytes=0,
+            cache_disk_bytes=0,
+            checkpoint_every=0,
+            workdir=str(workdir),
+        )
+    )
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_mb()
+    sessions = []
+    for i in range(cfg.sessions):
+        spec, head = session_spec(cfg, seed=i)
+        info = manager.open(spec)
+        if info.need_head:
+            manager.upload_head(info.session_id, info.token, head, True, True)
+        sessions.append(info)
+    lat: list[list[float]] = [[] for _ in sessions]
+    start = threading.Barrier(cfg.sessions + 1)
+    end = threading.Barrier(cfg.sessions + 1)
+    errors: list[BaseException] = []
+    rows = torch.full((cfg.batch,), cfg.seq, dtype=torch.int32)
+    pool = torch.arange(cfg.batch) * cfg.seq + cfg.seq - 1
+
+    def device(i: int) -> None:
+        info = sessions[i]
+        try:
+            for step in range(cfg.warmup + cfg.steps):
+                if step == cfg.warmup:
+                    start.wait()
+                k = (step + i) % len(frames.frames)
+                t0 = time.perf_counter()
+                begin = StepBegin(info.session_id, step, rows, pool, frames.labels[k])
+                manager.begin_step(info.session_id, info.token, begin)
+                ack = None
+                for tap, frame in enumerate(frames.frames[k]):
+                    for c in chunk_frame(info.session_id, step, tap, frame, info.max_chunk_bytes):
+                        ack = manager.add_chunk(info.session_id, info.token, c)
+                assert ack is not None and ack.step == step
+                if step >= cfg.warmup:
+                    lat[i].append(time.perf_counter() - t0)
+        except threading.BrokenBarrierError:
+            pass  # another device failed
+        except Exception as e:
+            errors.append(e)
+            start.abort()
+        finally:
+            end.wait()
+
+    threads = [threading.Thread(target=device, args=(i,), daemon=True) for i in range(cfg.sessions)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a device failed: raised below
+        start.wait()
+    t0 = time.perf_counter()
+    end.wait()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - rss0
+    manager.park_all()
+    flat = sorted(x for row in lat for x in row)
+    out = dataclasses.asdict(cfg) | {
+        "frames_source": frames.source,
+        "session_steps_per_s": len(flat) / wall,
+        "ack_p50_ms": 1000 * statistics.median(flat),
+        "ack_p99_ms": 1000 * flat[min(len(flat) - 1, round(0.99 * (len(flat) - 1)))],
+        "memory_per_session_mb": mem / cfg.sessions,
+        "memory_kind": "CUDA peak allocated" if cuda else "process RSS growth",
+        "wall_seconds": wall,
+    }
+    return out
+
+
+def write_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
