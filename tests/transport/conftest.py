@@ -31,11 +31,13 @@ def start_server(tmp_path):
     servers: list[GrpcServer] = []
     names = {f.name for f in dataclasses.fields(ServerConfig)}
 
-    def start(tls=None, interceptors=(), port=0, **kw) -> GrpcServer:
+    def start(tls=None, interceptors=(), port=0, metrics_port=None, **kw) -> GrpcServer:
         kw.setdefault("workdir", str(tmp_path / f"server{len(servers)}"))
         kw.setdefault("open_access", True)
         cfg = ServerConfig(**{k: v for k, v in kw.items() if k in names})
-        server = GrpcServer(cfg, port=port, tls=tls, interceptors=interceptors)
+        server = GrpcServer(
+            cfg, port=port, tls=tls, interceptors=interceptors, metrics_port=metrics_port
+        )
         server.start()
         servers.append(server)
         return server

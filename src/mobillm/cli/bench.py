@@ -119,6 +119,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--doc", default="docs/benchmarks.md")
     c.add_argument("--fresh", action="store_true", help="rerun jobs already in results.jsonl")
     c.set_defaults(func=run_compare_cmd)
+    s = bsub.add_parser(
+        "server",
+        help="S simulated devices against one server, batched and unbatched: session-steps/s, "
+        "ack latency, memory per session; writes JSONL and docs/server.md",
+    )
+    s.add_argument("--shapes", default="smollm2-135m,qwen2.5-1.5b")
+    s.add_argument("--sessions", default="1,8,64", help="comma list of device counts")
+    s.add_argument("--modes", default="unbatched,batched")
+    s.add_argument("--batch", type=int, default=16, help="samples per step")
+    s.add_argument("--seq", type=int, default=1, help="rows per sample (1 = last token)")
+    s.add_argument("--steps", type=int, default=10, help="measured steps per device")
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--device", default="cpu", help="where the server trains: cpu, cuda")
+    s.add_argument(
+        "--frames",
+        default="record",
+        help="'record' = SmolLM2 on SST-2, recorded once into OUT (SmolLM2 shape, T=1); "
+        "a recorded file; or 'synthetic'",
+    )
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = all)")
+    s.add_argument("--out", default="results/server")
+    s.add_argument("--doc", default="docs/server.md")
+    s.add_argument("--fresh", action="store_true", help="rerun points already measured")
+    s.set_defaults(func=run_server_cmd)
 
 
 def compare_jobs(args: argparse.Namespace) -> list[Any]:
@@ -324,6 +348,77 @@ def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
     (out / "overlap.md").write_text(table)
     common.say("\n" + table)
     return result
+
+
+def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
+    common.setup(args)
+    import platform
+
+    from mobillm.bench.serverload import LoadConfig, measure_in_process, record_frames, render
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.jsonl"
+    done = [json.loads(x) for x in store.read_text().splitlines()] if store.is_file() else []
+    recorded = out / "frames-smollm2-135m.safetensors"
+    if args.frames == "record" and not recorded.is_file():
+        common.say("[server] recording SmolLM2 frames on SST-2 ...")
+        record_frames("smollm2-135m", recorded, batch=args.batch)
+    points = []
+    for shape in args.shapes.split(","):
+        frames = ""
+        if args.frames == "record" and shape == "smollm2-135m" and args.seq == 1:
+            frames = str(recorded)
+        elif args.frames not in ("record", "synthetic"):
+            frames = args.frames
+        for n in (int(x) for x in args.sessions.split(",")):
+            for mode in args.modes.split(","):
+                mb = 1 if mode == "unbatched" else n
+                if mode == "batched" and n == 1:
+                    continue  # one session: nothing to batch with
+                points.append(
+                    LoadConfig(
+                        shape,
+                        n,
+                        args.batch,
+                        args.seq,
+                        args.steps,
+                        args.warmup,
+                        mb,
+                        device=args.device,
+                        frames=frames,
+                    )
+                )
+    command = "mobillm bench server " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores" + (
+        f", {_gpu_name()}" if args.device.startswith("cuda") else ""
+    )
+    for i, cfg in enumerate(points):
+        want = cfg.to_dict()
+        if not args.fresh and any({k: r.get(k) for k in want} == want for r in done):
+            continue
+        common.say(
+            f"[server] point {i + 1}/{len(points)}: {cfg.shape} S={cfg.sessions} "
+            f"max_batch={cfg.max_batch} on {cfg.device}"
+        )
+        rec = measure_in_process(cfg, out, args.threads)
+        rec |= {"command": command.strip(), "machine": machine}
+        done = [r for r in done if {k: r.get(k) for k in want} != want] + [rec]
+        store.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
+        common.say(
+            f"[server]   {rec['session_steps_per_s']:.1f} session-steps/s, "
+            f"ack p50 {rec['ack_p50_ms']:.0f} ms"
+        )
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text(render(done, command.strip()))
+    common.say(f"[server] wrote {store} and {args.doc}")
+    return {"points": len(done)}
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 
 
 def run_faults_cmd(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from mobillm.cli import common
 from mobillm.errors import ConfigError
+from mobillm.server.batching import BatchConfig
 from mobillm.server.cache import CacheConfig
 from mobillm.transport.messages import DEFAULT_CHUNK_BYTES
 
@@ -97,6 +98,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="accept only backbones with this config sha256 (repeatable; default: any)",
     )
     g.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        help="train up to this many sessions' ready steps together in one stacked round, when "
+        "their side networks have the same shape (1 = each session on its own; default: "
+        "%(default)s)",
+    )
+    g.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=BatchConfig.wait_ms,
+        help="how long a round waits for more sessions' steps (default: %(default)s)",
+    )
+    g.add_argument(
         "--cache-mb",
         type=int,
         default=CacheConfig.memory_bytes >> 20,
@@ -109,6 +124,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=CacheConfig.disk_bytes >> 20,
         help="each session's activation cache in the workdir (every step), MB; 0 and "
         "--cache-mb 0: no cache, devices must re-stream every epoch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; "
+        "default: off)",
     )
     g = p.add_argument_group("TLS")
     g.add_argument("--tls-cert", default="", help="server certificate chain (PEM)")
@@ -185,6 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         workdir=args.workdir,
         cache_memory_bytes=args.cache_mb << 20,
         cache_disk_bytes=args.cache_disk_mb << 20,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
     )
     for sha in cfg.allowed_backbones:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
@@ -194,7 +218,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
         print(f"serving on {server.address} ({server.mode})", file=sys.stderr, flush=True)
+        if server.metrics is not None:
+            print(
+                f"metrics on http://{server.host}:{server.metrics_port}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    serve(cfg, args.host, args.port, tls=tls, insecure=args.insecure, on_ready=ready)
+    serve(
+        cfg,
+        args.host,
+        args.port,
+        tls=tls,
+        insecure=args.insecure,
+        on_ready=ready,
+        metrics_port=args.metrics_port,
+    )
     common.say("[serve] stopped")
     return None

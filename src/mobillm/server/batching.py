@@ -168,7 +168,9 @@ class _Group:
         # one split, not a slice per parameter: a slice's backward writes a whole-vector
         # gradient for each parameter, the split's backward one concatenation for all
         parts = flat.split(self.sizes)
-        params = {name: x.view(shape) for (name, _, shape), x in zip(self.layout, parts)}
+        params = {
+            name: x.view(shape) for (name, _, shape), x in zip(self.layout, parts, strict=True)
+        }
         return functional_call(self.objective, params, (hidden, masks, pool, target))
 
 

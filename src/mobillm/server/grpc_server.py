@@ -32,6 +32,7 @@ from mobillm.config import check
 from mobillm.errors import MobiLLMError
 from mobillm.proto.v1 import mobillm_pb2_grpc as pb_grpc
 from mobillm.server.auth import ApiKeys
+from mobillm.server.metrics import ServerMetrics
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.transport import serde
 from mobillm.transport.grpc_client import API_KEY_HEADER, KEEPALIVE_SECONDS
@@ -194,10 +195,12 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         pool: ThreadPoolExecutor,
         keys: ApiKeys | None = None,
         mutual_tls: bool = False,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.manager = manager
         self.jlog = jlog
         self.pool = pool
+        self.metrics = metrics
         self.keys = keys
         self.mutual_tls = mutual_tls
         self._streams: dict[str, _Stream] = {}  # the live Train stream of each session
@@ -312,19 +315,23 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
             sid, token = await self._authorize(context)
             me = await self._claim(sid)
             await me.run(self.pool, self._drop_step, sid, token)  # a step an old stream left
-            wire = 0
+            wire, began = 0, time.perf_counter()
             while (req := await me.next(request_iterator)) is not None:
                 req = _decoded(req)
                 wire += req.ByteSize()
                 msg = serde.train_request_from_proto(req)
                 self._same(sid, msg.session_id)
                 if isinstance(msg, StepBegin):
+                    began = time.perf_counter()
                     await me.run(self.pool, self.manager.begin_step, sid, token, msg)
                     continue
                 ack = await me.run(self.pool, self.manager.add_chunk, sid, token, msg)
                 if ack is not None:
                     rec = {"step": ack.step, "loss": ack.loss, "bytes": wire, **ack.metrics}
                     self.jlog.step(sid, rec)
+                    if self.metrics is not None:
+                        latency = time.perf_counter() - began
+                        self.metrics.step(sid, wire, latency, int(ack.metrics.get("batch", 1)))
                     wire = 0
                     yield serde.ack_to_proto(ack)
         except Exception as e:
@@ -423,6 +430,8 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
             await self._abort(context, "CloseSession", _as_remote(e, "CloseSession"), sid)
             raise
         self.jlog.event("close", session=sid, **summary)
+        if self.metrics is not None:
+            self.metrics.forget(sid)
         return serde.summary_to_proto(summary)
 
 
@@ -446,6 +455,7 @@ class GrpcServer:
         insecure: bool = False,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         manager: SessionManager | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         check(
             tls is not None or insecure or is_loopback(host),
@@ -476,6 +486,9 @@ class GrpcServer:
         self._jlog: JsonlLog | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Prometheus text format on http://host:metrics_port/metrics (None = off, 0 = any port)
+        self.metrics_port = metrics_port
+        self.metrics: ServerMetrics | None = None
 
     @property
     def address(self) -> str:
@@ -509,10 +522,16 @@ class GrpcServer:
                 ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
             ],
         )
-        pb_grpc.add_SideTuningServicer_to_server(
-            SideTuningServicer(self.manager, self._jlog, self._pool, self.keys, self.mutual_tls),
-            _SafeRegistration(server),
+        if self.metrics_port is not None and self.metrics is None:
+            manager = self.manager
+            self.metrics = ServerMetrics(
+                manager.num_live, lambda: manager.batcher.depth if manager.batcher else 0
+            )
+            self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+        servicer = SideTuningServicer(
+            self.manager, self._jlog, self._pool, self.keys, self.mutual_tls, self.metrics
         )
+        pb_grpc.add_SideTuningServicer_to_server(servicer, _SafeRegistration(server))
         try:
             if self.tls is None:
                 port = server.add_insecure_port(self.address)
@@ -544,7 +563,10 @@ class GrpcServer:
         while True:
             await asyncio.sleep(period)
             try:
-                await _in_pool(pool, self.manager.reap)
+                parked = await _in_pool(pool, self.manager.reap)
+                if self.metrics is not None:
+                    for sid in parked:
+                        self.metrics.forget(sid)
             except RemoteError:
                 return  # the pool is shut down: the server is stopping
             except Exception:  # a sweep that fails must not stop later ones
@@ -562,6 +584,9 @@ class GrpcServer:
             # a graceful stop keeps every session: a restarted server goes on from here
             await asyncio.get_running_loop().run_in_executor(self._pool, self.manager.park_all)
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self._jlog is not None:
             # the server's own peak memory, for benchmarks that compare device and server
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -610,11 +635,12 @@ def serve(
     insecure: bool = False,
     on_ready: Callable[[GrpcServer], None] | None = None,
     grace: float = 5.0,
+    metrics_port: int | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully; ``on_ready`` runs once bound."""
 
     async def main() -> None:
-        server = GrpcServer(cfg, host, port, tls, insecure)
+        server = GrpcServer(cfg, host, port, tls, insecure, metrics_port=metrics_port)
         await server.start_async()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -159,6 +159,10 @@ class SessionManager:
         batching = BatchConfig(self.cfg.max_batch, self.cfg.batch_wait_ms)
         self.batcher = Batcher(batching) if batching.max_batch > 1 else None
 
+    def num_live(self) -> int:
+        """Sessions held in memory now."""
+        return len(self._sessions)
+
     # --- handshake --------------------------------------------------------------------------
     def _room(self, client: str) -> None:
         """RESOURCE_EXHAUSTED unless the server and ``client`` may hold one more session."""
