@@ -202,3 +202,64 @@ def test_a_poisoned_step_fails_only_its_session(make_tiny_backbone):
     assert [e.code for e in errors] == ["INVALID_ARGUMENT"]
     for k, v in bad.net.trainable_state().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_model_shaped_sessions_match_alone(device):
+    """SmolLM2-shaped side networks (30 taps, width 72, dropout on), different seeds and
+    learning rates, mean-pooled steps of different lengths: batched on ``device`` as alone."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    from safetensors.torch import load
+
+    from mobillm.bench.serverload import LoadConfig, session_spec
+
+    cfg = LoadConfig(shape="smollm2-135m", batch=2, seq=3, steps=4, warmup=0)
+    spec0, blob = session_spec(cfg, 0)
+    head = FrozenHead(spec0.head, load(blob)).to(device)
+    g = torch.Generator().manual_seed(0)
+    d = spec0.side.hidden_size
+
+    def plan(i, s):
+        b = 2 + (i + s) % 3  # samples per step differ across sessions and steps
+        rows = torch.full((b,), 3, dtype=torch.int32)
+        labels = torch.randint(0, 2, (b,), generator=g)
+        hidden = [torch.randn(3 * b, d, generator=g).to(device) for _ in spec0.taps]
+        return StepBegin(f"s{i}", s, rows, torch.arange(b) * 3 + 2, labels), hidden
+
+    steps = [[plan(i, s) for s in range(4)] for i in range(3)]
+
+    def make(batcher):
+        return [Trainer(session_spec(cfg, i)[0], head, device, batcher=batcher) for i in range(3)]
+
+    def run(t, begin, hidden):
+        t.begin(begin)
+        return [t.add_hidden(h) for h in hidden][-1]
+
+    alone = make(None)
+    ref = [[run(t, *steps[i][s]) for s in range(4)] for i, t in enumerate(alone)]
+    batcher = Batcher(BatchConfig(max_batch=8, wait_ms=300))
+    try:
+        together = make(batcher)
+        got = [[None] * 4 for _ in range(3)]
+        for s in range(4):
+            threads = [
+                threading.Thread(
+                    target=lambda i=i, s=s: got[i].__setitem__(s, run(together[i], *steps[i][s]))
+                )
+                for i in range(3)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        batcher.close()
+    assert max(a.metrics["batch"] for row in got for a in row) == 3
+    for i in range(3):
+        assert [a.loss for a in got[i]] == pytest.approx([a.loss for a in ref[i]], rel=1e-4)
+        want, have = alone[i].state()[0], together[i].state()[0]
+        for k, v in want.items():
+            # Adam divides by the gradient's own scale: a reassociated sum in a near-zero
+            # gradient moves a weight by up to ~lr * 1e-2; 1e-4 is far below one step (lr)
+            torch.testing.assert_close(have[k], v, rtol=1e-4, atol=1e-4, msg=k)

@@ -50,7 +50,7 @@ def test_batched_devices_end_as_alone_and_metrics_count_them(
         t.start()
     for t in threads:
         t.join()
-    for (tr, _, blob), want in zip(results, alone, strict=True):
+    for (_, _, blob), want in zip(results, alone, strict=True):
         got, ref = load(blob.weights), load(want.weights)
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from mobillm.codec import CodecConfig, encode
+from mobillm.codec import CodecConfig, decode, encode
 from mobillm.config import Config, check
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.server.sessions import ServerConfig, SessionManager
@@ -59,12 +59,14 @@ class LoadConfig(Config):
     device: str = "cpu"
     codec: str = "int8"
     frames: str = ""  # a file from record_frames ('' = synthetic frames)
+    path: str = "server"  # "server": encoded frames into a SessionManager; "trainer": decoded
 
     def validate(self) -> None:
         check(self.shape in SHAPES, f"LoadConfig.shape must be one of {sorted(SHAPES)}")
         for name in ("sessions", "batch", "seq", "steps", "max_batch"):
             check(getattr(self, name) >= 1, f"LoadConfig.{name} must be >= 1")
         check(self.warmup >= 0, "LoadConfig.warmup must be >= 0")
+        check(self.path in ("server", "trainer"), "LoadConfig.path must be server or trainer")
 
 
 def _head(shape: str) -> tuple[HeadSpec, dict[str, torch.Tensor]]:
@@ -178,9 +180,8 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
-    """Measure one point; returns throughput, ack latency percentiles and memory per session."""
-    frames = load_frames(cfg.frames, cfg) if cfg.frames else synthetic_frames(cfg)
+def _server_steps(cfg: LoadConfig, frames: Frames, workdir: str | Path):
+    """Sessions on a SessionManager, fed encoded frames chunk by chunk: the gRPC path."""
     manager = SessionManager(
         ServerConfig(
             device=cfg.device,
@@ -194,10 +195,6 @@ def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
             workdir=str(workdir),
         )
     )
-    cuda = cfg.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_mb()
     sessions = []
     for i in range(cfg.sessions):
         spec, head = session_spec(cfg, seed=i)
@@ -205,7 +202,60 @@ def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
         if info.need_head:
             manager.upload_head(info.session_id, info.token, head, True, True)
         sessions.append(info)
-    lat: list[list[float]] = [[] for _ in sessions]
+
+    def step(i: int, begin: StepBegin, k: int):
+        info = sessions[i]
+        begin = dataclasses.replace(begin, session_id=info.session_id)
+        manager.begin_step(info.session_id, info.token, begin)
+        ack = None
+        for tap, frame in enumerate(frames.frames[k]):
+            for c in chunk_frame(info.session_id, begin.step, tap, frame, info.max_chunk_bytes):
+                ack = manager.add_chunk(info.session_id, info.token, c)
+        return ack
+
+    return step, manager.park_all
+
+
+def _trainer_steps(cfg: LoadConfig, frames: Frames):
+    """Trainers fed taps already decoded on the server's device: the training alone, without
+    codec and chunking (what a GPU server's kernels can do when the host keeps up)."""
+    from safetensors.torch import load
+
+    from mobillm.server.batching import BatchConfig, Batcher
+    from mobillm.server.trainer import Trainer
+    from mobillm.side.head import FrozenHead
+
+    batcher = Batcher(BatchConfig(cfg.max_batch, cfg.wait_ms)) if cfg.max_batch > 1 else None
+    spec0, blob = session_spec(cfg, seed=0)
+    head = FrozenHead(spec0.head, load(blob)).to(cfg.device)
+    trainers = [
+        Trainer(session_spec(cfg, seed=i)[0], head, cfg.device, batcher=batcher)
+        for i in range(cfg.sessions)
+    ]
+    hidden = [[decode(f).to(cfg.device) for f in step] for step in frames.frames]
+
+    def step(i: int, begin: StepBegin, k: int):
+        trainers[i].begin(begin)
+        ack = None
+        for h in hidden[k]:
+            ack = trainers[i].add_hidden(h)
+        return ack
+
+    return step, batcher.close if batcher is not None else (lambda: None)
+
+
+def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
+    """Measure one point; returns throughput, ack latency percentiles and memory per session."""
+    frames = load_frames(cfg.frames, cfg) if cfg.frames else synthetic_frames(cfg)
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_mb()
+    if cfg.path == "server":
+        step, stop = _server_steps(cfg, frames, workdir)
+    else:
+        step, stop = _trainer_steps(cfg, frames)
+    lat: list[list[float]] = [[] for _ in range(cfg.sessions)]
     start = threading.Barrier(cfg.sessions + 1)
     end = threading.Barrier(cfg.sessions + 1)
     errors: list[BaseException] = []
@@ -213,21 +263,15 @@ def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
     pool = torch.arange(cfg.batch) * cfg.seq + cfg.seq - 1
 
     def device(i: int) -> None:
-        info = sessions[i]
         try:
-            for step in range(cfg.warmup + cfg.steps):
-                if step == cfg.warmup:
+            for s in range(cfg.warmup + cfg.steps):
+                if s == cfg.warmup:
                     start.wait()
-                k = (step + i) % len(frames.frames)
+                k = (s + i) % len(frames.frames)
                 t0 = time.perf_counter()
-                begin = StepBegin(info.session_id, step, rows, pool, frames.labels[k])
-                manager.begin_step(info.session_id, info.token, begin)
-                ack = None
-                for tap, frame in enumerate(frames.frames[k]):
-                    for c in chunk_frame(info.session_id, step, tap, frame, info.max_chunk_bytes):
-                        ack = manager.add_chunk(info.session_id, info.token, c)
-                assert ack is not None and ack.step == step
-                if step >= cfg.warmup:
+                ack = step(i, StepBegin(f"d{i}", s, rows, pool, frames.labels[k]), k)
+                assert ack is not None and ack.step == s
+                if s >= cfg.warmup:
                     lat[i].append(time.perf_counter() - t0)
         except threading.BrokenBarrierError:
             pass  # another device failed
@@ -248,7 +292,7 @@ def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
     if errors:
         raise errors[0]
     mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - rss0
-    manager.park_all()
+    stop()
     flat = sorted(x for row in lat for x in row)
     out = dataclasses.asdict(cfg) | {
         "frames_source": frames.source,
@@ -300,15 +344,23 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "latency is StepBegin to ack. Memory per session is the process RSS growth (CPU) or "
         "the CUDA peak allocated (GPU), divided by the sessions.",
         "",
-        "| device | shape | step rows | frames | sessions | server | session-steps/s | "
+        "| device | path | shape | step rows | frames | sessions | server | session-steps/s | "
         "ack p50 ms | ack p99 ms | MB per session |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    key = lambda r: (r["device"], r["shape"], r["batch"], r["seq"], r["sessions"])  # noqa: E731
+    key = lambda r: (  # noqa: E731
+        r["device"],
+        r.get("path", "server"),
+        r["shape"],
+        r["batch"],
+        r["seq"],
+        r["sessions"],
+    )
     for r in sorted(records, key=lambda r: (*key(r), r["max_batch"])):
         mode = "unbatched" if r["max_batch"] == 1 else f"batched ({r['max_batch']})"
         lines.append(
-            f"| {r['device']} ({r.get('machine', '?')}) | {r['shape']} | "
+            f"| {r['device']} ({r.get('machine', '?')}) | {r.get('path', 'server')} | "
+            f"{r['shape']} | "
             f"B{r['batch']}xT{r['seq']} | {r['frames_source']} "
             f"| {r['sessions']} | {mode} | {r['session_steps_per_s']:.1f} | "
             f"{r['ack_p50_ms']:.0f} | {r['ack_p99_ms']:.0f} | {r['memory_per_session_mb']:.0f} |"
@@ -319,8 +371,11 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         pairs.setdefault(key(r), {})["b" if r["max_batch"] > 1 else "u"] = r["session_steps_per_s"]
     for k, v in sorted(pairs.items()):
         if "b" in v and "u" in v:
-            dev, shape, b, t, s = k
-            lines.append(f"- {dev}, {shape}, B{b}xT{t}, {s} sessions: **{v['b'] / v['u']:.2f}x**")
+            dev, path, shape, b, t, s = k
+            lines.append(
+                f"- {dev}, {path} path, {shape}, B{b}xT{t}, {s} sessions: "
+                f"**{v['b'] / v['u']:.2f}x**"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -138,6 +138,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="'record' = SmolLM2 on SST-2, recorded once into OUT (SmolLM2 shape, T=1); "
         "a recorded file; or 'synthetic'",
     )
+    s.add_argument(
+        "--path",
+        default="server",
+        choices=["server", "trainer"],
+        help="server: encoded frames through the SessionManager (decode, chunks, acks); "
+        "trainer: taps already decoded on the device, the training alone",
+    )
+    s.add_argument("--max-batch", type=int, default=0, help="round size (0 = all sessions)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = all)")
     s.add_argument("--out", default="results/server")
     s.add_argument("--doc", default="docs/server.md")
@@ -373,7 +381,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
             frames = args.frames
         for n in (int(x) for x in args.sessions.split(",")):
             for mode in args.modes.split(","):
-                mb = 1 if mode == "unbatched" else n
+                mb = 1 if mode == "unbatched" else min(n, args.max_batch or n)
                 if mode == "batched" and n == 1:
                     continue  # one session: nothing to batch with
                 points.append(

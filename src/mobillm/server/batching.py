@@ -110,7 +110,10 @@ class FlatState:
 
     def bind(self, opt: torch.optim.Optimizer, steps: int) -> None:
         """Make the optimizer's moments views of ``m`` and ``v`` (after it loaded a state)."""
-        for p, m, v in zip(self.params, self._views(self.m), self._views(self.v), strict=True):
+        ms, vs = self._views(self.m), self._views(self.v)
+        # what the batched AdamW steps: weights, first and second moments, per parameter
+        self.views = ([p.data for p in self.params], ms, vs)
+        for p, m, v in zip(self.params, ms, vs, strict=True):
             st = opt.state[p]
             m.copy_(st["exp_avg"]) if "exp_avg" in st else m.zero_()
             v.copy_(st["exp_avg_sq"]) if "exp_avg_sq" in st else v.zero_()
@@ -156,22 +159,24 @@ class _Group:
         self.objective = _Objective(net, smoothing)
         named = flat_order(net)
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
-        self.decayed = sum(p.numel() for k, p in named if decays(k, p))
-        self.sizes = [n for _, n, _ in self.layout]
+        self.split = sum(decays(k, p) for k, p in named)  # decayed parameters come first
+        self.names = [name for name, _, _ in self.layout]
         self.calls = self.objective.calls
         self.width = net.cfg.width
         # pool: (B, rows) weights per session for classification, None for causal LM
         self.batched = vmap(self._one, in_dims=(0, 0, 0, 0, 0))
         self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
 
-    def _one(self, flat, hidden, masks, pool, target):
-        # one split, not a slice per parameter: a slice's backward writes a whole-vector
-        # gradient for each parameter, the split's backward one concatenation for all
-        parts = flat.split(self.sizes)
-        params = {
-            name: x.view(shape) for (name, _, shape), x in zip(self.layout, parts, strict=True)
-        }
-        return functional_call(self.objective, params, (hidden, masks, pool, target))
+    @staticmethod
+    def leaves(trainers: list[Trainer]) -> list[torch.Tensor]:
+        """Per parameter, the sessions' weights stacked into one contiguous ``[R, *shape]``
+        leaf: its gradient comes out contiguous too, as the fused optimizer needs it."""
+        views = [t.flat.views[0] for t in trainers]  # type: ignore[union-attr]
+        return [torch.stack(ps).requires_grad_() for ps in zip(*views, strict=True)]
+
+    def _one(self, params, hidden, masks, pool, target):
+        named = dict(zip(self.names, params, strict=True))
+        return functional_call(self.objective, named, (hidden, masks, pool, target))
 
 
 @dataclasses.dataclass
@@ -278,7 +283,7 @@ class Batcher:
         g = self._group(key, items[0].trainer)
         dev = items[0].trainer.device
         rows = max(i.hidden[0].shape[0] for i in items)
-        flat = torch.stack([i.trainer.flat.p for i in items]).requires_grad_()
+        leaves = g.leaves([i.trainer for i in items])
         hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
         masks = []
         for drop in g.calls:  # each session's draws, in its own call order, from its generator
@@ -294,23 +299,15 @@ class Batcher:
         else:
             pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
         run = g.batched if classify else g.batched_lm
-        loss, logits = run(flat, hidden, masks, pool, target)
-        (grad,) = torch.autograd.grad(loss.sum(), [flat])
-        norms = grad.norm(dim=1)
+        loss, logits = run(leaves, hidden, masks, pool, target)
+        # contiguous: PyTorch's fused AdamW reads a strided gradient wrongly on CPU (a
+        # transposed one comes out of the batched matmuls' backward)
+        grads = [x.contiguous() for x in torch.autograd.grad(loss.sum(), leaves)]
+        r = len(items)
+        norms = torch.stack([x.reshape(r, -1).norm(dim=1) for x in grads]).norm(dim=0)
         ok = torch.isfinite(loss) & torch.isfinite(norms)
-        clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
-        coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
-        grad.mul_(coef.unsqueeze(1))
-        lr = torch.tensor([i.trainer.opt.param_groups[0]["lr"] for i in items], device=dev)
-        wd = torch.tensor([i.trainer.spec.train.weight_decay for i in items], device=dev)
-        steps = torch.tensor([i.trainer.optimizer_steps + 1.0 for i in items], device=dev)
-        m = torch.stack([i.trainer.flat.m for i in items])
-        v = torch.stack([i.trainer.flat.v for i in items])
-        with torch.no_grad():
-            p = flat.detach()
-            _adamw(p, grad, m, v, lr, wd, steps, g.decayed)
-        losses, oks = loss.detach().tolist(), ok.tolist()
-        norm_list = norms.tolist()
+        per_session = list(zip(*(x.unbind(0) for x in grads), strict=True))  # [R][params]
+        losses, oks, norm_list = loss.detach().tolist(), ok.tolist(), norms.tolist()
         if classify:
             hits = ((logits.argmax(-1) == target) & (target != IGNORE)).sum(-1).tolist()
         else:
@@ -326,10 +323,9 @@ class Batcher:
                 )
                 item.done.set()
                 continue
-            t.flat.p.copy_(p[j])
-            t.flat.m.copy_(m[j])
-            t.flat.v.copy_(v[j])
-            metrics = {"lr": float(lr[j]), "batch": float(len(items))}
+            lr = t.opt.param_groups[0]["lr"]
+            _adamw(t, list(per_session[j]), norm_list[j], lr, g.split)
+            metrics = {"lr": lr, "batch": float(len(items))}
             if t.spec.train.grad_clip:
                 metrics["grad_norm"] = norm_list[j]
             if classify:
@@ -342,26 +338,44 @@ class Batcher:
             item.done.set()
 
 
-def _adamw(p, grad, m, v, lr, wd, steps, decayed: int) -> None:
-    """torch.optim.AdamW's update on stacked rows, each with its own lr, decay and step.
-
-    Rearranged to touch each [rows, N] tensor as few times as possible (the update is bound
-    by memory traffic): p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-    = p - m / ((sqrt(v) + eps*sqrt(bc2)) * bc1 / (lr*sqrt(bc2))).
-    """
+def _adamw(t: Trainer, grads: list[torch.Tensor], norm: float, lr: float, split: int) -> None:
+    """One session's AdamW step on its own weights and moments, in place, as
+    ``torch.optim.AdamW`` with gradient clipping takes it: PyTorch's fused kernel (one pass
+    over weights, moments and gradients), the clipping folded into its gradient scale."""
+    tc, flat = t.spec.train, t.flat
+    assert flat is not None
+    dev = flat.p.device
+    step = torch.tensor(float(t.optimizer_steps + 1), device=dev)
+    scale = None
+    if tc.grad_clip and norm + 1e-6 > tc.grad_clip:  # clip_grads_with_norm_'s coefficient
+        scale = torch.tensor((norm + 1e-6) / tc.grad_clip, device=dev)
     b1, b2 = BETAS
-    col = lambda x: x.unsqueeze(1)  # noqa: E731 - per-row scalar, broadcast over the row
-    p[:, :decayed].mul_(col(1.0 - lr * wd))
-    m.lerp_(grad, 1.0 - b1)
-    v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-    bc1 = 1.0 - b1**steps
-    bc2s = (1.0 - b2**steps).sqrt()
-    denom = v.sqrt().add_(col(EPS * bc2s)).mul_(col(bc1 / (lr * bc2s)))
-    p.addcdiv_(m, denom, value=-1.0)
+    ps, ms, vs = flat.views
+    for part, wd in ((slice(0, split), tc.weight_decay), (slice(split, None), 0.0)):
+        if ps[part]:
+            torch._fused_adamw_(
+                ps[part],
+                grads[part],
+                ms[part],
+                vs[part],
+                [],
+                [step] * len(ps[part]),
+                lr=lr,
+                beta1=b1,
+                beta2=b2,
+                weight_decay=wd,
+                eps=EPS,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=scale,
+                found_inf=None,
+            )
 
 
 def _pad(parts: list[torch.Tensor], size: int, value: float = 0.0) -> torch.Tensor:
     """Stack along a new first dim, each padded along its first dim to ``size``."""
+    if all(x.shape[0] == size for x in parts):
+        return torch.stack(parts)
     out = parts[0].new_full((len(parts), size, *parts[0].shape[1:]), value)
     for j, x in enumerate(parts):
         out[j, : x.shape[0]] = x
