@@ -183,7 +183,8 @@ def test_a_poisoned_step_fails_only_its_session(make_tiny_backbone):
         good, bad, _ = _trainers(bb, "classification", batcher)
         before = {k: v.clone() for k, v in bad.net.trainable_state().items()}
         hidden = [torch.full((5, bb.hidden_size), float("inf"))] * len(bb.taps)
-        poisoned = Ready(bad, hidden, torch.zeros(5, dtype=torch.long), torch.eye(5))
+        masks = bad.net.draw_dropout(5, None)
+        poisoned = Ready(bad, hidden, torch.zeros(5, dtype=torch.long), torch.eye(5), masks)
         errors = []
 
         def poison():

@@ -12,8 +12,9 @@ head, same label smoothing), and trains each group at once:
 * ``torch.func.vmap`` over ``functional_call`` runs the same learner code the per-session
   trainer runs, on rows padded to the group's longest step (padding carries no loss, and the
   ladder is position-wise, so it changes nothing);
-* dropout masks are drawn outside ``vmap`` from each session's own generator, in the order one
-  forward pass calls its dropout layers: a session's draws are the same whoever shares its round;
+* dropout masks are drawn when a step opens, from the session's own generator, all at once
+  (``SideNetwork.draw_dropout``), alone or batched: a session's draws are the same whoever
+  shares its round;
 * AdamW is applied to the stacked vectors with per-session learning rate (its own schedule),
   weight decay, bias correction and gradient clipping, the same arithmetic as ``torch.optim``.
 
@@ -33,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -138,11 +140,11 @@ class _Objective(nn.Module):
     def forward(
         self,
         hidden: list[torch.Tensor],
-        masks: list[torch.Tensor],
+        masks: torch.Tensor,
         pool: torch.Tensor | None,
         target: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        for drop, mask in zip(self.calls, masks, strict=True):
+        for drop, mask in zip(self.calls, masks.unbind(0), strict=True):
             drop.next_mask = mask
         feats = self.net.features(hidden)
         logits = self.net.logits(feats, pool_weights=pool)
@@ -161,7 +163,6 @@ class _Group:
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
         self.split = sum(decays(k, p) for k, p in named)  # decayed parameters come first
         self.names = [name for name, _, _ in self.layout]
-        self.calls = self.objective.calls
         self.width = net.cfg.width
         # pool: (B, rows) weights per session for classification, None for causal LM
         self.batched = vmap(self._one, in_dims=(0, 0, 0, 0, 0))
@@ -187,6 +188,7 @@ class Ready:
     hidden: list[torch.Tensor]  # per tap, (rows, hidden) on the server's device
     target: torch.Tensor  # (B,) class ids or (rows,) token ids, IGNORE where no loss
     pool: torch.Tensor | None  # (B, rows) pooling weights (classification)
+    masks: torch.Tensor | None = None  # (calls, rows, width) dropout keep-masks
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: tuple[float, dict[str, float]] | None = None
     error: RemoteError | None = None
@@ -285,12 +287,15 @@ class Batcher:
         rows = max(i.hidden[0].shape[0] for i in items)
         leaves = g.leaves([i.trainer for i in items])
         hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
-        masks = []
-        for drop in g.calls:  # each session's draws, in its own call order, from its generator
-            buf = torch.zeros(len(items), rows, g.width, device=dev)
-            for j, item in enumerate(items):
-                drop.draw(buf[j, : item.hidden[0].shape[0]], item.trainer.rng)
-            masks.append(buf)
+        # each session's masks, drawn when its step opened, padded: (R, calls, rows, width)
+        masks = torch.stack(
+            [
+                F.pad(i.masks, (0, 0, 0, rows - i.masks.shape[1]))
+                if i.masks is not None
+                else torch.zeros(0, rows, g.width, device=dev)
+                for i in items
+            ]
+        )
         classify = items[0].pool is not None
         if classify:
             samples = max(i.target.shape[0] for i in items)

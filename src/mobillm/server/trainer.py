@@ -28,7 +28,7 @@ from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.server.objective import IGNORE, correct, task_loss
 from mobillm.side.head import FrozenHead
 from mobillm.side.learner import Learner, build_learner
-from mobillm.side.model import pool_matrix
+from mobillm.side.model import SideNetwork, pool_matrix
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
@@ -71,6 +71,7 @@ class _Pending:
         self.frames: list[bytes] | None = [] if keep else None
         # a batched step keeps its decoded taps for the round instead of folding them now
         self.hidden: list[torch.Tensor] | None = [] if batched else None
+        self.masks: torch.Tensor | None = None
         self.row_sample = torch.repeat_interleave(
             torch.arange(begin.num_samples), begin.rows_per_sample.long()
         )
@@ -153,11 +154,6 @@ class Trainer:
             str(self.device),
         )
 
-    @property
-    def rng(self) -> torch.Generator | None:
-        """The session's dropout generator."""
-        return self._rng
-
     # --- message handling -------------------------------------------------------------------
     def begin(self, msg: StepBegin) -> None:
         """Open a step; reject it unless it is the next one and its labels are well formed."""
@@ -183,7 +179,13 @@ class Trainer:
 
     def _open(self, msg: StepBegin, keep: bool, batched: bool = False) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
-        return _Pending(msg, nbytes, keep, batched)
+        p = _Pending(msg, nbytes, keep, batched)
+        if not msg.validation and isinstance(self.net, SideNetwork):
+            # the step's dropout, drawn now: the same draws whether it trains here or batched
+            p.masks = self.net.draw_dropout(msg.num_rows, self._rng)
+            if not batched:
+                self.net.use_dropout(p.masks)
+        return p
 
     @contextlib.contextmanager
     def _mode(self, p: _Pending) -> Iterator[None]:
@@ -369,9 +371,9 @@ class Trainer:
         if self.spec.side.task == "classification":
             rows = b.num_rows
             pool = pool_matrix(b.rows_per_sample, b.pool_rows, self.spec.side.pooling, rows)
-            item = Ready(self, p.hidden, b.labels.long(), pool)
+            item = Ready(self, p.hidden, b.labels.long(), pool, p.masks)
         else:
-            item = Ready(self, p.hidden, b.targets.long(), None)
+            item = Ready(self, p.hidden, b.targets.long(), None, p.masks)
         loss, metrics = self.batcher.train(item)  # a RemoteError drops the step (abort_step)
         self.opt._opt_called = True  # type: ignore[attr-defined] # the batcher stepped it
         self.sched.step()

@@ -39,13 +39,12 @@ class SeededDropout(nn.Module):
         super().__init__()
         self.p = p
         self.generator: torch.Generator | None = None
-        # A mask drawn ahead for the next call: a batched server draws each session's masks
-        # from that session's generator, in this network's call order, outside ``vmap``.
+        # A mask drawn ahead for the next call (``SideNetwork.draw_dropout``): a server draws
+        # a step's masks when it opens, so batched and alone training draw the same.
         self.next_mask: torch.Tensor | None = None
 
-    def draw(self, shape: tuple[int, ...] | torch.Tensor, generator: torch.Generator | None):
-        """The keep-mask one call on input ``shape`` (or into tensor ``shape``) would draw."""
-        out = shape if isinstance(shape, torch.Tensor) else torch.empty(shape)
+    def draw(self, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Fill ``out`` with keep-masks (1 with probability 1 - p) from ``generator``."""
         return out.bernoulli_(1.0 - self.p, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,15 +168,21 @@ class SideNetwork(nn.Module):
         self.classifier = task_classifier(cfg, head)
 
     def seed_dropout(self, seed: int) -> None:
-        """Give every dropout layer one private generator (on the parameters' device)."""
-        g = torch.Generator(device=self.up.weight.device).manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, SeededDropout):
-                m.generator = g
+        """Give every dropout layer one private generator (on the parameters' device); a
+        second call re-seeds the same generator, so whoever holds it keeps drawing from it."""
+        drops = [m for m in self.modules() if isinstance(m, SeededDropout)]
+        old = drops[0].generator if drops else None
+        dev = self.up.weight.device
+        if old is not None and old.device == dev:
+            old.manual_seed(seed)
+            return
+        g = torch.Generator(device=dev).manual_seed(seed)
+        for m in drops:
+            m.generator = g
 
     def dropout_calls(self) -> list[SeededDropout]:
-        """The dropout layers in the order one forward pass calls them, each once, each on a
-        ``(rows, width)`` input; empty when dropout is off."""
+        """The dropout layers of one forward pass, each called once on a ``(rows, width)``
+        input; empty when dropout is off."""
         if self.cfg.dropout == 0.0:
             return []
         calls: list[SeededDropout] = []
@@ -186,6 +191,22 @@ class SideNetwork(nn.Module):
                 calls.append(self.mixers[tap].drop)
             calls.append(self.adapters[tap].drop)
         return calls
+
+    def draw_dropout(self, rows: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """One training step's keep-masks, ``(calls, rows, width)``, drawn at once from
+        ``generator``; None when dropout is off. A server draws a step's masks up front, so
+        that a session's draws are the same trained alone or in a batch with others."""
+        calls = self.dropout_calls()
+        if not calls:
+            return None
+        masks = torch.empty(len(calls), rows, self.cfg.width, device=self.up.weight.device)
+        return calls[0].draw(masks, generator)
+
+    def use_dropout(self, masks: torch.Tensor | None) -> None:
+        """The next forward pass applies ``masks`` (from ``draw_dropout``), one per layer."""
+        if masks is not None:
+            for drop, mask in zip(self.dropout_calls(), masks.unbind(0), strict=True):
+                drop.next_mask = mask
 
     # Layer-by-layer interface: the device's inference and the server's training both use it.
     def start(self) -> None:
