@@ -380,6 +380,9 @@ def render(records: list[dict[str, Any]], command: str) -> str:
 
 
 def _main(argv: list[str]) -> None:
+    import os
+    import sys
+
     spec, out = argv
     point = json.loads(Path(spec).read_text())
     if point.get("threads"):
@@ -387,6 +390,11 @@ def _main(argv: list[str]) -> None:
     cfg = LoadConfig.from_dict(point["config"])
     result = run_load(cfg, Path(spec).parent / "server")
     Path(out).write_text(json.dumps(result))
+    # The measurement is written; leave without interpreter teardown, which aborts in a C++
+    # destructor after many threads have run backward passes on trainers still alive
+    # ("terminate called without an active exception", seen on the trainer path).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

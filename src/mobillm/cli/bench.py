@@ -395,6 +395,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
                         mb,
                         device=args.device,
                         frames=frames,
+                        path=args.path,
                     )
                 )
     command = "mobillm bench server " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])

@@ -120,7 +120,8 @@ class FlatState:
             m.copy_(st["exp_avg"]) if "exp_avg" in st else m.zero_()
             v.copy_(st["exp_avg_sq"]) if "exp_avg_sq" in st else v.zero_()
             st["exp_avg"], st["exp_avg_sq"] = m, v
-            st["step"] = torch.tensor(float(steps))
+            # on the parameter's device, as torch's fused AdamW keeps it
+            st["step"] = torch.tensor(float(steps), device=p.device)
 
     def sync_steps(self, opt: torch.optim.Optimizer, steps: int) -> None:
         """Batched rounds count steps per session, not per tensor: bring torch's counters up."""
