@@ -55,7 +55,7 @@ class LoadConfig(Config):
     steps: int = 10
     warmup: int = 2
     max_batch: int = 1
-    wait_ms: float = 10.0
+    wait_ms: float = 50.0
     device: str = "cpu"
     codec: str = "int8"
     frames: str = ""  # a file from record_frames ('' = synthetic frames)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the per-session trainer uses
 EPS = 1e-8
+ACTIVE_S = 10.0  # a session that submitted within this long is waited for (up to wait_ms)
 _GROUPS = 16  # learner templates kept (one per distinct shape); a rebuilt one costs one init
 
 
@@ -61,7 +62,7 @@ class BatchConfig(Config):
     """
 
     max_batch: int = 64
-    wait_ms: float = 10.0
+    wait_ms: float = 50.0
 
     def validate(self) -> None:
         check(1 <= self.max_batch <= 4096, "BatchConfig.max_batch must be in [1, 4096]")
@@ -204,6 +205,9 @@ class Batcher:
         self._groups: collections.OrderedDict[Any, _Group] = collections.OrderedDict()
         self.rounds = 0
         self.session_steps = 0
+        # trainer -> when it attached or last submitted a step: who a round waits for
+        self._seen: dict[int, float] = {}
+        self._seen_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mobillm-batcher", daemon=True)
         self._thread.start()
@@ -232,17 +236,19 @@ class Batcher:
     # --- the round loop -----------------------------------------------------------------------
     def _run(self) -> None:
         held: list[Ready] = []
-        expect = self.cfg.max_batch
         while True:
             if not held:
                 first = self._queue.get()
                 if first is None:
                     return
                 held.append(first)
-            # wait for the sessions of the last round to come back, but not past the deadline:
-            # a slow device waits for the next round, it does not hold this one back
+            # Wait until every session that has been training lately has its step in, but not
+            # past the deadline: a slow or departed device waits for a later round, it does
+            # not hold this one back.
             deadline = time.monotonic() + self.cfg.wait_ms / 1000
-            while len(held) < min(self.cfg.max_batch, max(2, expect)):
+            for item in held:
+                self._touch(item.trainer)
+            while len(held) < min(self.cfg.max_batch, self._active()):
                 try:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -251,6 +257,7 @@ class Batcher:
                     self._fail(held, RemoteError("UNAVAILABLE", "the server is shutting down"))
                     return
                 held.append(item)
+                self._touch(item.trainer)
             by_key: dict[Any, list[Ready]] = {}
             for item in held:
                 by_key.setdefault(item.trainer.batch_key, []).append(item)
@@ -260,11 +267,26 @@ class Batcher:
             items = items[: self.cfg.max_batch]
             taken = {id(i) for i in items}
             held = [i for i in held if id(i) not in taken]
-            expect = len(items) + len(held)
             try:
                 self._round(key, items)
             except Exception as e:
                 self._fail(items, RemoteError("INTERNAL", f"batched step failed: {e}"))
+
+    def attach(self, trainer: Trainer) -> None:
+        """A new session that will submit steps: rounds wait for it, as for active ones."""
+        self._touch(trainer)
+
+    def _touch(self, trainer: Trainer) -> None:
+        with self._seen_lock:
+            self._seen[id(trainer)] = time.monotonic()
+
+    def _active(self) -> int:
+        """Sessions that attached or submitted a step within the last ``ACTIVE_S`` seconds."""
+        now = time.monotonic()
+        with self._seen_lock:
+            for k in [k for k, t in self._seen.items() if now - t > ACTIVE_S]:
+                del self._seen[k]
+            return len(self._seen)
 
     @staticmethod
     def _fail(items: list[Ready], err: RemoteError) -> None:

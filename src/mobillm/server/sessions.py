@@ -104,7 +104,7 @@ class ServerConfig(Config):
     open_access: bool = False
     workdir: str = "runs/server"
     max_batch: int = 1
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 50.0
 
     def validate(self) -> None:
         BatchConfig(self.max_batch, self.batch_wait_ms)  # validates both

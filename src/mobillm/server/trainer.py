@@ -146,6 +146,8 @@ class Trainer:
         # together with other sessions'; everything else (validation, cache epochs) here.
         self.batcher = batcher if batcher is not None and stackable(self.net) else None
         self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
+        if self.batcher is not None:
+            self.batcher.attach(self)
         self.batch_key = (
             spec.head_sha256,
             spec.head,

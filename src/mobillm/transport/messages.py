@@ -13,6 +13,7 @@ text ever appear in these types.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -174,8 +175,9 @@ class StepBegin:
     def num_samples(self) -> int:
         return int(self.rows_per_sample.numel())
 
-    @property
+    @functools.cached_property
     def num_rows(self) -> int:
+        # cached: a server reads it for every chunk, and the layout of a step never changes
         return int(self.rows_per_sample.sum())
 
 
