@@ -16,7 +16,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -p no:cacheprovider tests/server/test_batching.py -k "model_shaped"
-common=(bench server --device cuda --out "$OUT" --doc "$OUT/server.md" --warmup 2 --steps 5)
+common=(bench server --device cuda --out "$OUT" --doc "$OUT/server.md" --warmup 2 --steps 5
+  --round-mb 100000)
 $MOBILLM "${common[@]}" --path trainer --shapes smollm2-135m --sessions 1,128 --batch 8 \
   --seq 128 --frames synthetic
 $MOBILLM "${common[@]}" --path trainer --shapes qwen2.5-1.5b --sessions 1,128 --batch 8 \

@@ -264,3 +264,16 @@ def test_model_shaped_sessions_match_alone(device):
             # Adam divides by the gradient's own scale: a reassociated sum in a near-zero
             # gradient moves a weight by up to ~lr * 1e-2; 1e-4 is far below one step (lr)
             torch.testing.assert_close(have[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_rounds_stay_within_their_memory_bound(make_tiny_backbone):
+    """A round takes only as many steps as its byte bound allows (always at least one)."""
+    bb = make_tiny_backbone("llama")
+    plan = _data(bb, "classification", 2)
+    batcher = Batcher(BatchConfig(max_batch=8, wait_ms=300, round_bytes=1))
+    try:
+        trainers = _trainers(bb, "classification", batcher)
+        got = _run_together(trainers, plan, 2)
+    finally:
+        batcher.close()
+    assert {a.metrics["batch"] for row in got for a in row} == {1.0}

@@ -56,6 +56,7 @@ class LoadConfig(Config):
     warmup: int = 2
     max_batch: int = 1
     wait_ms: float = 50.0
+    round_mb: int = 4096  # the server's bound on one batched round (0 = none)
     device: str = "cpu"
     codec: str = "int8"
     frames: str = ""  # a file from record_frames ('' = synthetic frames)
@@ -189,6 +190,7 @@ def _server_steps(cfg: LoadConfig, frames: Frames, workdir: str | Path):
             max_sessions_per_client=cfg.sessions,
             max_batch=cfg.max_batch,
             batch_wait_ms=cfg.wait_ms,
+            batch_round_bytes=cfg.round_mb << 20,
             cache_memory_bytes=0,
             cache_disk_bytes=0,
             checkpoint_every=0,
@@ -225,7 +227,8 @@ def _trainer_steps(cfg: LoadConfig, frames: Frames):
     from mobillm.server.trainer import Trainer
     from mobillm.side.head import FrozenHead
 
-    batcher = Batcher(BatchConfig(cfg.max_batch, cfg.wait_ms)) if cfg.max_batch > 1 else None
+    batching = BatchConfig(cfg.max_batch, cfg.wait_ms, cfg.round_mb << 20)
+    batcher = Batcher(batching) if cfg.max_batch > 1 else None
     spec0, blob = session_spec(cfg, seed=0)
     head = FrozenHead(spec0.head, load(blob)).to(cfg.device)
     trainers = [

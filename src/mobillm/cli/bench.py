@@ -146,6 +146,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "trainer: taps already decoded on the device, the training alone",
     )
     s.add_argument("--max-batch", type=int, default=0, help="round size (0 = all sessions)")
+    s.add_argument(
+        "--round-mb", type=int, default=4096, help="memory bound of one round (0 = none)"
+    )
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = all)")
     s.add_argument("--out", default="results/server")
     s.add_argument("--doc", default="docs/server.md")
@@ -396,6 +399,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
                         device=args.device,
                         frames=frames,
                         path=args.path,
+                        round_mb=args.round_mb,
                     )
                 )
     command = "mobillm bench server " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])

@@ -112,6 +112,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how long a round waits for more sessions' steps (default: %(default)s)",
     )
     g.add_argument(
+        "--batch-round-mb",
+        type=int,
+        default=BatchConfig.round_bytes >> 20,
+        help="memory one batched round may take, as estimated from its steps; fewer sessions "
+        "train per round when theirs is larger (0 = no bound; default: %(default)s)",
+    )
+    g.add_argument(
         "--cache-mb",
         type=int,
         default=CacheConfig.memory_bytes >> 20,
@@ -209,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         cache_disk_bytes=args.cache_disk_mb << 20,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        batch_round_bytes=args.batch_round_mb << 20,
     )
     for sha in cfg.allowed_backbones:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):

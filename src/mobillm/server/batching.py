@@ -31,6 +31,7 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,15 +59,19 @@ class BatchConfig(Config):
     """How the server batches sessions.
 
     ``max_batch``: session-steps trained together in one round (1 = every step alone, through
-    the same code); ``wait_ms``: how long a round waits after its first step for more.
+    the same code); ``wait_ms``: how long a round waits after its first step for more;
+    ``round_bytes``: what one round's stacked weights, gradients and activations may take, as
+    estimated from its steps (0 = no bound; a round always takes at least one step).
     """
 
     max_batch: int = 64
     wait_ms: float = 50.0
+    round_bytes: int = 4 << 30
 
     def validate(self) -> None:
         check(1 <= self.max_batch <= 4096, "BatchConfig.max_batch must be in [1, 4096]")
         check(0.0 <= self.wait_ms <= 1000.0, "BatchConfig.wait_ms must be in [0, 1000]")
+        check(self.round_bytes >= 0, "BatchConfig.round_bytes must be >= 0")
 
 
 def decays(name: str, p: torch.Tensor) -> bool:
@@ -165,10 +170,19 @@ class _Group:
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
         self.split = sum(decays(k, p) for k, p in named)  # decayed parameters come first
         self.names = [name for name, _, _ in self.layout]
+        self.numel = sum(n for _, n, _ in self.layout)
+        self.vocab = 0 if net.classifier is not None else net.frozen.spec.vocab_rows
         self.width = net.cfg.width
         # pool: (B, rows) weights per session for classification, None for causal LM
         self.batched = vmap(self._one, in_dims=(0, 0, 0, 0, 0))
         self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
+
+    def round_cost(self, item: Ready) -> int:
+        """Bytes a step adds to a round, roughly: stacked weights and gradients, its taps
+        stacked and normalised (kept for the backward pass), dropout masks, LM-head logits."""
+        rows, hidden = item.hidden[0].shape
+        taps = len(item.hidden)
+        return 4 * (2 * self.numel + rows * (3 * hidden * taps + 2 * self.vocab))
 
     @staticmethod
     def leaves(trainers: list[Trainer]) -> list[torch.Tensor]:
@@ -264,13 +278,25 @@ class Batcher:
             # the largest group trains now; the others wait for the next round, which starts
             # at once (they are already ready), so no group starves
             key, items = max(by_key.items(), key=lambda kv: len(kv[1]))
-            items = items[: self.cfg.max_batch]
+            items = self._fit(key, items[: self.cfg.max_batch])
             taken = {id(i) for i in items}
             held = [i for i in held if id(i) not in taken]
             try:
                 self._round(key, items)
             except Exception as e:
                 self._fail(items, RemoteError("INTERNAL", f"batched step failed: {e}"))
+
+    def _fit(self, key: Any, items: list[Ready]) -> list[Ready]:
+        """The longest prefix of ``items`` whose round fits ``round_bytes`` (at least one)."""
+        if not self.cfg.round_bytes:
+            return items
+        g = self._group(key, items[0].trainer)
+        total = 0
+        for n, item in enumerate(items):
+            total += g.round_cost(item)
+            if n and total > self.cfg.round_bytes:
+                return items[:n]
+        return items
 
     def attach(self, trainer: Trainer) -> None:
         """A new session that will submit steps: rounds wait for it, as for active ones."""
@@ -334,12 +360,34 @@ class Batcher:
         r = len(items)
         norms = torch.stack([x.reshape(r, -1).norm(dim=1) for x in grads]).norm(dim=0)
         ok = torch.isfinite(loss) & torch.isfinite(norms)
+        # each session's gradient clipping (clip_grads_with_norm_'s coefficient), one op per
+        # parameter for the whole round
+        clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
+        coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
+        for x in grads:
+            x.mul_(coef.view(-1, *([1] * (x.dim() - 1))))
         per_session = list(zip(*(x.unbind(0) for x in grads), strict=True))  # [R][params]
         losses, oks, norm_list = loss.detach().tolist(), ok.tolist(), norms.tolist()
         if classify:
             hits = ((logits.argmax(-1) == target) & (target != IGNORE)).sum(-1).tolist()
         else:
             tokens = (target != IGNORE).sum(-1).tolist()
+        # sessions at the same learning rate, step and decay (devices in lockstep) take their
+        # AdamW step in one fused call
+        same: dict[tuple[float, int, float], list[int]] = {}
+        for j, item in enumerate(items):
+            t = item.trainer
+            if oks[j]:
+                key_ = (
+                    t.opt.param_groups[0]["lr"],
+                    t.optimizer_steps + 1,
+                    t.spec.train.weight_decay,
+                )
+                same.setdefault(key_, []).append(j)
+        for (lr, step, wd), js in same.items():
+            _adamw(
+                [items[j].trainer for j in js], [per_session[j] for j in js], lr, step, wd, g.split
+            )
         self.rounds += 1
         for j, item in enumerate(items):
             t = item.trainer
@@ -351,9 +399,7 @@ class Batcher:
                 )
                 item.done.set()
                 continue
-            lr = t.opt.param_groups[0]["lr"]
-            _adamw(t, list(per_session[j]), norm_list[j], lr, g.split)
-            metrics = {"lr": lr, "batch": float(len(items))}
+            metrics = {"lr": t.opt.param_groups[0]["lr"], "batch": float(len(items))}
             if t.spec.train.grad_clip:
                 metrics["grad_norm"] = norm_list[j]
             if classify:
@@ -366,38 +412,35 @@ class Batcher:
             item.done.set()
 
 
-def _adamw(t: Trainer, grads: list[torch.Tensor], norm: float, lr: float, split: int) -> None:
-    """One session's AdamW step on its own weights and moments, in place, as
-    ``torch.optim.AdamW`` with gradient clipping takes it: PyTorch's fused kernel (one pass
-    over weights, moments and gradients), the clipping folded into its gradient scale."""
-    tc, flat = t.spec.train, t.flat
-    assert flat is not None
-    dev = flat.p.device
-    step = torch.tensor(float(t.optimizer_steps + 1), device=dev)
-    scale = None
-    if tc.grad_clip and norm + 1e-6 > tc.grad_clip:  # clip_grads_with_norm_'s coefficient
-        scale = torch.tensor((norm + 1e-6) / tc.grad_clip, device=dev)
+def _adamw(
+    trainers: list[Trainer],
+    grads: list[Sequence[torch.Tensor]],
+    lr: float,
+    step: int,
+    weight_decay: float,
+    split: int,
+) -> None:
+    """AdamW steps of sessions that share ``lr``, ``step`` and ``weight_decay``, in place on
+    their own weights and moments: PyTorch's fused kernel, one pass over weights, moments and
+    (already clipped) gradients, the same arithmetic as ``torch.optim.AdamW(fused=True)``."""
+    flats = [t.flat for t in trainers]
+    assert all(f is not None for f in flats)
+    st = torch.tensor(float(step), device=flats[0].p.device)  # type: ignore[union-attr]
     b1, b2 = BETAS
-    ps, ms, vs = flat.views
-    for part, wd in ((slice(0, split), tc.weight_decay), (slice(split, None), 0.0)):
-        if ps[part]:
-            torch._fused_adamw_(
-                ps[part],
-                grads[part],
-                ms[part],
-                vs[part],
-                [],
-                [step] * len(ps[part]),
-                lr=lr,
-                beta1=b1,
-                beta2=b2,
-                weight_decay=wd,
-                eps=EPS,
-                amsgrad=False,
-                maximize=False,
-                grad_scale=scale,
-                found_inf=None,
-            )
+    for part, wd in ((slice(0, split), weight_decay), (slice(split, None), 0.0)):
+        ps = [x for f in flats for x in f.views[0][part]]  # type: ignore[union-attr]
+        if not ps:
+            continue
+        torch._fused_adamw_(
+            ps,
+            [x for g in grads for x in g[part]],
+            [x for f in flats for x in f.views[1][part]],  # type: ignore[union-attr]
+            [x for f in flats for x in f.views[2][part]],  # type: ignore[union-attr]
+            [],
+            [st] * len(ps),
+            lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=EPS,
+            amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
 
 
 def _pad(parts: list[torch.Tensor], size: int, value: float = 0.0) -> torch.Tensor:

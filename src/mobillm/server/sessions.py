@@ -81,7 +81,8 @@ class ServerConfig(Config):
     mutual-TLS client CA.
     ``max_batch``: session-steps of same-shaped side networks trained together in one
     stacked round (``mobillm.server.batching``; 1 = each session on its own);
-    ``batch_wait_ms``: how long a round waits after its first step for others.
+    ``batch_wait_ms``: how long a round waits after its first step for others;
+    ``batch_round_bytes``: what one round may take (its steps' estimated memory).
     """
 
     device: str = "cpu"
@@ -105,9 +106,10 @@ class ServerConfig(Config):
     workdir: str = "runs/server"
     max_batch: int = 1
     batch_wait_ms: float = 50.0
+    batch_round_bytes: int = BatchConfig.round_bytes
 
     def validate(self) -> None:
-        BatchConfig(self.max_batch, self.batch_wait_ms)  # validates both
+        BatchConfig(self.max_batch, self.batch_wait_ms, self.batch_round_bytes)  # validates
         check(self.max_sessions > 0, "ServerConfig.max_sessions must be > 0")
         check(self.max_sessions_per_client > 0, "ServerConfig.max_sessions_per_client must be > 0")
         for name in ("max_side_bytes", "max_step_bytes", "max_upload_bytes"):
@@ -156,7 +158,9 @@ class SessionManager:
         self._lock = threading.Lock()
         self.workdir = Path(self.cfg.workdir)
         self.store = SessionStore(self.workdir)
-        batching = BatchConfig(self.cfg.max_batch, self.cfg.batch_wait_ms)
+        batching = BatchConfig(
+            self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.batch_round_bytes
+        )
         self.batcher = Batcher(batching) if batching.max_batch > 1 else None
 
     def num_live(self) -> int:
