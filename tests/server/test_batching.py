@@ -277,3 +277,25 @@ def test_rounds_stay_within_their_memory_bound(make_tiny_backbone):
     finally:
         batcher.close()
     assert {a.metrics["batch"] for row in got for a in row} == {1.0}
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_aborted_step_gives_back_its_dropout_draws(make_tiny_backbone, batched):
+    """A step dropped halfway (a cut link) and sent again trains as if never dropped."""
+    bb = make_tiny_backbone("llama")
+    plan = _data(bb, "classification", 3)
+    batcher = Batcher(BatchConfig(max_batch=4, wait_ms=0)) if batched else None
+    try:
+        ref = _trainers(bb, "classification", batcher)[0]
+        want = [_step(ref, *plan[0][s]).loss for s in range(3)]
+        cut = _trainers(bb, "classification", batcher)[0]
+        got = [_step(cut, *plan[0][0]).loss]
+        begin, frames = plan[0][1]
+        cut.begin(begin)
+        cut.add_chunk(next(iter(chunk_frame(begin.session_id, 1, 0, frames[0], 1 << 20))))
+        cut.abort_step()
+        got += [_step(cut, *plan[0][s]).loss for s in (1, 2)]
+    finally:
+        if batcher is not None:
+            batcher.close()
+    assert got == want

@@ -345,7 +345,10 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "was: each session trains on its own pool thread (`--max-batch 1`); *batched* trains "
         "every ready step of same-shaped sessions in one stacked round (`--max-batch S`). Ack "
         "latency is StepBegin to ack. Memory per session is the process RSS growth (CPU) or "
-        "the CUDA peak allocated (GPU), divided by the sessions.",
+        "the CUDA peak allocated (GPU), divided by the sessions. Rows on `cuda` come from "
+        "`scripts/bench_server_gpu.sh` on a CUDA machine (and may come from different calls "
+        "there: compare a ratio's two rows only when one machine ran both); *trainer* path rows "
+        "feed taps already decoded on the GPU, the training alone.",
         "",
         "| device | path | shape | step rows | frames | sessions | server | session-steps/s | "
         "ack p50 ms | ack p99 ms | MB per session |",
@@ -368,6 +371,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
             f"| {r['sessions']} | {mode} | {r['session_steps_per_s']:.1f} | "
             f"{r['ack_p50_ms']:.0f} | {r['ack_p99_ms']:.0f} | {r['memory_per_session_mb']:.0f} |"
         )
+    lines += ["", "## Against the targets", ""]
+    lines += _verdicts(records)
     lines += ["", "## Batched / unbatched throughput", ""]
     pairs: dict[tuple, dict[str, float]] = {}
     for r in records:
@@ -380,6 +385,32 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                 f"**{v['b'] / v['u']:.2f}x**"
             )
     return "\n".join(lines) + "\n"
+
+
+def _verdicts(records: list[dict[str, Any]]) -> list[str]:
+    """Issue 11's targets, as these records meet them or not."""
+
+    def best(**want: Any) -> dict[str, Any] | None:
+        hits = [r for r in records if all(r.get(k) == v for k, v in want.items())]
+        return max(hits, key=lambda r: r["session_steps_per_s"], default=None)
+
+    out = []
+    for shape in ("smollm2-135m", "qwen2.5-1.5b"):
+        u = best(device="cpu", shape=shape, sessions=64, max_batch=1)
+        b = best(device="cpu", shape=shape, sessions=64, max_batch=64)
+        if u and b:
+            ratio = b["session_steps_per_s"] / u["session_steps_per_s"]
+            verdict = "met" if ratio >= 5 else "not met"
+            out.append(f"- CPU, {shape}, S=64: batched / unbatched = {ratio:.2f} "
+                       f"(target >= 5: **{verdict}**)")  # fmt: skip
+    for shape, target in (("smollm2-135m", 2000), ("qwen2.5-1.5b", 550)):
+        r = best(device="cuda", shape=shape, sessions=128, batch=8, seq=128, path="trainer")
+        if r and r["max_batch"] > 1:
+            got = r["session_steps_per_s"]
+            verdict = "met" if got >= target else "not met"
+            out.append(f"- GPU, {shape}, S=128, B8xT128: {got:.0f} session-steps/s batched "
+                       f"(target >= {target}: **{verdict}**)")  # fmt: skip
+    return out or ["- no point measured yet"]
 
 
 def _main(argv: list[str]) -> None:

@@ -7,21 +7,23 @@ across sessions, groups those whose learners have the same shape (same side conf
 head, same label smoothing), and trains each group at once:
 
 * each session's trainable parameters and AdamW moments live in three flat vectors
-  (``FlatState``; the module's parameters and the optimizer's state are views into them), so a
-  group is gathered with one ``stack`` per vector and written back with one copy each;
-* ``torch.func.vmap`` over ``functional_call`` runs the same learner code the per-session
-  trainer runs, on rows padded to the group's longest step (padding carries no loss, and the
-  ladder is position-wise, so it changes nothing);
+  (``FlatState``; the module's parameters and the optimizer's state are views of them), so
+  checkpoints, downloads, validation and the cache epochs work on them unchanged;
+* a round stacks the sessions' weights per parameter and runs ``torch.func.vmap`` over
+  ``functional_call`` of the same learner code the per-session trainer runs, on rows padded to
+  the round's longest step (padding carries no loss; the ladder is position-wise);
 * dropout masks are drawn when a step opens, from the session's own generator, all at once
   (``SideNetwork.draw_dropout``), alone or batched: a session's draws are the same whoever
   shares its round;
-* AdamW is applied to the stacked vectors with per-session learning rate (its own schedule),
-  weight decay, bias correction and gradient clipping, the same arithmetic as ``torch.optim``.
+* each session's gradient clipping is applied to the stacked gradients, and sessions at the
+  same learning rate and step take their AdamW step in one call of PyTorch's fused kernel,
+  the one ``torch.optim.AdamW(fused=True)`` runs for the per-session trainer.
 
 A session trained in a batch ends with the same weights as trained alone, up to floating-point
-reassociation. A round waits at most ``wait_ms`` after its first step for others, so a slow
-device never holds back the rest. Learners that cannot be stacked (the split learner, the
-attention mixer) are trained alone by their own trainer, as before.
+reassociation. A round waits at most ``wait_ms`` for the sessions active lately, so a slow
+device never holds back the rest, and takes no more steps than ``round_bytes`` allows.
+Learners that cannot be stacked (the split learner, the attention mixer) are trained alone by
+their own trainer, as before.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ if TYPE_CHECKING:
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the per-session trainer uses
 EPS = 1e-8
 ACTIVE_S = 10.0  # a session that submitted within this long is waited for (up to wait_ms)
-_GROUPS = 16  # learner templates kept (one per distinct shape); a rebuilt one costs one init
+_GROUPS = 8  # learner templates kept (one per distinct shape); a rebuilt one costs one init
+# Learners are built under this lock with the global RNG forked and seeded: concurrent builds
+# (sessions opening, the batcher's templates) must not interleave their draws.
+INIT_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +167,8 @@ class _Group:
     """A template learner for one shape: parameter layout, decay mask, the batched loss."""
 
     def __init__(self, trainer: Trainer, smoothing: float) -> None:
-        net = build_learner(trainer.spec.side, trainer.net.frozen).to(trainer.device)
+        with INIT_LOCK, torch.random.fork_rng(devices=[]):
+            net = build_learner(trainer.spec.side, trainer.net.frozen).to(trainer.device)
         assert isinstance(net, SideNetwork)
         net.train()
         self.objective = _Objective(net, smoothing)
@@ -171,6 +177,8 @@ class _Group:
         self.split = sum(decays(k, p) for k, p in named)  # decayed parameters come first
         self.names = [name for name, _, _ in self.layout]
         self.numel = sum(n for _, n, _ in self.layout)
+        for _, p in named:  # every round supplies the weights: the template keeps none
+            p.data = p.data.new_empty(0)
         self.vocab = 0 if net.classifier is not None else net.frozen.spec.vocab_rows
         self.width = net.cfg.width
         # pool: (B, rows) weights per session for classification, None for causal LM
@@ -219,9 +227,10 @@ class Batcher:
         self._groups: collections.OrderedDict[Any, _Group] = collections.OrderedDict()
         self.rounds = 0
         self.session_steps = 0
-        # trainer -> when it attached or last submitted a step: who a round waits for
-        self._seen: dict[int, float] = {}
+        # trainer -> (when it attached or last submitted a step, its group): who rounds wait for
+        self._seen: dict[int, tuple[float, Any]] = {}
         self._seen_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mobillm-batcher", daemon=True)
         self._thread.start()
@@ -233,9 +242,10 @@ class Batcher:
 
     def train(self, item: Ready) -> tuple[float, dict[str, float]]:
         """Train ``item`` in the next round; its loss and metrics, or its RemoteError."""
-        if self._closed:
-            raise RemoteError("UNAVAILABLE", "the server is shutting down")
-        self._queue.put(item)
+        with self._lock:  # checked and queued together: close() cannot slip in between
+            if self._closed:
+                raise RemoteError("UNAVAILABLE", "the server is shutting down")
+            self._queue.put(item)
         item.done.wait()
         if item.error is not None:
             raise item.error
@@ -243,58 +253,92 @@ class Batcher:
         return item.result
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Stop after the round in progress; steps still queued fail with UNAVAILABLE."""
+        with self._lock:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout=60)
 
     # --- the round loop -----------------------------------------------------------------------
     def _run(self) -> None:
         held: list[Ready] = []
-        while True:
-            if not held:
-                first = self._queue.get()
-                if first is None:
-                    return
-                held.append(first)
-            # Wait until every session that has been training lately has its step in, but not
-            # past the deadline: a slow or departed device waits for a later round, it does
-            # not hold this one back.
-            deadline = time.monotonic() + self.cfg.wait_ms / 1000
-            for item in held:
-                self._touch(item.trainer)
-            while len(held) < min(self.cfg.max_batch, self._active()):
+        try:
+            while self._collect(held):
+                # the group of the step that waited longest trains now, so no group starves;
+                # steps of other groups stay held for the next round, which starts at once
+                key = held[0].trainer.batch_key
+                items = [i for i in held if i.trainer.batch_key == key][: self.cfg.max_batch]
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    items = self._fit(key, items)
+                except Exception as e:  # building the group's template failed
+                    self._fail(items, RemoteError("INTERNAL", f"batched step failed: {e}"))
+                taken = {id(i) for i in items}
+                held[:] = [i for i in held if id(i) not in taken]
+                self._train(key, [i for i in items if not i.done.is_set()])
+        finally:
+            shutdown = RemoteError("UNAVAILABLE", "the server is shutting down")
+            self._fail(held, shutdown)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
-                    self._fail(held, RemoteError("UNAVAILABLE", "the server is shutting down"))
-                    return
-                held.append(item)
-                self._touch(item.trainer)
-            by_key: dict[Any, list[Ready]] = {}
-            for item in held:
-                by_key.setdefault(item.trainer.batch_key, []).append(item)
-            # the largest group trains now; the others wait for the next round, which starts
-            # at once (they are already ready), so no group starves
-            key, items = max(by_key.items(), key=lambda kv: len(kv[1]))
-            items = self._fit(key, items[: self.cfg.max_batch])
-            taken = {id(i) for i in items}
-            held = [i for i in held if id(i) not in taken]
+                if item is not None:
+                    self._fail([item], shutdown)
+
+    def _collect(self, held: list[Ready]) -> bool:
+        """Add ready steps to ``held``: wait until every session of the first held step's group
+        that stepped lately is in, or ``wait_ms`` passed (a slow or departed device waits for a
+        later round; it does not hold this one back). False once the batcher is closing."""
+        if not held:
+            first = self._queue.get()
+            if first is None:
+                return False
+            held.append(first)
+        for item in held:
+            self._touch(item.trainer)
+        key = held[0].trainer.batch_key
+        deadline = time.monotonic() + self.cfg.wait_ms / 1000
+        while sum(i.trainer.batch_key == key for i in held) < min(
+            self.cfg.max_batch, self._active(key)
+        ):
             try:
-                self._round(key, items)
-            except Exception as e:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return False
+            held.append(item)
+            self._touch(item.trainer)
+        return True
+
+    def _train(self, key: Any, items: list[Ready]) -> None:
+        """One round; if it fails as a whole, each step alone, so that one bad step (say, one
+        that runs out of memory) fails only its own session."""
+        if not items:
+            return
+        try:
+            self._round(key, items)
+            return
+        except Exception as e:
+            if len(items) == 1:
                 self._fail(items, RemoteError("INTERNAL", f"batched step failed: {e}"))
+                return
+        for item in items:
+            if not item.done.is_set():
+                self._train(key, [item])
 
     def _fit(self, key: Any, items: list[Ready]) -> list[Ready]:
-        """The longest prefix of ``items`` whose round fits ``round_bytes`` (at least one)."""
+        """The longest prefix of ``items`` whose round fits ``round_bytes`` (at least one).
+        Every step of a round is padded to its longest, so a round costs its count times the
+        cost of its longest step."""
         if not self.cfg.round_bytes:
             return items
         g = self._group(key, items[0].trainer)
-        total = 0
+        worst = 0
         for n, item in enumerate(items):
-            total += g.round_cost(item)
-            if n and total > self.cfg.round_bytes:
+            worst = max(worst, g.round_cost(item))
+            if n and (n + 1) * worst > self.cfg.round_bytes:
                 return items[:n]
         return items
 
@@ -302,17 +346,24 @@ class Batcher:
         """A new session that will submit steps: rounds wait for it, as for active ones."""
         self._touch(trainer)
 
+    def detach(self, trainer: Trainer) -> None:
+        """A session that will submit no more streamed steps (it finishes, closes, leaves
+        memory): rounds stop waiting for it."""
+        with self._seen_lock:
+            self._seen.pop(id(trainer), None)
+
     def _touch(self, trainer: Trainer) -> None:
         with self._seen_lock:
-            self._seen[id(trainer)] = time.monotonic()
+            self._seen[id(trainer)] = (time.monotonic(), trainer.batch_key)
 
-    def _active(self) -> int:
-        """Sessions that attached or submitted a step within the last ``ACTIVE_S`` seconds."""
+    def _active(self, key: Any) -> int:
+        """Sessions of group ``key`` that attached or submitted a step in the last
+        ``ACTIVE_S`` seconds."""
         now = time.monotonic()
         with self._seen_lock:
-            for k in [k for k, t in self._seen.items() if now - t > ACTIVE_S]:
+            for k in [k for k, (t, _) in self._seen.items() if now - t > ACTIVE_S]:
                 del self._seen[k]
-            return len(self._seen)
+            return sum(k2 == key for _, k2 in self._seen.values())
 
     @staticmethod
     def _fail(items: list[Ready], err: RemoteError) -> None:

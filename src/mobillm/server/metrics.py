@@ -49,7 +49,7 @@ class ServerMetrics:
         self.batch = Histogram(
             "mobillm_batch_size",
             "Sessions trained together in the round of an acked step",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
             registry=r,
         )
         Gauge(
@@ -90,6 +90,7 @@ class ServerMetrics:
         with self._lock:
             self._sessions.add(session)
             self._recent.append(now)
+            self._prune(now)
 
     def forget(self, session: str) -> None:
         """Drop a session's labelled series (it closed or was parked)."""
@@ -101,11 +102,14 @@ class ServerMetrics:
             with contextlib.suppress(KeyError):  # the session never acked a step
                 m.remove(session)
 
+    def _prune(self, now: float) -> None:
+        while self._recent and self._recent[0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+
     def _rate(self) -> float:
         now = time.monotonic()
         with self._lock:
-            while self._recent and self._recent[0] < now - RATE_WINDOW_S:
-                self._recent.popleft()
+            self._prune(now)
             return len(self._recent) / RATE_WINDOW_S
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

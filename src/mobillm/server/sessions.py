@@ -540,13 +540,17 @@ class SessionManager:
     def _discard(self, sess: Session) -> None:
         """Free what an unregistered session built."""
         self._drop_upload(sess)
-        if sess.trainer is not None and sess.trainer.cache is not None:
-            sess.trainer.cache.clear()
+        if sess.trainer is not None:
+            sess.trainer.release()
+            if sess.trainer.cache is not None:
+                sess.trainer.cache.clear()
         sess.trainer = None
 
     def _unload(self, sess: Session) -> None:
         """Out of memory and out of the table (the caller holds the session's lock)."""
         self._drop_upload(sess)
+        if sess.trainer is not None:
+            sess.trainer.release()
         sess.trainer = None
         sess.closed = True
         sess.finish_run += 1

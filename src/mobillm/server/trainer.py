@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
-from mobillm.server.batching import Batcher, FlatState, Ready, decays, stackable
+from mobillm.server.batching import INIT_LOCK, Batcher, FlatState, Ready, decays, stackable
 from mobillm.server.budget import check_step
 from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.server.objective import IGNORE, correct, task_loss
@@ -38,8 +37,6 @@ from mobillm.transport.messages import (
     StepBegin,
     epoch_step_order,
 )
-
-_INIT_LOCK = threading.Lock()
 
 
 def lr_lambda(total: int, warmup_ratio: float, schedule: str):
@@ -106,7 +103,7 @@ class Trainer:
         self.cache = cache
         # Seed the initial weights, and give dropout its own generator, without touching other
         # sessions' random streams: a session's run is the same whoever else is training.
-        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        with INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.train.seed)
             self.net: Learner = build_learner(spec.side, head, layers).to(self.device)
         self.net.seed_dropout(spec.train.seed + 1)
@@ -146,8 +143,6 @@ class Trainer:
         # together with other sessions'; everything else (validation, cache epochs) here.
         self.batcher = batcher if batcher is not None and stackable(self.net) else None
         self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
-        if self.batcher is not None:
-            self.batcher.attach(self)
         self.batch_key = (
             spec.head_sha256,
             spec.head,
@@ -155,6 +150,8 @@ class Trainer:
             spec.train.label_smoothing,
             str(self.device),
         )
+        if self.batcher is not None:
+            self.batcher.attach(self)
 
     # --- message handling -------------------------------------------------------------------
     def begin(self, msg: StepBegin) -> None:
@@ -174,10 +171,11 @@ class Trainer:
         if msg.validation and self.cache is None:
             raise RemoteError("FAILED_PRECONDITION", "this server keeps no validation steps")
         keep = self.cache is not None and (msg.validation or self._replays)
-        self._pending = self._open(msg, keep, self.batcher is not None and not msg.validation)
         # a step that is dropped halfway must not have used up dropout draws: the device
-        # resends it, and it must train exactly as if the first attempt never happened
+        # resends it, and it must train exactly as if the first attempt never happened (taken
+        # before _open, which draws the step's masks)
         self._rng_at_begin = self._rng.get_state() if self._rng is not None else None
+        self._pending = self._open(msg, keep, self.batcher is not None and not msg.validation)
 
     def _open(self, msg: StepBegin, keep: bool, batched: bool = False) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
@@ -447,6 +445,7 @@ class Trainer:
         if self._pending is not None:
             raise RemoteError("FAILED_PRECONDITION", "a step is still open; end it first")
         self.finished = True
+        self.release()  # no more streamed steps: rounds need not wait for this session
         tc = self.spec.train
         t0 = time.perf_counter()
         baseline = self._score_state(self._initial)
@@ -497,6 +496,12 @@ class Trainer:
         if state is not None:
             self.net.load_state_dict(state, strict=False)
         self._initial = {}
+
+    def release(self) -> None:
+        """This trainer streams no more steps (it leaves memory): batched rounds stop waiting
+        for it."""
+        if self.batcher is not None:
+            self.batcher.detach(self)
 
     def abort_step(self) -> None:
         """Drop a half-received step (the device gave up on it); the next step reuses its id."""
