@@ -341,8 +341,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "",
         "Simulated devices are threads replaying frames into one `SessionManager` (the object "
         "the gRPC servicer calls) as fast as it acknowledges them, one step in flight each; the "
-        "network is left out, so the figures are the server's. *Unbatched* is the server as it "
-        "was: each session trains on its own pool thread (`--max-batch 1`); *batched* trains "
+        "network is left out, so the figures are the server's. *Unbatched*: each session trains "
+        "on its own pool thread (`--max-batch 1`, the default); *batched* trains "
         "every ready step of same-shaped sessions in one stacked round (`--max-batch S`). Ack "
         "latency is StepBegin to ack. Memory per session is the process RSS growth (CPU) or "
         "the CUDA peak allocated (GPU), divided by the sessions. Rows on `cuda` come from "
