@@ -33,7 +33,6 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -174,8 +173,9 @@ class _Group:
         self.objective = _Objective(net, smoothing)
         named = flat_order(net)
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
-        self.split = sum(decays(k, p) for k, p in named)  # decayed parameters come first
-        self.names = [name for name, _, _ in self.layout]
+        # decayed parameters come first in the flat vector: this many of its elements
+        self.split = sum(p.numel() for k, p in named if decays(k, p))
+        self.sizes = [n for _, n, _ in self.layout]
         self.numel = sum(n for _, n, _ in self.layout)
         for _, p in named:  # every round supplies the weights: the template keeps none
             p.data = p.data.new_empty(0)
@@ -193,14 +193,16 @@ class _Group:
         return 4 * (2 * self.numel + rows * (3 * hidden * taps + 2 * self.vocab))
 
     @staticmethod
-    def leaves(trainers: list[Trainer]) -> list[torch.Tensor]:
-        """Per parameter, the sessions' weights stacked into one contiguous ``[R, *shape]``
-        leaf: its gradient comes out contiguous too, as the fused optimizer needs it."""
-        views = [t.flat.views[0] for t in trainers]  # type: ignore[union-attr]
-        return [torch.stack(ps).requires_grad_() for ps in zip(*views, strict=True)]
+    def leaves(trainers: list[Trainer]) -> torch.Tensor:
+        """The sessions' flat weight vectors stacked, ``[R, N]``: the round's one leaf. Its
+        gradient comes back as one contiguous ``[R, N]`` tensor, so clipping and AdamW touch
+        a handful of tensors per session, not one per parameter."""
+        return torch.stack([t.flat.p for t in trainers]).requires_grad_()  # type: ignore[union-attr]
 
-    def _one(self, params, hidden, masks, pool, target):
-        named = dict(zip(self.names, params, strict=True))
+    def _one(self, flat, hidden, masks, pool, target):
+        # one split, not a slice per parameter: the split's backward is one concatenation
+        parts = flat.split(self.sizes)
+        named = {n: x.view(shape) for (n, _, shape), x in zip(self.layout, parts, strict=True)}
         return functional_call(self.objective, named, (hidden, masks, pool, target))
 
 
@@ -405,19 +407,15 @@ class Batcher:
             pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
         run = g.batched if classify else g.batched_lm
         loss, logits = run(leaves, hidden, masks, pool, target)
-        # contiguous: PyTorch's fused AdamW reads a strided gradient wrongly on CPU (a
-        # transposed one comes out of the batched matmuls' backward)
-        grads = [x.contiguous() for x in torch.autograd.grad(loss.sum(), leaves)]
-        r = len(items)
-        norms = torch.stack([x.reshape(r, -1).norm(dim=1) for x in grads]).norm(dim=0)
+        # contiguous: PyTorch's fused AdamW reads a strided gradient wrongly on CPU
+        (grad,) = torch.autograd.grad(loss.sum(), [leaves])
+        grad = grad.contiguous()
+        norms = grad.norm(dim=1)
         ok = torch.isfinite(loss) & torch.isfinite(norms)
-        # each session's gradient clipping (clip_grads_with_norm_'s coefficient), one op per
-        # parameter for the whole round
+        # each session's gradient clipping (clip_grads_with_norm_'s coefficient)
         clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
         coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
-        for x in grads:
-            x.mul_(coef.view(-1, *([1] * (x.dim() - 1))))
-        per_session = list(zip(*(x.unbind(0) for x in grads), strict=True))  # [R][params]
+        grad.mul_(coef.unsqueeze(1))
         losses, oks, norm_list = loss.detach().tolist(), ok.tolist(), norms.tolist()
         if classify:
             hits = ((logits.argmax(-1) == target) & (target != IGNORE)).sum(-1).tolist()
@@ -436,9 +434,7 @@ class Batcher:
                 )
                 same.setdefault(key_, []).append(j)
         for (lr, step, wd), js in same.items():
-            _adamw(
-                [items[j].trainer for j in js], [per_session[j] for j in js], lr, step, wd, g.split
-            )
+            _adamw([items[j].trainer for j in js], [grad[j] for j in js], lr, step, wd, g.split)
         self.rounds += 1
         for j, item in enumerate(items):
             t = item.trainer
@@ -465,28 +461,28 @@ class Batcher:
 
 def _adamw(
     trainers: list[Trainer],
-    grads: list[Sequence[torch.Tensor]],
+    grads: list[torch.Tensor],
     lr: float,
     step: int,
     weight_decay: float,
     split: int,
 ) -> None:
     """AdamW steps of sessions that share ``lr``, ``step`` and ``weight_decay``, in place on
-    their own weights and moments: PyTorch's fused kernel, one pass over weights, moments and
-    (already clipped) gradients, the same arithmetic as ``torch.optim.AdamW(fused=True)``."""
+    their flat weights and moments (``grads``: their clipped flat gradients; the first
+    ``split`` elements decay): PyTorch's fused kernel, one pass over weights, moments and
+    gradients, the same arithmetic as ``torch.optim.AdamW(fused=True)``."""
     flats = [t.flat for t in trainers]
-    assert all(f is not None for f in flats)
-    st = torch.tensor(float(step), device=flats[0].p.device)  # type: ignore[union-attr]
+    st = torch.tensor(float(step), device=grads[0].device)
     b1, b2 = BETAS
     for part, wd in ((slice(0, split), weight_decay), (slice(split, None), 0.0)):
-        ps = [x for f in flats for x in f.views[0][part]]  # type: ignore[union-attr]
-        if not ps:
+        ps = [f.p[part] for f in flats]  # type: ignore[union-attr]
+        if not ps[0].numel():
             continue
         torch._fused_adamw_(
             ps,
-            [x for g in grads for x in g[part]],
-            [x for f in flats for x in f.views[1][part]],  # type: ignore[union-attr]
-            [x for f in flats for x in f.views[2][part]],  # type: ignore[union-attr]
+            [g[part] for g in grads],
+            [f.m[part] for f in flats],  # type: ignore[union-attr]
+            [f.v[part] for f in flats],  # type: ignore[union-attr]
             [],
             [st] * len(ps),
             lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=EPS,
