@@ -9,9 +9,11 @@ head, same label smoothing), and trains each group at once:
 * each session's trainable parameters and AdamW moments live in three flat vectors
   (``FlatState``; the module's parameters and the optimizer's state are views of them), so
   checkpoints, downloads, validation and the cache epochs work on them unchanged;
-* a round stacks the sessions' weights per parameter and runs ``torch.func.vmap`` over
-  ``functional_call`` of the same learner code the per-session trainer runs, on rows padded to
-  the round's longest step (padding carries no loss; the ladder is position-wise);
+* a round stacks the sessions' flat weight vectors into one ``[R, N]`` leaf and runs
+  ``torch.func.vmap`` over ``functional_call`` of the same learner code the per-session
+  trainer runs, on rows padded to the round's longest step (padding carries no loss; the
+  ladder is position-wise); the gradient comes back as one ``[R, N]`` tensor, so the host
+  work per session is a few operations, not one per parameter;
 * dropout masks are drawn when a step opens, from the session's own generator, all at once
   (``SideNetwork.draw_dropout``), alone or batched: a session's draws are the same whoever
   shares its round;
