@@ -39,7 +39,7 @@ def _train_all(model, data, port, work, tag):
 def test_eight_device_processes_batched_match_alone(tmp_path):
     model = write_tiny_model(tmp_path / "tiny")
     data = write_task(tmp_path / "task.tsv", 96, seed=0)
-    alone_srv, alone_port = start_server(tmp_path / "alone")
+    alone_srv, alone_port = start_server(tmp_path / "alone", "--max-batch", "1")
     batch_srv, batch_port = start_server(
         tmp_path / "batched", "--max-batch", str(DEVICES), "--batch-wait-ms", "500"
     )

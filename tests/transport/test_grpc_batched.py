@@ -36,7 +36,7 @@ def test_batched_devices_end_as_alone_and_metrics_count_them(
     # one backbone per device: a backbone's layer hooks serve one forward pass at a time
     bbs = [make_tiny_backbone("llama") for _ in range(DEVICES)]
     data, _ = cls_data(bbs[0].tokenizer, n=96)
-    alone_server = start_server()
+    alone_server = start_server(max_batch=1)  # each session trained on its own
     alone = [_train(alone_server, bbs[0], data, device_trainer, s)[2] for s in range(DEVICES)]
 
     server = start_server(max_batch=8, batch_wait_ms=200, metrics_port=0)

@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--max-batch",
         type=int,
-        default=1,
+        default=BatchConfig.max_batch,
         help="train up to this many sessions' ready steps together in one stacked round, when "
         "their side networks have the same shape (1 = each session on its own; default: "
         "%(default)s)",

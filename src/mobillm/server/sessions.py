@@ -80,7 +80,8 @@ class ServerConfig(Config):
     ``open_access``: anyone may (loopback only). A network server needs one of the two or a
     mutual-TLS client CA.
     ``max_batch``: session-steps of same-shaped side networks trained together in one
-    stacked round (``mobillm.server.batching``; 1 = each session on its own);
+    stacked round (``mobillm.server.batching``; 1 = each session on its own, as a lone
+    session trains anyway);
     ``batch_wait_ms``: how long a round waits after its first step for others;
     ``batch_round_bytes``: what one round may take (its steps' estimated memory).
     """
@@ -104,7 +105,7 @@ class ServerConfig(Config):
     api_keys_file: str = ""
     open_access: bool = False
     workdir: str = "runs/server"
-    max_batch: int = 1
+    max_batch: int = BatchConfig.max_batch
     batch_wait_ms: float = 50.0
     batch_round_bytes: int = BatchConfig.round_bytes
 
