@@ -80,8 +80,7 @@ class ServerConfig(Config):
     ``open_access``: anyone may (loopback only). A network server needs one of the two or a
     mutual-TLS client CA.
     ``max_batch``: session-steps of same-shaped side networks trained together in one
-    stacked round (``mobillm.server.batching``; 1 = each session on its own, as a lone
-    session trains anyway);
+    stacked round (``mobillm.server.batching``; 1 = each session trains on its own);
     ``batch_wait_ms``: how long a round waits after its first step for others;
     ``batch_round_bytes``: what one round may take (its steps' estimated memory).
     """
