@@ -401,15 +401,20 @@ class Trainer:
         self.optimizer_steps += 1
 
     # --- epochs from the cache ----------------------------------------------------------------
-    def _replay(self, step: CachedStep) -> tuple[torch.Tensor, dict[str, float]]:
-        """Run one cached step through the same decode-and-fold path as a streamed one."""
-        p = self._open(step.begin, keep=False)
+    def _replay(self, step: CachedStep) -> tuple[float, dict[str, float]]:
+        """Run one cached step through the same path as a streamed one: decode and fold, or,
+        on a batching server, a round of the batcher (so that replayed and re-streamed epochs
+        train alike)."""
+        batched = self.batcher is not None and not step.begin.validation
+        p = self._open(step.begin, keep=False, batched=batched)
         for frame in step.frames:
             self._fold(p, frame)
+        if batched:
+            return self._train_batched(p)
         loss, metrics = self._loss(p)
         if not step.begin.validation:
             self._train_on(loss, metrics)
-        return loss, metrics
+        return float(loss.detach()), metrics
 
     def _score(self) -> dict[str, float] | None:
         """Validation loss and accuracy (classification) of the network as it stands."""
@@ -419,7 +424,7 @@ class Trainer:
         for step in self.cache.validation_steps():
             loss, m = self._replay(step)
             n = m.get("tokens", float(step.begin.num_samples))
-            total += float(loss) * n
+            total += loss * n
             weight += n
             correct += m.get("correct", 0.0)
         out = {"val_loss": total / weight}
@@ -479,7 +484,7 @@ class Trainer:
             for i in epoch_step_order(n, tc.seed, epoch - 1)[:remaining]:
                 assert self.cache is not None
                 loss, _ = self._replay(self.cache.train_step(i))
-                self._epoch_losses.append(float(loss.detach()))
+                self._epoch_losses.append(loss)
             remaining = max(0, tc.total_steps - self.optimizer_steps)
 
     def _score_state(self, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
