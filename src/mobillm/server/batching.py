@@ -35,7 +35,7 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,20 @@ from mobillm.config import Config, check
 from mobillm.server.objective import IGNORE, task_loss
 from mobillm.side.learner import build_learner
 from mobillm.side.model import SideNetwork
-from mobillm.transport.messages import RemoteError
+from mobillm.transport.messages import RemoteError, SessionSpec
 
-if TYPE_CHECKING:
-    from mobillm.server.trainer import Trainer
+
+class Trainer(Protocol):
+    """What the batcher reads of a session's trainer (``mobillm.server.trainer.Trainer``)."""
+
+    spec: SessionSpec
+    net: SideNetwork
+    opt: torch.optim.Optimizer
+    device: torch.device
+    flat: FlatState | None
+    optimizer_steps: int
+    batch_key: Any
+
 
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the per-session trainer uses
 EPS = 1e-8
