@@ -17,22 +17,28 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from mobillm.codec import CodecConfig, decode, encode
 from mobillm.config import Config, check
 from mobillm.fingerprint import BackboneFingerprint
+from mobillm.server.batching import BatchConfig, Batcher
 from mobillm.server.sessions import ServerConfig, SessionManager
+from mobillm.server.trainer import Trainer
 from mobillm.side.config import SideConfig
-from mobillm.side.head import HeadSpec, tensors_sha256
+from mobillm.side.head import FrozenHead, HeadSpec, tensors_sha256
 from mobillm.transport.messages import SessionSpec, StepBegin, TrainConfig, chunk_frame
 
 # hidden size, decoder layers, vocabulary: the side network's shape depends on nothing else
@@ -138,13 +144,17 @@ def record_frames(model: str, out: str | Path, steps: int = 8, batch: int = 16) 
     """Run ``model`` over SST-2 training sentences and keep each tapped layer's int8 frame of
     the template's last token: the frames a SmolLM2 device streams in the default mode."""
     from mobillm.backbone.model import Backbone, BackboneConfig
-    from mobillm.data import DataConfig, load_examples, resolve_preset, tokenize_examples
+    from mobillm.data import (
+        DataConfig,
+        collate,
+        load_examples,
+        resolve_preset,
+        tokenize_examples,
+    )
 
     bb = Backbone.load(BackboneConfig(source=model))
     dcfg = resolve_preset(DataConfig(preset="sst2"))
     data = tokenize_examples(load_examples(dcfg, "train")[: steps * batch], bb.tokenizer, dcfg)
-    from mobillm.data import collate
-
     tensors: dict[str, torch.Tensor] = {}
     codec = CodecConfig("int8")
     for s in range(steps):
@@ -221,12 +231,6 @@ def _server_steps(cfg: LoadConfig, frames: Frames, workdir: str | Path):
 def _trainer_steps(cfg: LoadConfig, frames: Frames):
     """Trainers fed taps already decoded on the server's device: the training alone, without
     codec and chunking (what a GPU server's kernels can do when the host keeps up)."""
-    from safetensors.torch import load
-
-    from mobillm.server.batching import BatchConfig, Batcher
-    from mobillm.server.trainer import Trainer
-    from mobillm.side.head import FrozenHead
-
     batching = BatchConfig(cfg.max_batch, cfg.wait_ms, cfg.round_mb << 20)
     batcher = Batcher(batching) if cfg.max_batch > 1 else None
     spec0, blob = session_spec(cfg, seed=0)
@@ -309,18 +313,8 @@ def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
     return out
 
 
-def write_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
-
-
 def measure_in_process(cfg: LoadConfig, workdir: str | Path, threads: int = 0) -> dict[str, Any]:
     """``run_load`` in a fresh process, so memory figures do not carry over between points."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         spec = Path(tmp) / "point.json"
@@ -414,8 +408,6 @@ def _verdicts(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _main(argv: list[str]) -> None:
-    import os
-    import sys
 
     spec, out = argv
     point = json.loads(Path(spec).read_text())
@@ -432,6 +424,4 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     _main(sys.argv[1:])
