@@ -118,7 +118,11 @@ def add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
     )
     g.add_argument("--task", default=None, choices=list(TASKS))
     if train:
-        g.add_argument("--train-file", default=None, help="TSV, CSV, JSONL, Parquet or Arrow training file (or hub:NAME[@SPLIT])")
+        g.add_argument(
+            "--train-file",
+            default=None,
+            help="TSV, CSV, JSONL, Parquet or Arrow training file (or hub:NAME[@SPLIT])",
+        )
     g.add_argument("--eval-file", default=None, help="held-out file of the same format")
     g.add_argument("--format", default=None, choices=list(FORMATS))
     g.add_argument("--encoding", default=None, help="file encoding (default utf-8)")
