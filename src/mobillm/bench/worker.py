@@ -86,7 +86,7 @@ def _mobillm(
         TrainConfig(lr=job["lr"]),
         DeviceConfig(
             window=job.get("window", 2),
-            positions="valid" if mixer != "none" or side.kind == "split" else "loss",
+            positions=side.positions,
             epochs=job.get("epochs", 1),
         ),
     )

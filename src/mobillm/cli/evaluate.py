@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mobillm.backbone import Backbone
 from mobillm.cli import common
-from mobillm.data import load_examples, resolve_labels, tokenize_examples
-from mobillm.device.local import LocalModel
-from mobillm.device.runtime import build_side_config
+from mobillm.data import load_examples, resolve_labels
 from mobillm.errors import MobiLLMError
 from mobillm.side.io import read_meta
 
@@ -36,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mobillm.api import Device
+
     common.setup(args)
     if bool(args.side) == bool(args.zero_shot):
         raise MobiLLMError("give exactly one of --side FOLDER or --zero-shot")
@@ -53,16 +52,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if dcfg.task == "classification":
         dcfg = dcfg.replace(labels=resolve_labels(dcfg))
     examples = load_examples(dcfg, "eval")
-    backbone = Backbone.load(common.backbone_config(args))
+    common.say(f"[eval] {len(examples)} examples")
+    device = Device(common.backbone_config(args))
     if args.side:
-        model = LocalModel.load(backbone, args.side)
-    else:
-        side = build_side_config(backbone, dcfg.task, len(dcfg.labels), dcfg.verbalizers)
-        model = LocalModel.untrained(backbone, side)
-    data = tokenize_examples(examples, backbone.tokenizer, dcfg)
-    common.say(f"[eval] {len(data)} examples")
-    res = model.evaluate(data, batch_size=dcfg.batch_size * 2)
-    preds = res.pop("predictions", None)
+        device.load(args.side)
+    res = device.evaluate(dcfg)
     out = {
         "command": "eval",
         "model": args.model,
@@ -70,8 +64,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_file": dcfg.eval_path,
         **res,
     }
-    if preds is not None:
-        out["labels"] = list(dcfg.labels)
     if args.out:
         common.write_json(args.out, out)
     return out

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mobillm.backbone import Backbone
 from mobillm.cli import common
-from mobillm.device.local import LocalModel
 from mobillm.errors import MobiLLMError
 
 
@@ -33,28 +31,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mobillm.api import Device
+
     common.setup(args)
-    backbone = Backbone.load(common.backbone_config(args))
-    model = LocalModel.load(backbone, args.side)
-    if model.side.cfg.task != "causal_lm":
+    device = Device(common.backbone_config(args)).load(args.side)
+    assert device.model is not None
+    if device.model.side.cfg.task != "causal_lm":
         raise MobiLLMError(
-            f"{args.side} holds a {model.side.cfg.task} side network; "
+            f"{args.side} holds a {device.model.side.cfg.task} side network; "
             "generate needs one trained with --task causal_lm"
         )
-    base = LocalModel.untrained(backbone, model.side.cfg) if args.compare else None
+    kw = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     results = []
     for prompt in args.prompt:
-        kw = {
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "seed": args.seed,
-        }
-        item = {"prompt": prompt, "output": model.generate(prompt, **kw)}
-        if base is not None:
-            item["frozen_backbone"] = base.generate(prompt, **kw)
+        item = {"prompt": prompt, "output": device.generate(prompt, **kw)}
+        if args.compare:
+            item["frozen_backbone"] = device.generate(prompt, frozen=True, **kw)
         results.append(item)
         common.say(f"\n>>> {prompt}\n{item['output']}")
-        if base is not None:
+        if args.compare:
             common.say(f"[frozen backbone] {item['frozen_backbone']}")
     return {"command": "generate", "side": args.side, "results": results}

@@ -11,6 +11,7 @@ from mobillm.cli import common
 from mobillm.errors import ConfigError
 from mobillm.server.batching import BatchConfig
 from mobillm.server.cache import CacheConfig
+from mobillm.server.sessions import ServerConfig
 from mobillm.transport.messages import DEFAULT_CHUNK_BYTES
 
 
@@ -23,13 +24,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="0 = any free port (default: 50051)")
     p.add_argument("--port-file", default="", help="write the bound port to this file once ready")
-    p.add_argument("--workdir", default="runs/server", help="logs and checkpoints go here")
-    p.add_argument("--device", default="cpu", help="where side networks train: cpu, cuda, cuda:N")
+    p.add_argument(
+        "--config",
+        default="",
+        metavar="FILE",
+        help="a ServerConfig as JSON (what mobillm.ServerProcess writes); flags given win",
+    )
+    p.add_argument(
+        "--workdir", default=None, help="logs and checkpoints go here (default: runs/server)"
+    )
+    p.add_argument(
+        "--device", default=None, help="where side networks train: cpu, cuda, cuda:N (default: cpu)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     g = p.add_argument_group("who may open sessions (one is required)")
     g.add_argument(
         "--api-keys",
-        default="",
+        default=None,
         metavar="FILE",
         help="accept the API keys whose salted hashes FILE holds (see --add-api-key)",
     )
@@ -45,12 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="append a new key for NAME to the --api-keys file, print it once, and exit",
     )
     g = p.add_argument_group("limits and policy")
-    g.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default: 16)")
+    g.add_argument(
+        "--max-sessions", type=int, default=None, help="concurrent sessions (default: 16)"
+    )
     g.add_argument(
         "--max-sessions-per-client",
         type=int,
-        default=4,
-        help="concurrent sessions of one credential (default: %(default)s)",
+        default=None,
+        help="concurrent sessions of one credential (default: 4)",
     )
     g.add_argument(
         "--max-side-mb",
@@ -68,69 +81,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--lease-s",
         type=float,
-        default=900.0,
-        help="a session nobody calls for this long is checkpointed and evicted "
-        "(default: %(default)s)",
+        default=None,
+        help="a session nobody calls for this long is checkpointed and evicted (default: 900)",
     )
     g.add_argument(
         "--retention-h",
         type=float,
-        default=168.0,
-        help="ended sessions' folders are deleted after this many hours (default: %(default)s)",
+        default=None,
+        help="ended sessions' folders are deleted after this many hours (default: 168)",
     )
     g.add_argument(
         "--checkpoint-every",
         type=int,
-        default=0,
-        help="checkpoint each session every N steps (default: 0 = at close only)",
+        default=None,
+        help="checkpoint each session every N steps (0 = only around Finish, on eviction and "
+        f"at stop; default: {ServerConfig.checkpoint_every})",
     )
     g.add_argument(
         "--max-chunk-bytes",
         type=int,
-        default=DEFAULT_CHUNK_BYTES,
-        help="largest chunk a device may send, 4 KiB..4 MiB (default: %(default)s)",
+        default=None,
+        help=f"largest chunk a device may send, 4 KiB..4 MiB (default: {DEFAULT_CHUNK_BYTES})",
     )
     g.add_argument(
         "--allow-backbone",
         action="append",
-        default=[],
+        default=None,
         metavar="SHA256",
         help="accept only backbones with this config sha256 (repeatable; default: any)",
     )
     g.add_argument(
         "--max-batch",
         type=int,
-        default=BatchConfig.max_batch,
+        default=None,
         help="train up to this many sessions' ready steps together in one stacked round, when "
         "their side networks have the same shape (1 = each session on its own; default: "
-        "%(default)s)",
+        f"{BatchConfig.max_batch})",
     )
     g.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=BatchConfig.wait_ms,
-        help="how long a round waits for more sessions' steps (default: %(default)s)",
+        default=None,
+        help=f"how long a round waits for more sessions' steps (default: {BatchConfig.wait_ms})",
     )
     g.add_argument(
         "--batch-round-mb",
         type=int,
-        default=BatchConfig.round_bytes >> 20,
+        default=None,
         help="memory one batched round may take, as estimated from its steps; fewer sessions "
-        "train per round when theirs is larger (0 = no bound; default: %(default)s)",
+        f"train per round when theirs is larger (0 = no bound; default: "
+        f"{BatchConfig.round_bytes >> 20})",
     )
     g.add_argument(
         "--cache-mb",
         type=int,
-        default=CacheConfig.memory_bytes >> 20,
+        default=None,
         help="the part of each session's activation cache also kept in memory, MB "
-        "(default: %(default)s)",
+        f"(default: {CacheConfig.memory_bytes >> 20})",
     )
     g.add_argument(
         "--cache-disk-mb",
         type=int,
-        default=CacheConfig.disk_bytes >> 20,
+        default=None,
         help="each session's activation cache in the workdir (every step), MB; 0 and "
-        "--cache-mb 0: no cache, devices must re-stream every epoch (default: %(default)s)",
+        "--cache-mb 0: no cache, devices must re-stream every epoch (default: "
+        f"{CacheConfig.disk_bytes >> 20})",
     )
     p.add_argument(
         "--metrics-port",
@@ -164,10 +179,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# flag -> (ServerConfig field, how the flag's value becomes the field's)
+_CONFIG_FLAGS: dict[str, tuple[str, Any]] = {
+    "device": ("device", str),
+    "workdir": ("workdir", str),
+    "max_sessions": ("max_sessions", int),
+    "max_sessions_per_client": ("max_sessions_per_client", int),
+    "max_side_mb": ("max_side_bytes", lambda mb: mb << 20),
+    "max_step_mb": ("max_step_bytes", lambda mb: mb << 20),
+    "lease_s": ("lease_seconds", float),
+    "retention_h": ("retention_seconds", lambda h: h * 3600),
+    "checkpoint_every": ("checkpoint_every", int),
+    "api_keys": ("api_keys_file", str),
+    "max_chunk_bytes": ("max_chunk_bytes", int),
+    "allow_backbone": ("allowed_backbones", tuple),
+    "cache_mb": ("cache_memory_bytes", lambda mb: mb << 20),
+    "cache_disk_mb": ("cache_disk_bytes", lambda mb: mb << 20),
+    "max_batch": ("max_batch", int),
+    "batch_wait_ms": ("batch_wait_ms", float),
+    "batch_round_mb": ("batch_round_bytes", lambda mb: mb << 20),
+}
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """``--config FILE`` (a ``ServerConfig`` as JSON) or the defaults, then the flags given."""
+    base = ServerConfig.load(args.config) if args.config else ServerConfig()
+    changes = {
+        field: convert(getattr(args, flag))
+        for flag, (field, convert) in _CONFIG_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    if args.open:
+        changes["open_access"] = True
+    return base.replace(**changes)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     common.setup(args)
-    from mobillm.server.grpc_server import GrpcServer, serve
-    from mobillm.server.sessions import ServerConfig
+    from mobillm.api.server import Server
     from mobillm.transport.tls import TlsServerConfig, make_certs
 
     if args.add_api_key:
@@ -195,52 +244,22 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         tls = TlsServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
-    cfg = ServerConfig(
-        device=args.device,
-        max_sessions=args.max_sessions,
-        max_sessions_per_client=args.max_sessions_per_client,
-        **{
-            f"max_{name}_bytes": mb << 20
-            for name, mb in (("side", args.max_side_mb), ("step", args.max_step_mb))
-            if mb is not None
-        },
-        lease_seconds=args.lease_s,
-        retention_seconds=args.retention_h * 3600,
-        checkpoint_every=args.checkpoint_every,
-        api_keys_file=args.api_keys,
-        open_access=args.open,
-        max_chunk_bytes=args.max_chunk_bytes,
-        allowed_backbones=tuple(args.allow_backbone),
-        workdir=args.workdir,
-        cache_memory_bytes=args.cache_mb << 20,
-        cache_disk_bytes=args.cache_disk_mb << 20,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-        batch_round_bytes=args.batch_round_mb << 20,
-    )
+    cfg = server_config(args)
     for sha in cfg.allowed_backbones:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise ConfigError(f"--allow-backbone takes a config sha256 hex digest, got {sha!r}")
 
-    def ready(server: GrpcServer) -> None:
+    def ready(server: Server) -> None:
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
         print(f"serving on {server.address} ({server.mode})", file=sys.stderr, flush=True)
-        if server.metrics is not None:
-            print(
-                f"metrics on http://{server.host}:{server.metrics_port}/metrics",
-                file=sys.stderr,
-                flush=True,
-            )
+        if server.metrics_port is not None:
+            print(f"metrics on http://{args.host}:{server.metrics_port}/metrics", file=sys.stderr)
 
-    serve(
-        cfg,
-        args.host,
-        args.port,
-        tls=tls,
-        insecure=args.insecure,
-        on_ready=ready,
+    server = Server(
+        cfg, host=args.host, port=args.port, tls=tls, insecure=args.insecure,
         metrics_port=args.metrics_port,
-    )
+    )  # fmt: skip
+    server.serve_forever(on_ready=ready)
     common.say("[serve] stopped")
     return None

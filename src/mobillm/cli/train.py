@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from mobillm.backbone import Backbone
 from mobillm.cli import common
-from mobillm.data import DataConfig, hold_out, load_examples, resolve_labels, tokenize_examples
-from mobillm.device.local import LocalModel
-from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.data import load_examples
+from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import ConfigError
-from mobillm.transport.base import Transport
-from mobillm.transport.messages import SessionInfo
+from mobillm.server.sessions import ServerConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,189 +63,117 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def make_transport(args: argparse.Namespace, out: Path) -> Transport:
-    link = common.link_config(args)
-    if args.server:
-        from mobillm.transport.grpc_client import GrpcTransport, TlsClientConfig
-
-        tls = TlsClientConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-        key = os.environ.get("MOBILLM_API_KEY", "")
-        if args.api_key_file:
-            try:
-                key = Path(args.api_key_file).read_text().strip()
-            except OSError as e:
-                raise ConfigError(f"--api-key-file: {e}") from None
-        return GrpcTransport(args.server, tls=tls, link=link, api_key=key, insecure=args.insecure)
-    from mobillm.server.inprocess import InProcessTransport
-    from mobillm.server.sessions import ServerConfig, SessionManager
-
-    manager = SessionManager(ServerConfig(device=args.server_device, workdir=str(out / "server")))
-    return InProcessTransport(manager, link)
+COMMAND_FILE = "command.json"  # the options of a run, for --resume
 
 
-def evaluate(model: LocalModel, data: Any, batch_size: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    res = model.evaluate(data, batch_size=batch_size)
-    res["seconds"] = round(time.perf_counter() - t0, 2)
-    res.pop("predictions", None)
-    return res
-
-
-def task_meta(dcfg: DataConfig, labels: tuple[str, ...]) -> dict[str, Any]:
-    """What a device needs later to evaluate or generate with the saved side network."""
-    keep = (
-        "task",
-        "labels",
-        "verbalizers",
-        "template",
-        "max_length",
-        "text_column",
-        "label_column",
-        "prompt_column",
-        "response_column",
-        "format",
-        "encoding",
-        "quoting",
-    )
-    d = {k: v for k, v in dcfg.to_dict().items() if k in keep}
-    d["labels"] = list(labels)
-    return {"data": d}
-
-
-SESSION_FILE = "session.json"
-
-
-def _save_session(out: Path, args: argparse.Namespace, info: SessionInfo) -> None:
-    """What ``--resume`` needs: every option as given and the session (its token: 0600)."""
-    record = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("func", "resume")},
-        "session": dataclasses.asdict(info),
-    }
-    path = out / SESSION_FILE
-    out.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, SessionInfo]:
-    path = Path(args.resume) / SESSION_FILE
+def _resumed(args: argparse.Namespace) -> argparse.Namespace:
+    path = Path(args.resume) / COMMAND_FILE
     if not path.is_file():
         raise ConfigError(
-            f"--resume {args.resume}: no {SESSION_FILE} there (the run finished, or it never "
-            "opened a session)"
+            f"--resume {args.resume}: no {COMMAND_FILE} there (the run finished, or it never "
+            "started)"
         )
-    record = json.loads(path.read_text())
-    saved = argparse.Namespace(**{**record["args"], "func": args.func, "resume": args.resume})
-    return saved, SessionInfo(**record["session"])
+    saved = json.loads(path.read_text())
+    return argparse.Namespace(**{**saved, "func": args.func, "resume": args.resume})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    session: SessionInfo | None = None
-    if args.resume:
-        args, session = _resumed(args)
+    from mobillm.api import ConnectConfig, Device, LearnerConfig
+
+    resume = bool(args.resume)
+    if resume:
+        args = _resumed(args)
     common.setup(args)
     out = Path(args.out)
     dcfg = common.data_config(args)
+    key = os.environ.get("MOBILLM_API_KEY", "")
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--api-key-file: {e}") from None
+    learner = LearnerConfig(
+        kind=args.learner,
+        split_layers=args.split_layers,
+        lora_rank=args.lora_rank,
+        reduction=args.reduction,
+        pooling=args.pooling,
+        mixer=args.mixer,
+        head_init=args.head_init or "",
+        dropout=args.dropout,
+    )
+    streaming = DeviceConfig(
+        positions=args.positions or "auto",
+        window=args.window,
+        epochs=args.epochs,
+        replay=args.replay,
+        validation_fraction=args.validation_fraction,
+        max_steps=args.max_steps,
+        log_every=args.log_every,
+        reconnect_seconds=args.reconnect_s,
+    )
+    connect = ConnectConfig(
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        api_key=key,
+        insecure=args.insecure,
+    )
     # Read the data before loading the model: a bad file should fail in a second, not a minute.
-    train_ex, val_ex = hold_out(load_examples(dcfg, "train"), args.validation_fraction, dcfg.seed)
-    eval_ex = load_examples(dcfg, "eval") if dcfg.eval_path or dcfg.eval_fraction else []
-    labels = resolve_labels(dcfg) if dcfg.task == "classification" else ()
-    dcfg = dcfg.replace(labels=labels)
+    load_examples(dcfg, "train")
     t0 = time.perf_counter()
-    backbone = Backbone.load(common.backbone_config(args, args.taps))
+    device = Device(common.backbone_config(args, args.taps))
     common.say(
-        f"[train] backbone {backbone.fingerprint.short()} loaded in "
-        f"{time.perf_counter() - t0:.1f}s; {len(backbone.taps)} tapped layers"
+        f"[train] backbone {device.backbone.fingerprint.short()} loaded in "
+        f"{time.perf_counter() - t0:.1f}s; {len(device.backbone.taps)} tapped layers"
     )
-    train = tokenize_examples(train_ex, backbone.tokenizer, dcfg)
-    val = tokenize_examples(val_ex, backbone.tokenizer, dcfg) if val_ex else None
-    held = tokenize_examples(eval_ex, backbone.tokenizer, dcfg) if eval_ex else None
-    common.say(
-        f"[train] {len(train)} training, {len(val) if val else 0} validation and "
-        f"{len(held) if held else 0} held-out examples ({dcfg.task})"
-    )
-    options: dict[str, Any] = {
-        "reduction": args.reduction,
-        "pooling": args.pooling,
-        "dropout": args.dropout,
-        "mixer": args.mixer,
-    }
-    if args.head_init:
-        options["head_init"] = args.head_init
-    if args.learner == "split":
-        k = args.split_layers or backbone.num_layers // 2
-        options |= {"kind": "split", "split_layers": k, "lora_rank": args.lora_rank}
-    side = build_side_config(backbone, dcfg.task, len(labels), dcfg.verbalizers, **options)
-    if side.kind == "split":
-        common.say(
-            f"[train] split: the device runs layers 0-{backbone.taps[0]}, the server the top "
-            f"{side.split_layers} with LoRA rank {side.lora_rank}"
-        )
-    # a learner that reads more than the loss rows needs every real token by default
-    mixes = side.kind == "split" or side.mixer != "none" or side.pooling == "mean"
-    positions = args.positions or ("valid" if mixes else "loss")
-    result: dict[str, Any] = {
-        "command": "train",
-        "model": args.model,
-        "backbone": backbone.fingerprint.to_dict(),
-        "data": dcfg.to_dict(),
-        "codec": args.codec,
-        "positions": positions,
-        "side": side.to_dict(),
-    }
-    transport = make_transport(args, out)
-    trainer = DeviceTrainer(
-        backbone,
-        side,
-        transport,
+    if not resume:
+        record = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+        common.write_json(out / COMMAND_FILE, record)
+    server = args.server or ServerConfig(device=args.server_device, workdir=str(out / "server"))
+    result = device.train(
+        dcfg,
+        learner=learner,
+        training=common.train_config(args, dcfg.seed),
+        streaming=streaming,
         codec=common.codec_config(args),
-        train=common.train_config(args, dcfg.seed),
-        device=DeviceConfig(
-            positions=positions,
-            window=args.window,
-            epochs=args.epochs,
-            replay=args.replay,
-            validation_fraction=args.validation_fraction,
-            max_steps=args.max_steps,
-            log_every=args.log_every,
-            reconnect_seconds=args.reconnect_s,
-        ),
+        server=server,
+        connect=connect,
+        link=common.link_config(args),
+        out=out,
+        callback=_Report(args.log_every, resume),
+        evaluate=not args.no_eval,
+        resume=resume,
     )
-    progress = common.Progress(args.log_every)
-    # Reach the server and have the session accepted before any slow work: a wrong address
-    # or a refused spec fails in seconds, not after minutes of evaluation.
-    info = trainer.start(train, dcfg.batch_size, seed=dcfg.seed, progress=progress, session=session)
-    if session is None:
-        _save_session(out, args, info)
-        common.say(f"[train] session {info.session_id} open on {info.server or 'the server'}")
-    else:
-        common.say(f"[train] resuming session {info.session_id}")
-    before = out / "before.json"
-    if held is not None and not args.no_eval and before.is_file():
-        result["before"] = json.loads(before.read_text())  # measured before the crash
-    elif held is not None and not args.no_eval:
-        common.say("[train] evaluating the untrained side network (= the frozen backbone)")
-        result["before"] = evaluate(
-            LocalModel.untrained(backbone, side, dcfg.seed), held, dcfg.batch_size * 2
-        )
-        common.write_json(before, result["before"])
-        common.say(f"[train] before: {_fmt(result['before'])}")
-    result["train"] = trainer.train(
-        train, dcfg.batch_size, seed=dcfg.seed, progress=progress, validation=val
-    )
+    (out / COMMAND_FILE).unlink(missing_ok=True)
     _say_kept(result["train"])
-    trainer.download(out, task_meta(dcfg, labels))
-    result["server"] = transport.close()
-    trainer.write_log(out / "train_log.jsonl")
-    (out / SESSION_FILE).unlink(missing_ok=True)  # the session is closed: nothing to resume
-    before.unlink(missing_ok=True)
     common.say(f"[train] side network saved to {out}")
-    if held is not None and not args.no_eval:
-        model = LocalModel.load(backbone, out)
-        result["after"] = evaluate(model, held, dcfg.batch_size * 2)
-        common.say(f"[train] after: {_fmt(result['after'])}")
-    common.write_json(out / "summary.json", result)
+    result["model"] = args.model
     return result
+
+
+class _Report(common.Progress):
+    """The CLI's progress lines, plus what the API reports beyond steps and epochs."""
+
+    def __init__(self, every: int, resume: bool) -> None:
+        super().__init__(every)
+        self.resume = resume
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        if "session" in m:
+            what = "resuming session" if self.resume else "session"
+            where = f" open on {m['server']}" if not self.resume else ""
+            common.say(f"[train] {what} {m['session']}{where}")
+        elif "evaluated" in m:
+            common.say(f"[train] {m['evaluated']}: {_fmt(m)}")
+        elif "examples" in m:
+            n = m["examples"]
+            common.say(
+                f"[train] {n['train']} training, {n['validation']} validation and "
+                f"{n['held_out']} held-out examples ({n['task']})"
+            )
+        else:
+            super().__call__(m)
 
 
 def _say_kept(summary: dict[str, Any]) -> None:

@@ -65,10 +65,7 @@ class LocalModel:
         return cls(backbone, build_learner(side_cfg, head, layers, cast=False))
 
     def _positions(self) -> str:
-        """The rows the side network reads: every real token when it mixes tokens."""
-        c = self.side.cfg
-        mixes = c.kind == "split" or c.pooling == "mean" or c.mixer != "none"
-        return "valid" if mixes else "loss"
+        return self.side.cfg.positions
 
     # --- the one forward path ---------------------------------------------------------------
     def _features(self, batch: Batch, plan: RowPlan) -> torch.Tensor:

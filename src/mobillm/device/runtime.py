@@ -57,6 +57,7 @@ from mobillm.transport.messages import (
 class DeviceConfig(Config):
     """How the device streams: which rows, how many steps in flight, how long to train.
 
+    ``positions`` "auto" sends the rows the side network reads (``SideConfig.positions``).
     ``epochs`` are training epochs; with ``replay`` the device streams the data once and the
     server replays the rest from its activation cache. ``validation_fraction`` of the training
     samples is held out by the caller and streamed once as the validation split that guards
@@ -65,7 +66,7 @@ class DeviceConfig(Config):
     first failure ends the run).
     """
 
-    positions: str = "loss"
+    positions: str = "auto"
     window: int = 2
     epochs: int = 3
     replay: bool = True
@@ -76,7 +77,10 @@ class DeviceConfig(Config):
     reconnect_seconds: float = 300.0
 
     def validate(self) -> None:
-        check(self.positions in POSITIONS, f"DeviceConfig.positions must be one of {POSITIONS}")
+        check(
+            self.positions in ("auto", *POSITIONS),
+            f"DeviceConfig.positions must be 'auto' or one of {POSITIONS}, got {self.positions!r}",
+        )
         check(self.window >= 1, f"DeviceConfig.window must be >= 1, got {self.window}")
         check(1 <= self.epochs <= MAX_EPOCHS, f"DeviceConfig.epochs must be in [1, {MAX_EPOCHS}]")
         check(
@@ -179,19 +183,21 @@ class DeviceTrainer:
         self.codec = codec or CodecConfig()
         self.train_cfg = train or TrainConfig()
         self.cfg = device or DeviceConfig()
+        self.positions = side.positions if self.cfg.positions == "auto" else self.cfg.positions
         self.records: list[StepRecord] = []
         self.epochs: list[EpochReport] = []
         self.bytes_encoded = 0
         self.forward_seconds = 0.0
         self.forward_samples = 0
         self.reconnects = 0
+        self.stopped = False
         self.info: SessionInfo | None = None
 
     def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
         train = self.train_cfg.replace(
             total_steps=total_steps, epochs=self.cfg.epochs, replay=self.cfg.replay
         )
-        return build_session(self.backbone, self.side, self.codec, train, self.cfg.positions)
+        return build_session(self.backbone, self.side, self.codec, train, self.positions)
 
     def _upload_head(self, head: dict[str, torch.Tensor]) -> None:
         self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
@@ -214,7 +220,7 @@ class DeviceTrainer:
 
     def _send_step(self, step: int, batch: Any, validation: bool = False) -> int:
         assert self.info is not None
-        plan = plan_rows(batch, self.cfg.positions)
+        plan = plan_rows(batch, self.positions)
         sid, chunk = self.info.session_id, self.info.max_chunk_bytes
         self.transport.send(
             StepBegin(
@@ -324,11 +330,14 @@ class DeviceTrainer:
         seed: int = 0,
         progress: ProgressFn | None = None,
         validation: TokenizedDataset | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Stream ``validation`` once, then ``data``; the server trains the configured epochs.
 
         With ``replay`` the device streams ``data`` once and the server replays the rest;
         without it the device re-streams the first epoch's batches in ``epoch_step_order``.
+        ``stop`` is asked before every step: once it says True the device waits for the
+        steps in flight and ends there, with no further epochs (``summary()["stopped"]``).
         Returns a summary dict.
         """
         if self.info is None:
@@ -339,10 +348,16 @@ class DeviceTrainer:
             self._recover(RemoteError("UNAVAILABLE", "this device restarted"))
         while True:
             try:
-                while self._next_step < len(plan):
+                while self._next_step < len(plan) and not self.stopped:
+                    if stop is not None and stop():
+                        self.stopped = True
+                        break
                     dataset, idx, is_val = plan[self._next_step]
                     self.step(collate(dataset, idx), validation=is_val)
-                self.finish(progress)
+                if self.stopped:
+                    self.drain()
+                else:
+                    self.finish(progress)
                 break
             except RemoteError as e:
                 if e.code not in RETRYABLE or not self.cfg.reconnect_seconds:
@@ -427,6 +442,7 @@ class DeviceTrainer:
             "device_forward_passes_per_sample": round(self.forward_samples / max(1, distinct), 3),
             "server_epochs": self.epochs[-1].epoch if self.epochs else 0,
             "reconnects": self.reconnects,
+            "stopped": self.stopped,
         }
         if self.epochs:
             out["epochs"] = [{"epoch": e.epoch, **e.metrics} for e in self.epochs]

@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import resource
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -625,32 +624,3 @@ class GrpcServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def serve(
-    cfg: ServerConfig,
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    tls: TlsServerConfig | None = None,
-    insecure: bool = False,
-    on_ready: Callable[[GrpcServer], None] | None = None,
-    grace: float = 5.0,
-    metrics_port: int | None = None,
-) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully; ``on_ready`` runs once bound."""
-
-    async def main() -> None:
-        server = GrpcServer(cfg, host, port, tls, insecure, metrics_port=metrics_port)
-        await server.start_async()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            if on_ready is not None:
-                on_ready(server)
-            await stop.wait()
-        finally:
-            await server.stop_async(grace)
-
-    asyncio.run(main())

@@ -95,6 +95,13 @@ class SideConfig(Config):
                 )
 
     @property
+    def positions(self) -> str:
+        """The token rows this side network reads: every real token ("valid") when it mixes
+        tokens (split layers, the attention mixer, mean pooling), else only the loss rows."""
+        mixes = self.kind == "split" or self.mixer != "none" or self.pooling == "mean"
+        return "valid" if mixes else "loss"
+
+    @property
     def width(self) -> int:
         return max(1, self.hidden_size // self.reduction)
 
