@@ -44,3 +44,12 @@ def smollm2():
         return Backbone.load(BackboneConfig(source="smollm2-135m"))
     except BackboneLoadError as e:
         pytest.fail(f"real SmolLM2 weights unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bos_tokenizer) -> str:
+    """A tiny model saved as a folder, as a user's own model would be."""
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", vocab=len(bos_tokenizer), seed=0).save_pretrained(d)
+    bos_tokenizer.save_pretrained(d)
+    return str(d)

@@ -36,6 +36,7 @@ from mobillm.data import (
     hold_out,
     load_examples,
     resolve_labels,
+    resolve_preset,
     tokenize_examples,
 )
 from mobillm.device.local import LocalModel
@@ -264,9 +265,9 @@ class Device:
         model work so a bad file fails in a second."""
         if isinstance(data, DataConfig):
             check(config is None, "give config= only with records; a DataConfig is its own")
-            dcfg, records = data, None
+            dcfg, records = resolve_preset(data), None
         else:
-            dcfg, records = config or DataConfig(), _materialize(data)
+            dcfg, records = resolve_preset(config or DataConfig()), _materialize(data)
         if dcfg.task == "classification":
             dcfg = dcfg.replace(labels=resolve_labels(dcfg, records=records))
         examples = load_examples(dcfg, "train", records=records)
@@ -351,7 +352,7 @@ class Device:
     ) -> tuple[DataConfig, list[Example]]:
         base = config or self.task
         if isinstance(data, DataConfig):
-            dcfg = data
+            dcfg = resolve_preset(data)
             if not dcfg.labels and base is not None and base.labels:
                 dcfg = dcfg.replace(labels=base.labels)
             records = None

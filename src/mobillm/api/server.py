@@ -55,6 +55,7 @@ class Server:
 
     @property
     def config(self) -> ServerConfig:
+        """Its limits and policy."""
         return self._grpc.cfg
 
     @property
@@ -64,6 +65,7 @@ class Server:
 
     @property
     def port(self) -> int:
+        """The port it listens on (the bound one once started, when asked for 0)."""
         return self._grpc.port
 
     @property
@@ -78,6 +80,7 @@ class Server:
 
     @property
     def metrics_port(self) -> int | None:
+        """Where Prometheus metrics are served (None = off)."""
         return self._grpc.metrics_port
 
     def start(self) -> str:
@@ -95,6 +98,7 @@ class Server:
         return self.address
 
     async def stop_async(self, grace: float = 2.0) -> None:
+        """Stop a server started with ``start_async`` (sessions are kept, as by ``stop``)."""
         await self._grpc.stop_async(grace)
 
     async def serve_async(self) -> None:
@@ -197,6 +201,7 @@ class ServerProcess:
 
     @property
     def address(self) -> str:
+        """``host:port`` to give a device."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 

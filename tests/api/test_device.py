@@ -1,0 +1,160 @@
+"""The public API on a tiny model: ``mobillm.Device`` trains, evaluates, saves, loads and
+generates, with records or files, in-process or against a ``mobillm.Server``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+import mobillm
+from mobillm.errors import ConfigError
+
+CONFIG = mobillm.DataConfig(
+    text_column="review",
+    label_column="stars",
+    labels=("neg", "pos"),
+    verbalizers=("negative", "positive"),
+    template="Review: {text}\nSentiment:",
+    batch_size=4,
+)
+
+
+def reviews(n: int) -> list[dict[str, str]]:
+    return [
+        {"review": f"a {'good' if i % 2 else 'bad'} movie {i}", "stars": "pos" if i % 2 else "neg"}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def device(model_dir):
+    return mobillm.Device(model_dir)
+
+
+def test_public_names_are_documented_and_importable():
+    for name in mobillm.__all__:
+        obj = getattr(mobillm, name)
+        if name != "__version__":
+            assert obj.__doc__ and obj.__doc__.strip(), f"mobillm.{name} has no docstring"
+    assert set(mobillm._PUBLIC) == set(mobillm.__all__) - {"__version__"}
+    for cls in (mobillm.Device, mobillm.Server, mobillm.ServerProcess):
+        for attr, member in vars(cls).items():
+            if not attr.startswith("_") and callable(member):
+                assert member.__doc__, f"mobillm.{cls.__name__}.{attr} has no docstring"
+    with pytest.raises(AttributeError):
+        mobillm.NotAThing  # noqa: B018
+
+
+def test_train_on_records_then_evaluate_save_and_load(device, model_dir, tmp_path):
+    seen: list[dict] = []
+    run = device.train(
+        reviews(24),
+        reviews(8),
+        config=CONFIG,
+        streaming=mobillm.DeviceConfig(epochs=2, validation_fraction=0.0),
+        out=tmp_path / "run",
+        callback=seen.append,
+    )
+    assert run["before"]["samples"] == run["after"]["samples"] == 8
+    assert run["train"]["server_epochs"] == 2 and not run["train"]["stopped"]
+    steps = [r for r in seen if "step" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))  # 24 samples / batch 4, streamed once
+    assert {"examples", "session", "evaluated", "epoch"} <= {k for r in seen for k in r}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["after"] == run["after"]
+    # the device now holds the trained side network: evaluate it on records or a file
+    assert device.evaluate(reviews(8)) == {**run["after"], "seconds": pytest.approx(0, abs=60)} | {
+        "labels": ["neg", "pos"]
+    }
+    saved = device.save(tmp_path / "copy")
+    other = mobillm.Device(model_dir).load(saved)
+    assert other.task is not None and other.task.template == CONFIG.template
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in reviews(8)))
+    res = other.evaluate(path, predictions=True)
+    assert res["accuracy"] == run["after"]["accuracy"] and len(res["predictions"]) == 8
+
+
+def test_datasets_dataset_and_zero_shot(model_dir):
+    import datasets
+
+    fresh = mobillm.Device(model_dir)  # no side network: the frozen backbone, zero-shot
+    ds = datasets.Dataset.from_list(reviews(8))
+    zero = fresh.evaluate(ds, config=CONFIG)
+    assert zero["samples"] == 8 and zero["labels"] == ["neg", "pos"]
+    with pytest.raises(ConfigError, match="verbalizers"):
+        fresh.evaluate(ds, config=CONFIG.replace(verbalizers=()))
+    with pytest.raises(ConfigError, match="config="):
+        fresh.evaluate(reviews(4))
+    with pytest.raises(ConfigError, match="train one or load one"):
+        fresh.save("nowhere")
+
+
+def test_stop_ends_training_early_and_keeps_the_side_network(device, tmp_path):
+    stop = threading.Event()
+
+    def callback(r: dict) -> None:
+        if r.get("step") == 2:
+            stop.set()
+
+    run = device.train(
+        reviews(40), config=CONFIG, out=tmp_path / "run", callback=callback, stop=stop,
+        evaluate=False,
+    )  # fmt: skip
+    t = run["train"]
+    assert t["stopped"] and t["server_epochs"] == 0
+    assert 2 <= t["steps"] < 10  # the window's steps in flight finish, nothing after
+    assert device.evaluate(reviews(4))["samples"] == 4
+
+
+def test_causal_lm_generate(model_dir, tmp_path):
+    lm = mobillm.Device(model_dir)
+    rows = [{"prompt": f"Q: {i}?\nA:", "response": f" {i}"} for i in range(8)]
+    lm.train(rows, config=mobillm.DataConfig(task="causal_lm", batch_size=4), out=tmp_path / "lm")
+    text = lm.generate("Q: 3?\nA:", max_new_tokens=4)
+    assert isinstance(text, str)
+    assert isinstance(lm.generate("Q: 3?\nA:", max_new_tokens=4, frozen=True), str)
+    with pytest.raises(ConfigError, match="causal-LM"):
+        mobillm.Device(model_dir).generate("hi")
+
+
+def test_train_against_a_server_in_a_thread(device, tmp_path):
+    config = mobillm.ServerConfig(open_access=True, workdir=str(tmp_path / "server"))
+    with mobillm.Server(config) as server:
+        run = device.train(
+            reviews(16), config=CONFIG, server=server, out=tmp_path / "run", evaluate=False
+        )
+        assert server.manager.num_live() == 0  # closed after the download
+    assert run["train"]["steps"] >= 4 and run["server"]["steps"] >= 4
+
+
+def test_train_against_a_server_on_an_event_loop(device, tmp_path):
+    config = mobillm.ServerConfig(open_access=True, workdir=str(tmp_path / "server"))
+
+    async def main() -> dict:
+        server = mobillm.Server(config)
+        task = asyncio.create_task(server.serve_async())
+        while not server.port:
+            await asyncio.sleep(0.01)
+        try:
+            return await asyncio.to_thread(
+                device.train, reviews(16), config=CONFIG, server=server.address,
+                out=tmp_path / "run", evaluate=False,
+            )  # fmt: skip
+        finally:
+            task.cancel()
+
+    run = asyncio.run(main())
+    assert run["train"]["steps"] >= 4
+
+
+def test_bad_server_argument_is_one_clear_error(device, tmp_path):
+    with pytest.raises(ConfigError, match="server must be"):
+        device.train(reviews(8), config=CONFIG, server=42, out=tmp_path / "r", evaluate=False)
+    with pytest.raises(ConfigError, match="only with records"):
+        device.train(CONFIG, config=CONFIG, out=tmp_path / "r")
+    with pytest.raises(ConfigError, match="cannot resume"):
+        device.train(reviews(8), config=CONFIG, out=tmp_path / "none", resume=True)
