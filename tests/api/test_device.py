@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from pathlib import Path
 
+import jsonschema
 import pytest
 
 import mobillm
 from mobillm.errors import ConfigError
+from mobillm.transport.schema import SIDE_META_PATH
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = mobillm.DataConfig(
     text_column="review",
@@ -70,6 +75,8 @@ def test_train_on_records_then_evaluate_save_and_load(device, model_dir, tmp_pat
         "labels": ["neg", "pos"]
     }
     saved = device.save(tmp_path / "copy")
+    side_json = json.loads((saved / "side.json").read_text())  # what Download's meta_json held
+    jsonschema.validate(side_json, json.loads((ROOT / SIDE_META_PATH).read_text()))
     other = mobillm.Device(model_dir).load(saved)
     assert other.task is not None and other.task.template == CONFIG.template
     path = tmp_path / "dev.jsonl"

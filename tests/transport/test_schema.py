@@ -10,14 +10,15 @@ import pytest
 from mobillm.codec import CodecConfig
 from mobillm.device.runtime import build_session, build_side_config
 from mobillm.transport.messages import TrainConfig
-from mobillm.transport.schema import SCHEMA_PATH, schema_text
+from mobillm.transport.schema import SCHEMA_PATH, SCHEMAS, schema_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_checked_in_schema_matches_the_dataclasses():
-    assert (ROOT / SCHEMA_PATH).read_text() == schema_text(), (
-        "schema/session_spec.schema.json drifted: run `python -m mobillm.transport.schema`"
+@pytest.mark.parametrize("path", list(SCHEMAS), ids=lambda p: p.name)
+def test_checked_in_schemas_match_the_dataclasses(path):
+    assert (ROOT / path).read_text() == schema_text(path), (
+        f"{path} drifted: run `python -m mobillm.transport.schema`"
     )
 
 

@@ -1,9 +1,11 @@
-"""The JSON Schema of the session spec, the one message that travels as JSON.
+"""JSON Schemas of the two payloads that travel as JSON, generated from the dataclasses.
 
-``OpenSessionRequest.spec_json`` carries a ``SessionSpec`` as its config dataclasses write it.
-A device written in another language builds it from ``schema/session_spec.schema.json``, which
-is generated here from the dataclasses themselves (types, defaults, the docstrings as
-descriptions) and checked for drift by a test, like the protobuf code. Range checks that span
+``OpenSessionRequest.spec_json`` carries a ``SessionSpec`` as its config dataclasses write it
+(``schema/session_spec.schema.json``); ``WeightsChunk.meta_json`` carries ``side.json``, the
+saved side network's metadata (``schema/side_meta.schema.json``). A device written in another
+language builds and reads them from these files, which are generated here from the
+dataclasses themselves (types, defaults, the docstrings as descriptions) and checked for drift
+by a test, like the protobuf code. Range checks that span
 fields (taps within the layer count, one verbalizer per label) live in the dataclasses'
 ``validate``; the schema says so in each description and the server answers INVALID_ARGUMENT
 with the precise reason.
@@ -19,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from mobillm.config import Config
+from mobillm.data.config import DataConfig
+from mobillm.fingerprint import BackboneFingerprint
+from mobillm.side.config import SideConfig
+from mobillm.side.io import FORMAT as SIDE_FORMAT
+from mobillm.side.io import SideMeta
 from mobillm.transport.messages import SessionSpec
 
-SCHEMA_PATH = Path("schema") / "session_spec.schema.json"
+SCHEMA_DIR = Path("schema")
+SCHEMA_PATH = SCHEMA_DIR / "session_spec.schema.json"
+SIDE_META_PATH = SCHEMA_DIR / "side_meta.schema.json"
 _SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean"}
 
 
@@ -79,11 +88,55 @@ def session_spec_schema() -> dict[str, Any]:
     }
 
 
-def schema_text() -> str:
-    return json.dumps(session_spec_schema(), indent=2, sort_keys=True) + "\n"
+def side_meta_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``side.json`` as ``meta_json`` carries it."""
+    defs: dict[str, Any] = {}
+    task_fields = ("task", "labels", "verbalizers", "template", "max_length", "text_column",
+                   "label_column", "prompt_column", "response_column", "format", "encoding",
+                   "quoting")  # fmt: skip
+    data = _object(DataConfig, {})
+    data["properties"] = {k: v for k, v in data["properties"].items() if k in task_fields}
+    data["description"] = (
+        "The device's task, added by the device after the download: what it needs to read, "
+        "template and label data later (a subset of DataConfig). The server leaves it empty."
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://mobillm.dev/schema/side_meta.schema.json",
+        "title": "SideMeta",
+        "type": "object",
+        "description": inspect.cleandoc(SideMeta.__doc__ or "SideMeta"),
+        "properties": {
+            "format": {"const": SIDE_FORMAT, "description": "side.json format version"},
+            "side": _type(SideConfig, defs),
+            "fingerprint": _type(BackboneFingerprint, defs),
+            "taps": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "description": "backbone layers the side network reads, in order",
+            },
+            "task": {
+                "type": "object",
+                "properties": {"data": data},
+                "description": "the device's task metadata (free-form beyond 'data')",
+            },
+        },
+        "required": ["format", "side", "fingerprint", "taps"],
+        "additionalProperties": False,
+        "$defs": defs,
+    }
 
 
-if __name__ == "__main__":  # python -m mobillm.transport.schema: rewrite the checked-in file
-    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
-    SCHEMA_PATH.write_text(schema_text())
-    print(f"wrote {SCHEMA_PATH}")
+SCHEMAS = {SCHEMA_PATH: session_spec_schema, SIDE_META_PATH: side_meta_schema}
+
+
+def schema_text(path: Path = SCHEMA_PATH) -> str:
+    """The text of the schema file ``path`` (one of ``SCHEMAS``), as checked in."""
+    return json.dumps(SCHEMAS[path](), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # python -m mobillm.transport.schema: rewrite the checked-in files
+    SCHEMA_DIR.mkdir(parents=True, exist_ok=True)
+    for schema_path in SCHEMAS:
+        schema_path.write_text(schema_text(schema_path))
+        print(f"wrote {schema_path}")
