@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 . .venv/bin/activate
-ruff check src tests scripts
+ruff check src tests scripts examples
 python -m pytest -q "$@"
