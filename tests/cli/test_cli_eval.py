@@ -165,3 +165,21 @@ def test_train_in_process_reports_the_session_then_evaluates(capsys, tmp_path, m
     )  # fmt: skip
     assert res["before"]["samples"] == res["after"]["samples"] == 12
     assert res["train"]["server_epochs"] == 3 and res["train"]["validation_steps"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_side_and_zero_shot_on_the_same_rows_in_other_formats(
+    capsys, tmp_path, model_dir, cls_side, fmt
+):
+    import datasets
+
+    tsv = write_reviews(tmp_path / "dev.tsv", 3)
+    rows = datasets.load_dataset("csv", data_files=tsv, sep="\t", split="train")
+    other = str(tmp_path / f"dev.{fmt}")
+    rows.to_json(other) if fmt == "jsonl" else rows.to_parquet(other)
+    capsys.readouterr()
+    for mode in (["--side", cls_side], ["--zero-shot", *TASK_FLAGS]):
+        want = run_json(capsys, "eval", "--model", model_dir, *mode, "--eval-file", tsv)
+        got = run_json(capsys, "eval", "--model", model_dir, *mode, "--eval-file", other)
+        assert got["samples"] == want["samples"] == 6
+        assert got["accuracy"] == want["accuracy"]
