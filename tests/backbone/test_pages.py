@@ -32,7 +32,9 @@ def test_mapped_weights_leave_rss_and_read_back_unchanged(tmp_path):
     t = mapped[start // 4 : start // 4 + n]
     assert float(t.double().sum()) == expected  # reads every page: now resident
     before = _rss_mb()
-    assert pages.release([t]) >= n * 4
+    (region,) = pages.regions([t])
+    assert region.path == str(path)  # a clean file mapping: its pages are dropped, not paged out
+    assert pages.release([t]) >= n * 4 - 2 * 4096  # whole pages inside the tensor
     assert before - _rss_mb() > 16
     assert float(t.double().sum()) == expected  # faulted back in from the file
 
@@ -40,5 +42,20 @@ def test_mapped_weights_leave_rss_and_read_back_unchanged(tmp_path):
 def test_anonymous_and_small_tensors_are_left_intact():
     big, small = torch.randn(1 << 19), torch.randn(10)
     a, b = big.clone(), small.clone()
-    pages.release([big, small, big[::2]])
+    assert [r.path for r in pages.regions([big, small, big[::2]])] == [""]  # anonymous
+    pages.release([big, small, big[::2]], cold=True)
     assert torch.equal(big, a) and torch.equal(small, b)
+
+
+@linux
+def test_written_file_pages_are_never_dropped(tmp_path):
+    w = torch.randn(1 << 20)  # 4 MB
+    save_file({"w": w}, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size // 4)
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    t = mapped[start // 4 : start // 4 + (1 << 20)]
+    t[:10] = 7.0  # a copied-on-write page: dropping it would bring the file's values back
+    assert [r.path for r in pages.regions([t])] == [""]
+    pages.release([t], cold=True)
+    assert torch.equal(t[:10], torch.full((10,), 7.0))

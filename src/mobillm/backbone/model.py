@@ -50,7 +50,9 @@ class BackboneConfig(Config):
     ``stream``: weights stay in their memory-mapped file and only the layer that runs is
     resident: each layer's pages are handed back once it has run and the next layer's are
     prefetched meanwhile (``mobillm.backbone.pages``); the embedding keeps only the rows the
-    batch read. Results are bit for bit the same.
+    batch read. Results are bit for bit the same. ``cold``: streamed pages are also dropped
+    from the page cache, so every step reads the weights from storage again (a device under
+    memory pressure; for measuring).
     ``quant="int8"``: the linear layers the device runs use int8 weights and dynamically
     quantized int8 activations (PyTorch's own fbgemm/qnnpack kernels via
     ``torch.ao.quantization.quantize_dynamic``); the side network trains on, and later infers
@@ -61,6 +63,7 @@ class BackboneConfig(Config):
     dtype: str = "float32"
     taps: str = "all"
     stream: bool = False
+    cold: bool = False
     quant: str = "none"
 
     def validate(self) -> None:
@@ -72,6 +75,7 @@ class BackboneConfig(Config):
             "BackboneConfig.quant='int8' quantizes float32 weights; use dtype float32",
         )
         _parse_taps(self.taps)
+        check(not self.cold or self.stream, "BackboneConfig.cold needs stream=True")
 
 
 def _parse_taps(spec: str) -> tuple[str, int | tuple[int, ...]]:
@@ -132,6 +136,7 @@ class Backbone:
         self.layers = self.family.layers(model)
         self.taps = resolve_taps(cfg.taps, len(self.layers))
         self.split_layers = 0  # top layers the server runs (split mode): the device stops below
+        self._regions: list[list[pages.Region]] | None = None  # streamed weights' pages
 
     @classmethod
     def load(cls, cfg: BackboneConfig) -> Backbone:
@@ -251,22 +256,28 @@ class Backbone:
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Per layer: prefetch the next layer's weights before it runs, release its own after."""
-        weights = [list(layer.parameters()) for layer in self.layers]
+        if self._regions is None:  # where each layer's weights live: looked up once
+            embed = self.model.get_input_embeddings().parameters()
+            self._regions = [pages.regions(embed)] + [
+                pages.regions(layer.parameters()) for layer in self.layers
+            ]
+        embed_pages, *weights = self._regions
+        cold = self.cfg.cold
         handles = []
         for i, layer in enumerate(self.layers):
             # hooks must return None: a forward hook's return value replaces the output
             def before(_m: nn.Module, _inp: object, i: int = i) -> None:
                 if i + 1 < len(weights):
-                    pages.prefetch(weights[i + 1])
+                    pages.prefetch_regions(weights[i + 1])
 
             def after(_m: nn.Module, _inp: object, _out: object, i: int = i) -> None:
-                pages.release(weights[i])
+                pages.release_regions(weights[i], cold)
 
             handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
 
         def embedded(m: nn.Module, _inp: object, _out: object) -> None:
-            pages.release(m.parameters())  # the rows this batch read are copied out by now
-            pages.prefetch(weights[0])
+            pages.release_regions(embed_pages, cold)  # this batch's rows are copied out by now
+            pages.prefetch_regions(weights[0])
 
         handles.append(self.model.get_input_embeddings().register_forward_hook(embedded))
         return handles
