@@ -1,8 +1,8 @@
 """Load a frozen causal LM and its tokenizer from a folder, a GGUF file, an alias or a hub id.
 
-GGUF files are dequantized by transformers on every load, which takes ~30 s for a 135M model,
-so the first load converts the file into a cached Hugging Face folder (safetensors) keyed by the
-file's content hash; later loads take about a second.
+Dequantizing a GGUF file takes ~30 s for a 135M model, so the first load converts it, one
+tensor at a time (``convert.py``), into a cached Hugging Face folder (float32 safetensors) keyed
+by the file's content hash; later loads map that file and take about a second.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mobillm.backbone.convert import convert_gguf
 from mobillm.errors import MobiLLMError
 
 log = logging.getLogger(__name__)
@@ -105,33 +106,21 @@ def gguf_to_folder(path: Path) -> Path:
     target = cache_root() / "gguf" / _file_sha256(path)[:24]
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to a cached model folder %s (first use only)", path, target)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError, NotImplementedError) as e:
-        raise BackboneLoadError(f"cannot load GGUF file {path}: {e}") from None
-    # A model loaded from GGUF refuses save_pretrained; rebuild it plainly from its config.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        convert_gguf(path, tmp)
         (tmp / "SOURCE").write_text(str(path) + "\n")
         tmp.rename(target)
-    except OSError:
+    except (ValueError, KeyError, OSError, NotImplementedError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        if isinstance(e, OSError) and (target / "config.json").is_file():
+            return target  # another process converted it first
+        raise BackboneLoadError(f"cannot load GGUF file {path}: {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 

@@ -93,6 +93,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="keep only the running layer's weights resident (memory-mapped, released after "
         "each layer, the next one prefetched): far less device memory, same results",
     )
+    g.add_argument(
+        "--cold-weights",
+        action="store_true",
+        help="with --stream-weights: also drop each layer's pages from the page cache, so every "
+        "step reads the weights from storage again (a device under memory pressure; for "
+        "measuring)",
+    )
 
 
 def backbone_config(args: argparse.Namespace, taps: str = "all") -> Any:
@@ -103,7 +110,8 @@ def backbone_config(args: argparse.Namespace, taps: str = "all") -> Any:
         source=args.model,
         dtype=args.dtype,
         taps=taps,
-        stream=args.stream_weights,
+        stream=args.stream_weights or args.cold_weights,
+        cold=args.cold_weights,
         quant=args.device_quant,
     )
 

@@ -1,0 +1,117 @@
+"""A GGUF file to a Hugging Face folder (config, tokenizer, float32 safetensors), one tensor at
+a time.
+
+transformers' own GGUF loading dequantizes every tensor into one model in memory, and saving
+that needs a second copy: a 270M model peaked at 3.3 GB on its first load, far above what
+training it needs, so a small device failed before it started. Here each tensor is
+dequantized, renamed and reordered by transformers' own GGUF tensor processors (the same name
+map and fix-ups as ``from_pretrained(gguf_file=...)``), written to a scratch file and freed;
+the safetensors file is then assembled from those files by copying. Large tensors are
+dequantized a few thousand rows at a time. The peak is about the largest single tensor in
+float32 plus the GGUF's own memory map.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_COPY = 1 << 24
+_ROWS = 4096  # rows of a quantized tensor dequantized at once
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """Write ``path``'s model into the empty folder ``out`` (config, tokenizer, weights)."""
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    # Each of these parses the GGUF's metadata (a vocabulary of 150k tokens is hundreds of MB
+    # of Python objects): one at a time, each freed before the next.
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    gc.collect()
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    processor_config = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
+    gc.collect()
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=processor_config)
+    with init_empty_weights():
+        shapes = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = get_gguf_hf_weights_map(shapes, processor)
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
+    scratch = out / ".tensors"
+    scratch.mkdir()
+    written: list[tuple[str, tuple[int, ...], Path]] = []
+    for i, tensor in enumerate(reader.tensors):
+        result = processor.process(
+            weights=_dequantize(tensor, dequantize),
+            name=tensor.name,
+            tensor_key_mapping=names,
+            parsed_parameters={"config": processor_config, "tensors": {}},
+        )
+        if result.name not in names:
+            continue
+        name = names[result.name]
+        arr = np.ascontiguousarray(result.weights, dtype=np.float32)
+        if name in expected and tuple(arr.shape) != expected[name]:
+            raise ValueError(f"{name}: GGUF gives shape {arr.shape}, the model {expected[name]}")
+        part = scratch / f"{i}.bin"
+        arr.tofile(part)
+        written.append((name, tuple(arr.shape), part))
+        del arr, result
+    _assemble(written, out / "model.safetensors")
+    shutil.rmtree(scratch)
+    config.architectures = [type(shapes).__name__]
+    config.save_pretrained(out)
+
+
+def _dequantize(tensor: Any, dequantize: Any) -> np.ndarray:
+    """float32 values of a GGUF tensor, dequantized a few rows at a time: the library's
+    numpy kernels make temporaries several times their input, 2 GB for one 150k-row
+    embedding at once."""
+    data = tensor.data
+    if data.ndim < 2 or data.shape[0] <= _ROWS:
+        return dequantize(data, tensor.tensor_type)
+    first = dequantize(data[:_ROWS], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:_ROWS] = first
+    for i in range(_ROWS, data.shape[0], _ROWS):
+        out[i : i + _ROWS] = dequantize(data[i : i + _ROWS], tensor.tensor_type)
+    return out
+
+
+def _assemble(parts: list[tuple[str, tuple[int, ...], Path]], target: Path) -> None:
+    """A safetensors file of float32 tensors from raw little-endian scratch files, in order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, part in parts:
+        size = part.stat().st_size
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with target.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, _, part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, f, _COPY)
+            part.unlink()
