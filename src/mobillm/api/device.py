@@ -137,7 +137,7 @@ class Device:
         *,
         taps: str = "all",
         dtype: str = "float32",
-        stream_weights: bool = False,
+        stream_weights: bool = True,
         quant: str = "none",
     ) -> None:
         if isinstance(model, BackboneConfig):

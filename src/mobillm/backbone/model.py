@@ -50,7 +50,9 @@ class BackboneConfig(Config):
     ``stream``: weights stay in their memory-mapped file and only the layer that runs is
     resident: each layer's pages are handed back once it has run and the next layer's are
     prefetched meanwhile (``mobillm.backbone.pages``); the embedding keeps only the rows the
-    batch read. Results are bit for bit the same. ``cold``: streamed pages are also dropped
+    batch read. Results are bit for bit the same. On by default: it cost 1% (SmolLM2-135M) and 8%
+    (Qwen2.5-Coder-0.5B) of a short training run's wall time for 1.6x and 2.2x less peak
+    memory. ``cold``: streamed pages are also dropped
     from the page cache, so every step reads the weights from storage again (a device under
     memory pressure; for measuring).
     ``quant="int8"``: the linear layers the device runs use int8 weights and dynamically
@@ -62,7 +64,7 @@ class BackboneConfig(Config):
     source: str = "smollm2-135m"
     dtype: str = "float32"
     taps: str = "all"
-    stream: bool = False
+    stream: bool = True
     cold: bool = False
     quant: str = "none"
 

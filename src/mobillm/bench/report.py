@@ -14,6 +14,8 @@ TARGET_MEMORY = {"qwen2.5-coder-1.5b": 4.0, "smollm2-135m": 3.0}
 TARGET_SPEED = 2.3
 TARGET_TIME = 2.3
 TARGET_ACC_GAP = 0.015
+# the largest accuracy gap to LoRA each data set's race may show (issue targets); others 1.5
+RACE_GAP = {"sst2": 0.01}
 METHOD_NAMES = {
     "mobillm": "MobiLLM (device)",
     "lora": "on-device LoRA r=8 q,v",
@@ -188,10 +190,12 @@ def _race_table(races: list[dict[str, Any]]) -> tuple[str, list[str]]:
             )
         elif r["method"] == "mobillm" and lora and target is not None:
             gap = full_dev(lora) - full_dev(r)
+            most = RACE_GAP.get(r.get("data", "sst2"), TARGET_ACC_GAP)
             if r.get("split_layers") or r.get("epochs", 1) > 1:
                 verdicts.append(
                     f"- {_name(r)}: dev accuracy {full_dev(r):.4f} vs LoRA {full_dev(lora):.4f}, "
-                    f"gap {100 * gap:.2f} points (target <= 1.0: {_ok(gap <= 0.01)}); time to "
+                    f"gap {100 * gap:.2f} points (target <= {100 * most:.1f}: "
+                    f"{_ok(gap <= most)}); time to "
                     f"target {reach}"
                     + (f", LoRA / this {lora_t / t:.2f}" if t and lora_t else "")
                     + _time_split(r, lora)
@@ -377,7 +381,7 @@ def write_doc(results: list[dict[str, Any]], out: Path, doc: Path, command: str)
         ),
         "## Accuracy and wall time, same sample budget",
         "",
-        "Every method trains on the same SST-2 sample budget and batches; the clock runs only "
+        "Every method trains on the same sample budget and batches; the clock runs only "
         "while training (it stops for the dev evaluations at each checkpoint). Checkpoints "
         "evaluate a fixed subset of the dev set; the target is LoRA's final accuracy on that "
         "subset minus one point, and time to target is the training time of the first "

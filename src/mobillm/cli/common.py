@@ -89,9 +89,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stream-weights",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep only the running layer's weights resident (memory-mapped, released after "
-        "each layer, the next one prefetched): far less device memory, same results",
+        "each layer, the next one prefetched): far less device memory, same results "
+        "(default: on)",
     )
     g.add_argument(
         "--cold-weights",
