@@ -57,7 +57,19 @@ def test_two_process_example_is_short():
     assert code_lines((ROOT / "examples" / "two_processes.py").read_text()) <= 20
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_quickstart_example_is_the_readme_block():
+    # the README block runs above; the example file is the same code with a model argument
+    code = readme_quickstart().replace('mobillm.Device("smollm2-135m")', "mobillm.Device(model)")
+    example = (ROOT / "examples" / "quickstart.py").read_text()
+    for line in code.splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            assert line.split("  #")[0].rstrip() in example, line
+
+
+RUN = [p for p in EXAMPLES if p.stem != "quickstart"]
+
+
+@pytest.mark.parametrize("script", RUN, ids=[p.stem for p in RUN])
 def test_example_runs(tmp_path, model_dir, script):
     out = run(tmp_path, str(script), model_dir)
     assert re.search(r"accuracy \d\.\d{3} -> \d\.\d{3}", out), out
