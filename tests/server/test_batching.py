@@ -184,7 +184,8 @@ def test_a_poisoned_step_fails_only_its_session(make_tiny_backbone):
         before = {k: v.clone() for k, v in bad.net.trainable_state().items()}
         hidden = [torch.full((5, bb.hidden_size), float("inf"))] * len(bb.taps)
         masks = bad.net.draw_dropout(5, None)
-        poisoned = Ready(bad, hidden, torch.zeros(5, dtype=torch.long), torch.eye(5), masks)
+        layout = (torch.ones(5, dtype=torch.int32), torch.arange(5))  # 5 samples of one row
+        poisoned = Ready(bad, hidden, torch.zeros(5, dtype=torch.long), layout, masks)
         errors = []
 
         def poison():

@@ -36,7 +36,7 @@ from mobillm.config import Config, check
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.server.batching import BatchConfig, Batcher
 from mobillm.server.sessions import ServerConfig, SessionManager
-from mobillm.server.trainer import Trainer
+from mobillm.server.trainer import Trainer, use_tf32
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead, HeadSpec, tensors_sha256
 from mobillm.transport.messages import SessionSpec, StepBegin, TrainConfig, chunk_frame
@@ -67,6 +67,7 @@ class LoadConfig(Config):
     codec: str = "int8"
     frames: str = ""  # a file from record_frames ('' = synthetic frames)
     path: str = "server"  # "server": encoded frames into a SessionManager; "trainer": decoded
+    tf32: bool = True  # on CUDA, as the server's default (ServerConfig.tf32)
 
     def validate(self) -> None:
         check(self.shape in SHAPES, f"LoadConfig.shape must be one of {sorted(SHAPES)}")
@@ -205,6 +206,7 @@ def _server_steps(cfg: LoadConfig, frames: Frames, workdir: str | Path):
             cache_disk_bytes=0,
             checkpoint_every=0,
             workdir=str(workdir),
+            tf32=cfg.tf32,
         )
     )
     sessions = []
@@ -233,6 +235,7 @@ def _trainer_steps(cfg: LoadConfig, frames: Frames):
     codec and chunking (what a GPU server's kernels can do when the host keeps up)."""
     batching = BatchConfig(cfg.max_batch, cfg.wait_ms, cfg.round_mb << 20)
     batcher = Batcher(batching) if cfg.max_batch > 1 else None
+    use_tf32(cfg.device, cfg.tf32)
     spec0, blob = session_spec(cfg, seed=0)
     head = FrozenHead(spec0.head, load(blob)).to(cfg.device)
     trainers = [
@@ -243,10 +246,7 @@ def _trainer_steps(cfg: LoadConfig, frames: Frames):
 
     def step(i: int, begin: StepBegin, k: int):
         trainers[i].begin(begin)
-        ack = None
-        for h in hidden[k]:
-            ack = trainers[i].add_hidden(h)
-        return ack
+        return trainers[i].add_hidden(hidden[k])
 
     return step, batcher.close if batcher is not None else (lambda: None)
 
@@ -336,8 +336,10 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "Simulated devices are threads replaying frames into one `SessionManager` (the object "
         "the gRPC servicer calls) as fast as it acknowledges them, one step in flight each; the "
         "network is left out, so the figures are the server's. *Unbatched*: each session trains "
-        "on its own pool thread (`--max-batch 1`, the default); *batched* trains "
-        "every ready step of same-shaped sessions in one stacked round (`--max-batch S`). Ack "
+        "on its own pool thread (`--max-batch 1`); *batched* trains "
+        "every ready step of same-shaped sessions in one stacked round (`--max-batch N`, "
+        "the server's default being 64). On CUDA, *TF32* rows let float32 matmuls use TF32 "
+        "tensor cores (`mobillm serve`'s default), *FP32* rows do not. Ack "
         "latency is StepBegin to ack. Memory per session is the process RSS growth (CPU) or "
         "the CUDA peak allocated (GPU), divided by the sessions. Rows on `cuda` come from "
         "`scripts/bench_server_gpu.sh` on a CUDA machine (and may come from different calls "
@@ -358,6 +360,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
     )
     for r in sorted(records, key=lambda r: (*key(r), r["max_batch"])):
         mode = "unbatched" if r["max_batch"] == 1 else f"batched ({r['max_batch']})"
+        if r["device"].startswith("cuda"):  # rows from before the option ran in float32
+            mode += ", TF32" if r.get("tf32") else ", FP32"
         lines.append(
             f"| {r['device']} ({r.get('machine', '?')}) | {r.get('path', 'server')} | "
             f"{r['shape']} | "
@@ -369,13 +373,15 @@ def render(records: list[dict[str, Any]], command: str) -> str:
     lines += _verdicts(records)
     lines += ["", "## Batched / unbatched throughput", ""]
     pairs: dict[tuple, dict[str, float]] = {}
-    for r in records:
-        pairs.setdefault(key(r), {})["b" if r["max_batch"] > 1 else "u"] = r["session_steps_per_s"]
+    for r in records:  # a ratio pairs rows of one matmul precision only
+        k = (*key(r), bool(r.get("tf32")) and r["device"].startswith("cuda"))
+        pairs.setdefault(k, {})["b" if r["max_batch"] > 1 else "u"] = r["session_steps_per_s"]
     for k, v in sorted(pairs.items()):
         if "b" in v and "u" in v:
-            dev, path, shape, b, t, s = k
+            dev, path, shape, b, t, s, tf32 = k
+            prec = (", TF32" if tf32 else ", FP32") if dev.startswith("cuda") else ""
             lines.append(
-                f"- {dev}, {path} path, {shape}, B{b}xT{t}, {s} sessions: "
+                f"- {dev}, {path} path, {shape}, B{b}xT{t}, {s} sessions{prec}: "
                 f"**{v['b'] / v['u']:.2f}x**"
             )
     return "\n".join(lines) + "\n"

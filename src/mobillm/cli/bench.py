@@ -150,6 +150,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--round-mb", type=int, default=4096, help="memory bound of one round (0 = none)"
     )
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = all)")
+    s.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, TF32 matmuls, as `mobillm serve` does by default (default: on)",
+    )
     s.add_argument("--out", default="results/server")
     s.add_argument("--doc", default="docs/server.md")
     s.add_argument("--fresh", action="store_true", help="rerun points already measured")
@@ -400,6 +406,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
                         frames=frames,
                         path=args.path,
                         round_mb=args.round_mb,
+                        tf32=args.tf32,
                     )
                 )
     command = "mobillm bench server " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])

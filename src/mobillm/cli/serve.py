@@ -119,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{BatchConfig.max_batch})",
     )
     g.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on CUDA, float32 matmuls on TF32 tensor cores: faster, 10-bit mantissa inputs "
+        "(default: on; no effect on CPU)",
+    )
+    g.add_argument(
         "--batch-wait-ms",
         type=float,
         default=None,
@@ -198,6 +205,7 @@ _CONFIG_FLAGS: dict[str, tuple[str, Any]] = {
     "max_batch": ("max_batch", int),
     "batch_wait_ms": ("batch_wait_ms", float),
     "batch_round_mb": ("batch_round_bytes", lambda mb: mb << 20),
+    "tf32": ("tf32", bool),
 }
 
 

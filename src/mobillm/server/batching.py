@@ -45,7 +45,7 @@ from torch.func import functional_call, vmap
 from mobillm.config import Config, check
 from mobillm.server.objective import IGNORE, task_loss
 from mobillm.side.learner import build_learner
-from mobillm.side.model import SideNetwork
+from mobillm.side.model import SideNetwork, pool_matrix
 from mobillm.transport.messages import RemoteError, SessionSpec
 
 
@@ -123,7 +123,17 @@ class FlatState:
             view.copy_(p.detach())
             p.data = view
             off += p.numel()
+        self._blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.bind(opt, 0)
+
+    def blocks(self, split: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Weights and moments of the decayed block (``[:split]``) and of the rest, as views
+        made once: a round would otherwise slice every session's vectors anew."""
+        got = self._blocks.get(split)
+        if got is None:
+            parts = (slice(0, split), slice(split, None))
+            got = self._blocks[split] = [(self.p[s], self.m[s], self.v[s]) for s in parts]
+        return got
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out, off = [], 0
@@ -225,7 +235,9 @@ class Ready:
     trainer: Trainer
     hidden: list[torch.Tensor]  # per tap, (rows, hidden) on the server's device
     target: torch.Tensor  # (B,) class ids or (rows,) token ids, IGNORE where no loss
-    pool: torch.Tensor | None  # (B, rows) pooling weights (classification)
+    # classification: the step's (B,) rows per sample and pool rows, from which the round
+    # builds every step's pooling weights at once on the device; None for causal LM
+    layout: tuple[torch.Tensor, torch.Tensor] | None
     masks: torch.Tensor | None = None  # (calls, rows, width) dropout keep-masks
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: tuple[float, dict[str, float]] | None = None
@@ -313,9 +325,11 @@ class Batcher:
             self._touch(item.trainer)
         key = held[0].trainer.batch_key
         deadline = time.monotonic() + self.cfg.wait_ms / 1000
-        while sum(i.trainer.batch_key == key for i in held) < min(
-            self.cfg.max_batch, self._active(key)
-        ):
+        # counted as they come, not recounted per step: a round of R steps costs O(R) key
+        # comparisons (each compares whole configs), which matters at hundreds of sessions
+        want = min(self.cfg.max_batch, self._active(key))
+        have = sum(i.trainer.batch_key == key for i in held)
+        while have < want:
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -323,7 +337,9 @@ class Batcher:
             if item is None:
                 return False
             held.append(item)
-            self._touch(item.trainer)
+            if self._touch(item.trainer):  # a session not counted as active yet
+                want = min(self.cfg.max_batch, self._active(key))
+            have += item.trainer.batch_key == key
         return True
 
     def _train(self, key: Any, items: list[Ready]) -> None:
@@ -366,9 +382,12 @@ class Batcher:
         with self._seen_lock:
             self._seen.pop(id(trainer), None)
 
-    def _touch(self, trainer: Trainer) -> None:
+    def _touch(self, trainer: Trainer) -> bool:
+        """Mark ``trainer`` active now; whether it was not active before."""
         with self._seen_lock:
+            new = id(trainer) not in self._seen
             self._seen[id(trainer)] = (time.monotonic(), trainer.batch_key)
+            return new
 
     def _active(self, key: Any) -> int:
         """Sessions of group ``key`` that attached or submitted a step in the last
@@ -402,18 +421,24 @@ class Batcher:
         leaves = g.leaves([i.trainer for i in items])
         hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
         # each session's masks, drawn when its step opened, padded: (R, calls, rows, width)
+        none = torch.zeros(0, rows, g.width, device=dev)
         masks = torch.stack(
             [
-                F.pad(i.masks, (0, 0, 0, rows - i.masks.shape[1]))
-                if i.masks is not None
-                else torch.zeros(0, rows, g.width, device=dev)
+                none
+                if i.masks is None
+                else i.masks
+                if i.masks.shape[1] == rows
+                else F.pad(i.masks, (0, 0, 0, rows - i.masks.shape[1]))
                 for i in items
             ]
         )
-        classify = items[0].pool is not None
+        classify = items[0].layout is not None
         if classify:
             samples = max(i.target.shape[0] for i in items)
-            pool = torch.stack([_pad2(i.pool, samples, rows) for i in items]).to(dev)
+            # padding samples have no rows and pool row -1: zero pooling weights, no loss
+            counts = _pad([i.layout[0] for i in items], samples, 0).to(dev)  # type: ignore[index]
+            last = _pad([i.layout[1] for i in items], samples, -1).to(dev)  # type: ignore[index]
+            pool = pool_matrix(counts, last, items[0].trainer.spec.side.pooling, rows)
             target = _pad([i.target for i in items], samples, IGNORE).to(dev)
         else:
             pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
@@ -445,8 +470,11 @@ class Batcher:
                     t.spec.train.weight_decay,
                 )
                 same.setdefault(key_, []).append(j)
+        # each session's two gradient blocks as views, made in two calls for the whole round
+        rows_dec, rows_rest = grad[:, : g.split].unbind(0), grad[:, g.split :].unbind(0)
         for (lr, step, wd), js in same.items():
-            _adamw([items[j].trainer for j in js], [grad[j] for j in js], lr, step, wd, g.split)
+            parts = [[rows_dec[j] for j in js], [rows_rest[j] for j in js]]
+            _adamw([items[j].trainer for j in js], parts, lr, step, wd, g.split)
         self.rounds += 1
         for j, item in enumerate(items):
             t = item.trainer
@@ -473,30 +501,29 @@ class Batcher:
 
 def _adamw(
     trainers: list[Trainer],
-    grads: list[torch.Tensor],
+    grads: list[list[torch.Tensor]],
     lr: float,
     step: int,
     weight_decay: float,
     split: int,
 ) -> None:
     """AdamW steps of sessions that share ``lr``, ``step`` and ``weight_decay``, in place on
-    their flat weights and moments (``grads``: their clipped flat gradients; the first
-    ``split`` elements decay): PyTorch's fused kernel, one pass over weights, moments and
-    gradients, the same arithmetic as ``torch.optim.AdamW(fused=True)``."""
-    flats = [t.flat for t in trainers]
-    st = torch.tensor(float(step), device=grads[0].device)
+    their flat weights and moments (``grads``: their clipped gradients' decayed block, the
+    first ``split`` elements, and the rest): PyTorch's fused kernel, one pass over weights,
+    moments and gradients, the same arithmetic as ``torch.optim.AdamW(fused=True)``."""
+    blocks = [t.flat.blocks(split) for t in trainers]  # type: ignore[union-attr]
+    st = torch.tensor(float(step), device=grads[0][0].device)
     b1, b2 = BETAS
-    for part, wd in ((slice(0, split), weight_decay), (slice(split, None), 0.0)):
-        ps = [f.p[part] for f in flats]  # type: ignore[union-attr]
-        if not ps[0].numel():
+    for part, wd in ((0, weight_decay), (1, 0.0)):
+        if not grads[part][0].numel():
             continue
         torch._fused_adamw_(
-            ps,
-            [g[part] for g in grads],
-            [f.m[part] for f in flats],  # type: ignore[union-attr]
-            [f.v[part] for f in flats],  # type: ignore[union-attr]
+            [b[part][0] for b in blocks],
+            grads[part],
+            [b[part][1] for b in blocks],
+            [b[part][2] for b in blocks],
             [],
-            [st] * len(ps),
+            [st] * len(blocks),
             lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=EPS,
             amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
         )  # fmt: skip
@@ -509,10 +536,4 @@ def _pad(parts: list[torch.Tensor], size: int, value: float = 0.0) -> torch.Tens
     out = parts[0].new_full((len(parts), size, *parts[0].shape[1:]), value)
     for j, x in enumerate(parts):
         out[j, : x.shape[0]] = x
-    return out
-
-
-def _pad2(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    out = w.new_zeros(rows, cols)
-    out[: w.shape[0], : w.shape[1]] = w
     return out

@@ -37,7 +37,7 @@ from mobillm.server.budget import check_side, price
 from mobillm.server.cache import ActivationCache, CacheConfig
 from mobillm.server.heads import Frozen, HeadCache, head_key, parse_head
 from mobillm.server.state import SessionStore, head_file_key, token_hash
-from mobillm.server.trainer import Trainer
+from mobillm.server.trainer import Trainer, use_tf32
 from mobillm.side.io import SideMeta, save_side, weights_to_bytes
 from mobillm.transport.messages import (
     DEFAULT_CHUNK_BYTES,
@@ -83,6 +83,9 @@ class ServerConfig(Config):
     stacked round (``mobillm.server.batching``; 1 = each session trains on its own);
     ``batch_wait_ms``: how long a round waits after its first step for others;
     ``batch_round_bytes``: what one round may take (its steps' estimated memory).
+    ``tf32``: on CUDA, float32 matmuls run on TF32 tensor cores (10-bit mantissa inputs,
+    float32 accumulation): 1.25-1.4x the session-steps/s on an H200, the same trade PyTorch
+    makes by default for convolutions; no effect on CPU.
     """
 
     device: str = "cpu"
@@ -107,6 +110,7 @@ class ServerConfig(Config):
     max_batch: int = BatchConfig.max_batch
     batch_wait_ms: float = 50.0
     batch_round_bytes: int = BatchConfig.round_bytes
+    tf32: bool = True
 
     def validate(self) -> None:
         BatchConfig(self.max_batch, self.batch_wait_ms, self.batch_round_bytes)  # validates
@@ -158,6 +162,7 @@ class SessionManager:
         self._lock = threading.Lock()
         self.workdir = Path(self.cfg.workdir)
         self.store = SessionStore(self.workdir)
+        use_tf32(self.cfg.device, self.cfg.tf32)
         batching = BatchConfig(
             self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.batch_round_bytes
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.server.objective import IGNORE, correct, task_loss
 from mobillm.side.head import FrozenHead
 from mobillm.side.learner import Learner, build_learner
-from mobillm.side.model import SideNetwork, pool_matrix
+from mobillm.side.model import SideNetwork
 from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
@@ -56,8 +56,20 @@ def lr_lambda(total: int, warmup_ratio: float, schedule: str):
     return f
 
 
+def use_tf32(device: str, on: bool) -> None:
+    """On CUDA, let float32 matmuls use TF32 tensor cores (process-wide, as PyTorch's switch
+    is): side-network steps are matmul-bound there. Nothing changes on CPU."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = on
+
+
 def _bad(msg: str) -> RemoteError:
     return RemoteError("INVALID_ARGUMENT", msg)
+
+
+def _row_sample(b: StepBegin) -> torch.Tensor:
+    """Which sample each of a step's rows belongs to."""
+    return torch.repeat_interleave(torch.arange(b.num_samples), b.rows_per_sample.long())
 
 
 class _Pending:
@@ -69,9 +81,6 @@ class _Pending:
         # a batched step keeps its decoded taps for the round instead of folding them now
         self.hidden: list[torch.Tensor] | None = [] if batched else None
         self.masks: torch.Tensor | None = None
-        self.row_sample = torch.repeat_interleave(
-            torch.arange(begin.num_samples), begin.rows_per_sample.long()
-        )
         self.frame_nbytes = frame_nbytes
         self.next_tap = 0
         self.next_seq = 0
@@ -205,19 +214,23 @@ class Trainer:
     def _check_begin(self, msg: StepBegin) -> None:
         side = self.spec.side
         b = msg.num_samples
-        if b == 0 or msg.rows_per_sample.ndim != 1 or (msg.rows_per_sample < 1).any():
+        # per-sample fields are a few numbers: checked as Python lists, one conversion each,
+        # since every tensor call costs a batching server host time (and a GIL hand-off)
+        if b == 0 or msg.rows_per_sample.ndim != 1 or min(msg.rows_per_sample.tolist()) < 1:
             raise _bad("rows_per_sample must be a non-empty 1-D tensor of positive counts")
         n = msg.num_rows
         if n > self.max_rows:
             raise RemoteError("RESOURCE_EXHAUSTED", f"{n} rows in one step; limit {self.max_rows}")
         if self.max_step_bytes:
             check_step(self.spec, msg.rows_per_sample, self.max_step_bytes)
-        if msg.pool_rows.shape != (b,) or (msg.pool_rows < 0).any() or (msg.pool_rows >= n).any():
+        pool = msg.pool_rows.tolist() if msg.pool_rows.shape == (b,) else [-1]
+        if min(pool) < 0 or max(pool) >= n:
             raise _bad(f"pool_rows must hold {b} row indices in [0, {n})")
         if side.task == "classification":
             if msg.labels is None or msg.labels.shape != (b,):
                 raise _bad(f"classification step needs labels of shape ({b},)")
-            if (msg.labels < 0).any() or (msg.labels >= side.num_labels).any():
+            labels = msg.labels.tolist()
+            if min(labels) < 0 or max(labels) >= side.num_labels:
                 raise _bad(f"labels must be class ids in [0, {side.num_labels})")
         else:
             t = msg.targets
@@ -259,18 +272,24 @@ class Trainer:
         self._fold(p, frame)
         return self._maybe_finish(p)
 
-    def add_hidden(self, h: torch.Tensor) -> Ack | None:
-        """Take the open step's next tapped layer already decoded, ``(rows, hidden)`` on the
-        trainer's device: what ``add_chunk`` does after decoding (a trusted, in-process caller
-        such as a benchmark feeding the trainer without the codec; nothing is cached)."""
+    def add_hidden(self, h: torch.Tensor | Sequence[torch.Tensor]) -> Ack | None:
+        """Take the open step's next tapped layers already decoded, each ``(rows, hidden)`` on
+        the trainer's device (one tensor, or several in tap order): what ``add_chunk`` does
+        after decoding (a trusted, in-process caller such as a benchmark feeding the trainer
+        without the codec; nothing is cached). Several at once spare a batching server's
+        host the per-call work, which bounds how many session-steps a GPU can take."""
         p = self._pending
         if p is None:
             raise RemoteError("FAILED_PRECONDITION", "no step is open")
+        taps = [h] if isinstance(h, torch.Tensor) else list(h)
         want = (p.begin.num_rows, self.spec.side.hidden_size)
-        if tuple(h.shape) != want:
-            raise _bad(f"tap {p.next_tap} has shape {tuple(h.shape)}, step needs {want}")
+        if p.next_tap + len(taps) > len(self.spec.taps):
+            raise _bad(f"{len(taps)} taps given, the step needs {len(self.spec.taps) - p.next_tap}")
+        for x in taps:
+            if x.shape != want:
+                raise _bad(f"tap {p.next_tap} has shape {tuple(x.shape)}, step needs {want}")
+            self._fold_hidden(p, x)
         p.frames = None
-        self._fold_hidden(p, h)
         return self._maybe_finish(p)
 
     def _maybe_finish(self, p: _Pending) -> Ack | None:
@@ -322,8 +341,9 @@ class Trainer:
             feats = self.net.finish(p.state, p.last_hidden)
             metrics: dict[str, float] = {}
             if side.task == "classification":
+                dev = self.device
                 logits = self.net.logits(
-                    feats, b.pool_rows.to(self.device), p.row_sample.to(self.device), b.num_samples
+                    feats, b.pool_rows.to(dev), _row_sample(b).to(dev), b.num_samples
                 )
                 labels = b.labels.to(self.device)
                 smoothing = 0.0 if b.validation else self.spec.train.label_smoothing
@@ -369,9 +389,8 @@ class Trainer:
         assert self.batcher is not None and p.hidden is not None
         b = p.begin
         if self.spec.side.task == "classification":
-            rows = b.num_rows
-            pool = pool_matrix(b.rows_per_sample, b.pool_rows, self.spec.side.pooling, rows)
-            item = Ready(self, p.hidden, b.labels.long(), pool, p.masks)
+            layout = (b.rows_per_sample, b.pool_rows)
+            item = Ready(self, p.hidden, b.labels.long(), layout, p.masks)
         else:
             item = Ready(self, p.hidden, b.targets.long(), None, p.masks)
         loss, metrics = self.batcher.train(item)  # a RemoteError drops the step (abort_step)

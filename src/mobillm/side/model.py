@@ -105,17 +105,22 @@ def same_sample_mask(rows_per_sample: torch.Tensor) -> torch.Tensor:
 def pool_matrix(
     rows_per_sample: torch.Tensor, pool_rows: torch.Tensor, pooling: str, rows: int
 ) -> torch.Tensor:
-    """(B, rows) float weights that pool head features per sample: one-hot at each sample's
-    ``pool_rows`` entry ("last") or its rows' average ("mean"); columns past the step's own
-    rows (padding) get zero weight."""
-    b = rows_per_sample.numel()
-    w = torch.zeros(b, rows)
+    """(..., B, rows) float weights that pool head features per sample: one-hot at each
+    sample's ``pool_rows`` entry ("last") or its rows' average ("mean"); columns past the
+    step's own rows (padding) get zero weight.
+
+    ``rows_per_sample`` and ``pool_rows`` are (..., B) on the device the weights are wanted
+    on: a batching server builds one round's weights at once from its steps' layouts stacked
+    (R, B), a sample of 0 rows and pool row -1 standing for padding (zero weights).
+    """
+    cols = torch.arange(rows, device=rows_per_sample.device)
     if pooling == "last":
-        w[torch.arange(b), pool_rows.long()] = 1.0
-    else:
-        sample = torch.repeat_interleave(torch.arange(b), rows_per_sample.long())
-        w[sample, torch.arange(sample.numel())] = 1.0 / rows_per_sample.float()[sample]
-    return w
+        return (cols == pool_rows.long().unsqueeze(-1)).float()
+    # each sample's row range by comparison, not a scatter: the same weights, 1 / rows
+    counts = rows_per_sample.long().unsqueeze(-1)
+    ends = counts.cumsum(-2)
+    inside = (cols >= ends - counts) & (cols < ends)
+    return inside / counts.clamp(min=1)
 
 
 def task_classifier(cfg: SideConfig, head: FrozenHead) -> nn.Linear | None:
@@ -183,13 +188,18 @@ class SideNetwork(nn.Module):
     def dropout_calls(self) -> list[SeededDropout]:
         """The dropout layers of one forward pass, each called once on a ``(rows, width)``
         input; empty when dropout is off."""
-        if self.cfg.dropout == 0.0:
-            return []
-        calls: list[SeededDropout] = []
-        for tap in range(self.cfg.num_taps):
-            if self.mixers:
-                calls.append(self.mixers[tap].drop)
-            calls.append(self.adapters[tap].drop)
+        calls = self.__dict__.get("_dropout_calls")
+        if calls is not None:
+            return calls
+        calls = []
+        if self.cfg.dropout != 0.0:
+            for tap in range(self.cfg.num_taps):
+                if self.mixers:
+                    calls.append(self.mixers[tap].drop)
+                calls.append(self.adapters[tap].drop)
+        # listed once (a server asks every step): kept in __dict__, outside the module
+        # registry, as the same modules in call order
+        self.__dict__["_dropout_calls"] = calls
         return calls
 
     def draw_dropout(self, rows: int, generator: torch.Generator | None) -> torch.Tensor | None:
