@@ -43,9 +43,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codec", default="int8")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--link-mbps", type=float, default=0.0)
+    p.add_argument(
+        "--learner",
+        default=None,
+        choices=["ladder", "split"],
+        help="what the server trains (default: mobillm train's)",
+    )
+    p.add_argument("--split-layers", type=int, default=None, help="split: top layers on the server")
     p.add_argument("--no-tls", action="store_true", help="plain TCP on loopback instead of TLS")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=run)
+
+
+def _run_measured(cmd: list[str]) -> tuple[str, int, int]:
+    """Run ``cmd``; its stdout, exit code and peak RSS in KiB (from ``wait4``: that process
+    alone, not the server beside it)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    return stdout, code, usage.ru_maxrss
 
 
 def _mobillm() -> list[str]:
@@ -96,18 +119,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if tls:
         cmd += ["--tls-ca", tls["ca"]]
+    if args.learner:
+        cmd += ["--learner", args.learner]
+    if args.split_layers is not None:
+        cmd += ["--split-layers", str(args.split_layers)]
     common.say(f"[demo] device process: {' '.join(cmd[2:])}")
     try:
-        device = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        stdout, code, peak_kb = _run_measured(cmd)
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    if device.returncode != 0:
-        raise MobiLLMError(f"the device process failed with code {device.returncode}")
-    result = json.loads(device.stdout)
+    if code != 0:
+        raise MobiLLMError(f"the device process failed with code {code}")
+    result = json.loads(stdout)
     before, after = result.get("before", {}), result.get("after", {})
     tr = result["train"]
     summary = {
@@ -122,6 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_sample": tr["bytes_per_sample"],
         "mb_sent": round(tr["bytes_sent"] / 1e6, 2),
         "train_seconds": tr["wall_seconds"],
+        # the device process's peak resident memory, model loading and evaluation included
+        "device_peak_rss_mb": round(peak_kb / 1024, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "side_network": str(out / "side"),
         "server_log": str(out / "server" / "server.jsonl"),
@@ -133,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"after {summary['accuracy_after']:.3f} (side-tuned on {tr['samples']} samples)\n"
         f"[demo] {summary['bytes_per_sample']:.0f} bytes/sample uploaded ({args.codec}), "
         f"{summary['mb_sent']} MB in all; training took {tr['wall_seconds']:.0f}s; "
+        f"device peak memory {summary['device_peak_rss_mb']:.0f} MB; "
         f"side network in {out / 'side'}"
     )
     return summary
