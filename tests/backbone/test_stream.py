@@ -46,3 +46,36 @@ def test_streamed_forward_is_identical_and_holds_a_layer(tmp_path, bos_tokenizer
     total = weights.stat().st_size / 2**20
     assert plain_rss > total / 2, (plain_rss, total)  # the check can see resident weights
     assert streamed_rss < total / 4, (streamed_rss, total)
+
+
+def test_a_split_side_network_streams_the_top_layers_too(tmp_path, bos_tokenizer):
+    """On the device, a split side network runs the backbone's own top layers: with streamed
+    weights they are handed back after running as well, with the same logits."""
+    from mobillm.data import Batch
+    from mobillm.device.local import LocalModel
+    from mobillm.device.runtime import build_side_config
+
+    cfg = LlamaConfig(
+        vocab_size=len(bos_tokenizer), hidden_size=512, intermediate_size=1024,
+        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    bos_tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    ids = torch.randint(3, len(bos_tokenizer), (4, 16))
+    batch = Batch(ids, torch.ones_like(ids), labels=torch.zeros(4, dtype=torch.long),
+                  loss_positions=torch.full((4,), 15))  # fmt: skip
+    logits, rss = {}, {}
+    for stream in (False, True):
+        bb = Backbone.load(BackboneConfig(source=str(tmp_path), stream=stream))
+        side = build_side_config(bb, "classification", 2, ("good", "bad"), kind="split",
+                                 split_layers=3)  # fmt: skip
+        model = LocalModel.untrained(bb, side)
+        logits[stream] = model.class_logits(batch)
+        rss[stream] = _mapped_rss_mb(weights)
+        del bb, model
+    total = weights.stat().st_size / 2**20
+    assert torch.equal(logits[False], logits[True])
+    assert rss[False] > total / 2, (rss[False], total)
+    assert rss[True] < total / 4, (rss[True], total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 
 import torch
@@ -38,6 +38,25 @@ _VOLATILE_KEYS = {
     "return_dict",
     "_commit_hash",
 }
+
+
+def stream_hooks(
+    layers: Sequence[nn.Module], weights: list[list[pages.Region]], cold: bool = False
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Per layer: prefetch the next layer's weights (``weights[i + 1]``) before it runs, and
+    hand its own back after; remove the handles when the forward is done."""
+    handles = []
+    for i, layer in enumerate(layers):
+        # hooks must return None: a forward hook's return value replaces the output
+        def before(_m: nn.Module, _inp: object, i: int = i) -> None:
+            if i + 1 < len(weights):
+                pages.prefetch_regions(weights[i + 1])
+
+        def after(_m: nn.Module, _inp: object, _out: object, i: int = i) -> None:
+            pages.release_regions(weights[i], cold)
+
+        handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    return handles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +276,8 @@ class Backbone:
             layer._mobillm_quantized = True
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Per layer: prefetch the next layer's weights before it runs, release its own after."""
+        """Per layer: prefetch the next layer's weights before it runs, release its own after;
+        the embedding's pages once the batch's rows are copied out."""
         if self._regions is None:  # where each layer's weights live: looked up once
             embed = self.model.get_input_embeddings().parameters()
             self._regions = [pages.regions(embed)] + [
@@ -265,17 +285,7 @@ class Backbone:
             ]
         embed_pages, *weights = self._regions
         cold = self.cfg.cold
-        handles = []
-        for i, layer in enumerate(self.layers):
-            # hooks must return None: a forward hook's return value replaces the output
-            def before(_m: nn.Module, _inp: object, i: int = i) -> None:
-                if i + 1 < len(weights):
-                    pages.prefetch_regions(weights[i + 1])
-
-            def after(_m: nn.Module, _inp: object, _out: object, i: int = i) -> None:
-                pages.release_regions(weights[i], cold)
-
-            handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+        handles = stream_hooks(self.layers, weights, cold)
 
         def embedded(m: nn.Module, _inp: object, _out: object) -> None:
             pages.release_regions(embed_pages, cold)  # this batch's rows are copied out by now
@@ -299,7 +309,9 @@ class Backbone:
         if self.cfg.quant != "none":
             self._quantize()
         tap_of = {layer: i for i, layer in enumerate(self.taps)}
-        handles = []
+        # streaming hooks first: forward hooks run in order, and in split mode the boundary
+        # layer's tap hook stops the forward, which must not keep that layer's weights
+        handles = self._stream_hooks() if self.cfg.stream else []
         for layer_idx, tap_idx in tap_of.items():
 
             def hook(_m: nn.Module, _inp: object, out: object, tap_idx: int = tap_idx) -> None:
@@ -308,8 +320,6 @@ class Backbone:
                     raise _Stop  # the layers above belong to the server
 
             handles.append(self.layers[layer_idx].register_forward_hook(hook))
-        if self.cfg.stream:
-            handles += self._stream_hooks()
         try:
             with torch.inference_mode():
                 out = self.family.base(self.model)(

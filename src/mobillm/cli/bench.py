@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--cost",
-        default="smollm2-135m=8x128,16x256,32x256;qwen2.5-coder-1.5b=2x128,4x128,8x128,16x128",
+        default="smollm2-135m=1x128,8x128,16x256,32x256;qwen2.5-coder-1.5b=1x128,2x128,4x128,8x128,16x128",
         help="model=BxT,BxT;model=... settings for memory and s/sample ('' = skip)",
     )
     c.add_argument(

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mobillm.backbone import Backbone
+from mobillm.backbone import Backbone, pages
+from mobillm.backbone.model import stream_hooks
 from mobillm.data import IGNORE_INDEX, Batch, TokenizedDataset, collate
 from mobillm.device.rows import RowPlan, plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.io import SideFileError, SideMeta, load_side
 from mobillm.side.learner import Learner, build_learner
+from mobillm.side.split import SplitLearner
 
 
 class LocalModel:
@@ -34,6 +36,7 @@ class LocalModel:
         self.backbone = backbone
         self.side = side.eval()
         self.meta = meta
+        self._top_regions: list[list[pages.Region]] | None = None
 
     @classmethod
     def load(cls, backbone: Backbone, folder: str | Path) -> LocalModel:
@@ -76,9 +79,27 @@ class LocalModel:
             state["s"] = self.side.step(state["s"], tap, rows, plan.rows_per_sample)
             state["h"] = rows
 
-        with torch.inference_mode():
-            self.backbone.run(batch.input_ids, batch.attention_mask, on_layer)
-            return self.side.finish(state["s"], state["h"])
+        handles = self._stream_top_layers()
+        try:
+            with torch.inference_mode():
+                self.backbone.run(batch.input_ids, batch.attention_mask, on_layer)
+                return self.side.finish(state["s"], state["h"])
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _stream_top_layers(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """A split side network runs the backbone's own top layers on the device: with
+        streamed weights, they too are handed back one layer at a time once they have run."""
+        if not self.backbone.cfg.stream or not isinstance(self.side, SplitLearner):
+            return []
+        layers = self.side.stack.layers
+        if self._top_regions is None:  # the frozen weights only: LoRA's are small and written
+            self._top_regions = [
+                pages.regions(p for n, p in layer.named_parameters() if "lora_" not in n)
+                for layer in layers
+            ]
+        return stream_hooks(layers, self._top_regions, self.backbone.cfg.cold)
 
     def class_logits(self, batch: Batch) -> torch.Tensor:
         """Classification logits ``(B, num_labels)`` for a batch."""
