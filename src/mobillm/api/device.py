@@ -214,7 +214,9 @@ class Device:
             result["before"] = json.loads(before.read_text())  # measured before the crash
         elif held is not None:
             untrained = LocalModel.untrained(self.backbone, side, dcfg.seed)
-            result["before"] = _timed_eval(untrained, held, dcfg.batch_size * 2)
+            result["before"] = _timed_eval(
+                untrained, held, dcfg.batch_size * 2, callback=callback, phase="before"
+            )
             _write_json(before, result["before"])
             if callback is not None:
                 callback({"evaluated": "before", **result["before"]})
@@ -234,7 +236,9 @@ class Device:
         self.load(out)
         if held is not None:
             assert self.model is not None
-            result["after"] = _timed_eval(self.model, held, dcfg.batch_size * 2)
+            result["after"] = _timed_eval(
+                self.model, held, dcfg.batch_size * 2, callback=callback, phase="after"
+            )
             if callback is not None:
                 callback({"evaluated": "after", **result["after"]})
         _write_json(out / "summary.json", result)
@@ -308,6 +312,7 @@ class Device:
         *,
         config: DataConfig | None = None,
         predictions: bool = False,
+        callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Accuracy (classification) or held-out loss (causal LM), on this device alone.
 
@@ -315,6 +320,7 @@ class Device:
         task the side network was trained with (``config`` overrides it), or None for the
         training data's eval split. Without a side network this is the frozen backbone
         prompted with the verbalizers (zero-shot), and ``data`` must say the task.
+        ``callback`` hears ``{"evaluating": "eval", "done": n, "total": N}`` as it goes.
         """
         dcfg, examples = self._eval_examples(data, config)
         if self.model is not None:
@@ -328,7 +334,9 @@ class Device:
             side = build_side_config(self.backbone, dcfg.task, len(dcfg.labels), dcfg.verbalizers)
             model = LocalModel.untrained(self.backbone, side)
         data_t = tokenize_examples(examples, self.backbone.tokenizer, dcfg)
-        res = _timed_eval(model, data_t, dcfg.batch_size * 2, keep_predictions=predictions)
+        res = _timed_eval(
+            model, data_t, dcfg.batch_size * 2, predictions, callback=callback, phase="eval"
+        )
         if dcfg.task == "classification":
             res["labels"] = list(dcfg.labels)
         return res
@@ -401,10 +409,24 @@ def _task_dict(dcfg: DataConfig) -> dict[str, Any]:
 
 
 def _timed_eval(
-    model: LocalModel, data: TokenizedDataset, batch_size: int, keep_predictions: bool = False
+    model: LocalModel,
+    data: TokenizedDataset,
+    batch_size: int,
+    keep_predictions: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    phase: str = "",
 ) -> dict[str, Any]:
+    """Evaluate ``model`` on ``data``, timed; ``callback`` hears ``{"evaluating": phase,
+    "done", "total"}`` about every tenth of the data (evaluation can take minutes)."""
     t0 = time.perf_counter()
-    res = model.evaluate(data, batch_size=batch_size)
+    step, last = max(1, len(data) // 10), [0]
+
+    def progress(done: int, total: int) -> None:
+        if callback is not None and (done - last[0] >= step or done == total):
+            last[0] = done
+            callback({"evaluating": phase, "done": done, "total": total})
+
+    res = model.evaluate(data, batch_size=batch_size, progress=progress)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     if not keep_predictions:
         res.pop("predictions", None)

@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = Device(common.backbone_config(args))
     if args.side:
         device.load(args.side)
-    res = device.evaluate(dcfg)
+    res = device.evaluate(
+        dcfg,
+        callback=lambda m: common.say(f"[eval] {m['done']}/{m['total']}"),
+    )
     out = {
         "command": "eval",
         "model": args.model,

@@ -166,6 +166,8 @@ class _Report(common.Progress):
             common.say(f"[train] {what} {m['session']}{where}")
         elif "evaluated" in m:
             common.say(f"[train] {m['evaluated']}: {_fmt(m)}")
+        elif "evaluating" in m:
+            common.say(f"[train] evaluating ({m['evaluating']}): {m['done']}/{m['total']}")
         elif "examples" in m:
             n = m["examples"]
             common.say(

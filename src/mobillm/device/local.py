@@ -7,7 +7,7 @@ inference holds the ladder state ``(rows, width)`` and never all tapped layers a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,22 @@ class LocalModel:
         with torch.inference_mode():
             return self.side.logits(feats, plan.pool_rows, row_sample, len(batch))
 
-    def evaluate(self, data: TokenizedDataset, batch_size: int = 16) -> dict[str, Any]:
-        """Accuracy (classification) or mean token loss and perplexity (causal LM)."""
+    def evaluate(
+        self,
+        data: TokenizedDataset,
+        batch_size: int = 16,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Accuracy (classification) or mean token loss and perplexity (causal LM);
+        ``progress(done, total)`` is called after each batch (samples evaluated so far)."""
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, len(data))
+
         if data.task == "classification":
             preds = [0] * len(data)
             correct = 0
@@ -119,13 +133,14 @@ class LocalModel:
                 for i, v in zip(idx, p.tolist(), strict=True):
                     preds[i] = v
                 correct += int((p == batch.labels).sum())
+                advance(len(idx))
             return {
                 "accuracy": correct / max(1, len(data)),
                 "samples": len(data),
                 "predictions": preds,
             }
         total, tokens = 0.0, 0
-        for _, batch in _batches(data, batch_size):
+        for idx, batch in _batches(data, batch_size):
             plan = plan_rows(batch, self._positions())
             feats = self._features(batch, plan)
             keep = plan.targets != IGNORE_INDEX
@@ -133,6 +148,7 @@ class LocalModel:
                 logits = self.side.logits(feats[keep])
                 total += float(F.cross_entropy(logits, plan.targets[keep], reduction="sum"))
             tokens += int(keep.sum())
+            advance(len(idx))
         loss = total / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
 
