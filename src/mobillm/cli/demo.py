@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--learner",
         default=None,
-        choices=["ladder", "split"],
+        choices=["auto", "ladder", "split"],
         help="what the server trains (default: mobillm train's)",
     )
     p.add_argument("--split-layers", type=int, default=None, help="split: top layers on the server")
