@@ -20,7 +20,8 @@ def _ok(r: dict[str, Any] | None) -> bool:
 def _cost_by_setting(results: list[dict[str, Any]]) -> dict[str, dict[tuple, dict[str, dict]]]:
     by: dict[str, dict[tuple, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in results:
-        if r["mode"] == "cost" and r.get("codec", "int8") == "int8":
+        # the like-for-like rows: streamed-weights rows have their own verdict
+        if r["mode"] == "cost" and r.get("codec", "int8") == "int8" and not r.get("stream"):
             by[r["model"]][(r["batch"], r["seq"])][r["method"]] = r
     return by
 

@@ -88,7 +88,7 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
             ok_m, ok_lo = bool(m and _ok_result(m)), bool(lo and _ok_result(lo))
             ok_st = bool(st and _ok_result(st))
             st_ratio = lo["peak_rss_mb"] / st["peak_rss_mb"] if ok_st and ok_lo else None
-            if st_ratio:
+            if st_ratio and mem_ratio:  # judged where the like-for-like verdict is
                 st_fit = (k, st_ratio)
             cells = [
                 f"{k[1]}x{k[2]}",
@@ -115,7 +115,7 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 f"{_ok(mr >= target)}); seconds per sample LoRA / MobiLLM = "
                 f"{sr:.2f} (target >= {TARGET_SPEED}: {_ok(sr >= TARGET_SPEED)})"
             )
-        if st_fit:
+        if st_fit and largest_fit and st_fit[0] == largest_fit[0]:
             (_, b, s), r = st_fit
             verdicts.append(
                 f"- {model}: at the largest setting where LoRA fits ({b}x{s}), device memory "
