@@ -19,15 +19,20 @@ def _mapped_rss_mb(path: Path) -> float:
     return total / 1024
 
 
-def test_streamed_forward_is_identical_and_holds_a_layer(tmp_path, bos_tokenizer):
+def _write_model(folder: Path, tokenizer) -> Path:
+    """A 6-layer Llama big enough that its weights dominate RSS; returns its safetensors file."""
     cfg = LlamaConfig(
-        vocab_size=len(bos_tokenizer), hidden_size=512, intermediate_size=1024,
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024,
         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    bos_tokenizer.save_pretrained(tmp_path)
-    weights = tmp_path / "model.safetensors"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder / "model.safetensors"
+
+
+def test_streamed_forward_is_identical_and_holds_a_layer(tmp_path, bos_tokenizer):
+    weights = _write_model(tmp_path, bos_tokenizer)
     ids = torch.randint(3, len(bos_tokenizer), (4, 16))
     mask = torch.ones_like(ids)
     outs = {}
@@ -55,14 +60,7 @@ def test_a_split_side_network_streams_the_top_layers_too(tmp_path, bos_tokenizer
     from mobillm.device.local import LocalModel
     from mobillm.device.runtime import build_side_config
 
-    cfg = LlamaConfig(
-        vocab_size=len(bos_tokenizer), hidden_size=512, intermediate_size=1024,
-        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    bos_tokenizer.save_pretrained(tmp_path)
-    weights = tmp_path / "model.safetensors"
+    weights = _write_model(tmp_path, bos_tokenizer)
     ids = torch.randint(3, len(bos_tokenizer), (4, 16))
     batch = Batch(ids, torch.ones_like(ids), labels=torch.zeros(4, dtype=torch.long),
                   loss_positions=torch.full((4,), 15))  # fmt: skip
