@@ -43,7 +43,7 @@ from mobillm.data.config import TASK_FIELDS
 from mobillm.device.local import LocalModel
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, ProgressFn, build_side_config
 from mobillm.errors import ConfigError
-from mobillm.side.config import HEAD_INITS, KINDS, MIXERS, POOLINGS
+from mobillm.side.config import HEAD_INITS, LEARNER_KINDS, MIXERS, POOLINGS
 from mobillm.side.io import META, WEIGHTS, read_meta
 from mobillm.transport.base import Transport
 from mobillm.transport.link import LinkConfig
@@ -78,8 +78,10 @@ class LearnerConfig(Config):
     dropout: float = 0.1
 
     def validate(self) -> None:
-        kinds = ("auto", *KINDS)
-        check(self.kind in kinds, f"LearnerConfig.kind must be one of {kinds}, got {self.kind!r}")
+        check(
+            self.kind in LEARNER_KINDS,
+            f"LearnerConfig.kind must be one of {LEARNER_KINDS}, got {self.kind!r}",
+        )
         check(self.split_layers >= 0, "LearnerConfig.split_layers must be >= 0 (0 = half)")
         check(self.lora_rank >= 1, "LearnerConfig.lora_rank must be >= 1")
         check(self.reduction >= 1, "LearnerConfig.reduction must be >= 1")

@@ -20,7 +20,7 @@ from mobillm.data import DataConfig, resolve_preset
 from mobillm.data.config import FORMATS, PRESETS, QUOTINGS, TASKS
 from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import ConfigError
-from mobillm.side.config import HEAD_INITS, KINDS, MIXERS, POOLINGS
+from mobillm.side.config import HEAD_INITS, LEARNER_KINDS, MIXERS, POOLINGS
 from mobillm.transport.link import LinkConfig
 from mobillm.transport.messages import POSITIONS, SCHEDULES, TrainConfig
 
@@ -236,7 +236,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--learner",
         default="auto",
-        choices=["auto", *KINDS],
+        choices=list(LEARNER_KINDS),
         help="what the server trains: 'ladder' (a side network over tapped layers) or 'split' "
         "(the device stops below the top --split-layers layers; the server runs them with "
         "LoRA); 'auto': split for classification (5-7 points more accurate in every run "

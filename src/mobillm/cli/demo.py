@@ -21,6 +21,7 @@ from mobillm.bench.serverproc import start_server
 from mobillm.cli import common
 from mobillm.device.runtime import DeviceConfig
 from mobillm.errors import MobiLLMError
+from mobillm.side.config import LEARNER_KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--learner",
         default=None,
-        choices=["auto", "ladder", "split"],
+        choices=list(LEARNER_KINDS),
         help="what the server trains (default: mobillm train's)",
     )
     p.add_argument("--split-layers", type=int, default=None, help="split: top layers on the server")

@@ -11,6 +11,7 @@ POOLINGS = ("last", "mean")
 HEAD_INITS = ("verbalizer", "random")
 MIXERS = ("none", "attention")
 KINDS = ("ladder", "split")
+LEARNER_KINDS = ("auto", *KINDS)  # what a user may ask for: "auto" picks one of KINDS
 
 
 @dataclasses.dataclass(frozen=True)
