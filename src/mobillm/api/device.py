@@ -61,7 +61,7 @@ class LearnerConfig(Config):
     ``kind="ladder"``: a side network over the tapped layers, ``hidden / reduction`` wide.
     ``kind="split"``: the device stops below the top ``split_layers`` layers (0 = half of
     them) and the server runs those with LoRA of rank ``lora_rank``. ``kind="auto"`` (the
-    default): split for classification, where it beat the ladder by 5-7 points on every
+    default): split for classification, where it beat the ladder by 5 to 14 points on every
     backbone and data set measured (docs/results.md), on backbones split supports and
     without an attention mixer; the ladder otherwise (causal-LM tuning with split is not
     measured yet). ``head_init`` "" starts a classifier from the verbalizers' LM-head rows
