@@ -120,10 +120,10 @@ def test_overflowing_frames_are_refused_and_the_session_goes_on(tmp_path, make_t
         if scale is not None:  # int8 row scales follow the header; set the first one
             at = len(frame) - (4 * 2 + 2 * 32)
             frame[at : at + 4] = torch.tensor([scale], dtype=torch.float32).numpy().tobytes()
-        ack = None
+        replies = []
         for tap in range(len(spec.taps)):
-            ack = mgr.add_chunk(sid, tok, ActivationChunk(sid, 0, tap, 0, True, bytes(frame)))
-        return ack
+            replies = mgr.add_chunk(sid, tok, ActivationChunk(sid, 0, tap, 0, True, bytes(frame)))
+        return replies[0]
 
     assert "infinity" in _code(lambda: step(1e38), "INVALID_ARGUMENT")
     mgr.abort_step(sid, tok)

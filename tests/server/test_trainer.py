@@ -1,15 +1,19 @@
 """The server's trainer on real codec frames from a tiny backbone: learns, and refuses bad input."""
 
+import math
+
 import pytest
 import torch
 
 from mobillm.codec import CodecConfig, encode
 from mobillm.device.runtime import build_session
-from mobillm.server.trainer import Trainer, lr_lambda
+from mobillm.server.trainer import Trainer
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
+from mobillm.side.optim import lr_lambda
 from mobillm.transport.messages import (
     ActivationChunk,
+    Gradient,
     RemoteError,
     StepBegin,
     TrainConfig,
@@ -199,3 +203,48 @@ def test_causal_lm_targets_checked(make_tiny_backbone):
     for tap, f in enumerate(frames):
         ack = trainer.add_chunk(ActivationChunk("s", 0, tap, 0, True, f))
     assert ack is not None and ack.metrics["tokens"] == 1.0
+
+
+def _private(bb):
+    side = SideConfig(hidden_size=bb.hidden_size, num_taps=len(bb.taps), head_init="random")
+    spec, head = build_session(
+        bb, side, CodecConfig("int8"), TrainConfig(total_steps=40), private_labels=True
+    )
+    return Trainer(spec, FrozenHead(spec.head, head)), spec
+
+
+def test_a_private_session_trains_on_gradients_and_refuses_labels(make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    trainer, _ = _private(bb)
+    frames = _frames(bb, torch.randint(3, 300, (4, 4)))
+    layout = (torch.ones(4, dtype=torch.int32), torch.arange(4))
+    with pytest.raises(RemoteError, match="carry no labels"):
+        trainer.begin(StepBegin("s", 0, *layout, torch.tensor([0, 1, 0, 1])))
+
+    def send(step):
+        assert trainer.begin(StepBegin("s", step, *layout)) is None
+        out = None
+        for tap, f in enumerate(frames):
+            out = trainer.add_chunk(ActivationChunk("s", step, tap, 0, True, f))
+        return out
+
+    feats = send(0)
+    assert feats.data.shape == (4, bb.hidden_size)
+    assert send(1) is None  # waits, decoded, for step 0's gradient
+    with pytest.raises(RemoteError, match="gradient for step 1"):
+        trainer.add_gradient(Gradient("s", 1, torch.zeros(4 * bb.hidden_size)))
+    with pytest.raises(RemoteError, match="shape of its features"):
+        trainer.add_gradient(Gradient("s", 0, torch.zeros(3)))
+    # the session manager drops the steps in flight on a refusal; the device resends them
+    trainer.abort_step()
+    assert trainer.steps_done == 0 and send(0) is not None and send(1) is None
+    before = {k: v.clone() for k, v in trainer.net.trainable_state().items()}
+    ack, nxt = trainer.add_gradient(Gradient("s", 0, torch.randn(4 * bb.hidden_size), 0.5))
+    assert ack.step == 0 and 0 < ack.metrics["clip"] <= 1 and nxt.step == 1
+    assert math.isnan(ack.loss)  # the loss is the device's to know
+    after = trainer.net.trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for step in range(2, 2 + 7):
+        send(step)
+    with pytest.raises(RemoteError, match="send it first"):
+        trainer.begin(StepBegin("s", 9, *layout))

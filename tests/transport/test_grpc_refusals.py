@@ -39,7 +39,8 @@ class Raw:
             serde.train_request_to_proto(m) if not isinstance(m, pb.TrainRequest) else m
             for m in messages
         ]
-        return list(self.stub.Train(iter(reqs), metadata=self.md(sid, token)))
+        replies = self.stub.Train(iter(reqs), metadata=self.md(sid, token))
+        return [serde.reply_from_proto(r) for r in replies]
 
 
 def expect(code, fn, *needles):

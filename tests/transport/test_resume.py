@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from mobillm.codec import CodecConfig
 from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
@@ -64,6 +65,26 @@ def test_dropped_streams_resume_bit_exact(make_tiny_backbone, cls_data, start_se
     tr, summary, weights = _run(bb, Dropping(target, drops), data, val)
     assert tr.reconnects >= 3
     assert weights == ref
+    assert summary["kept_epoch"] == ref_summary["kept_epoch"]
+
+
+def test_private_label_runs_resume_bit_exact(make_tiny_backbone, cls_data, start_server):
+    """Private labels: the device's classifier follows the server through dropped streams
+    (a lost ack is resent on resume), ending where an uninterrupted run ends."""
+    bb = make_tiny_backbone("llama")
+    data, _ = cls_data(bb.tokenizer, n=32)
+    val, _ = cls_data(bb.tokenizer, n=16, seed=1)
+    server = start_server(checkpoint_every=2)
+    target = f"127.0.0.1:{server.port}"
+    ref_tr, ref_summary, ref = _run(bb, GrpcTransport(target), data, val, private_labels=True)
+    # 2 validation + 4 streamed steps, then replays, 3 epochs' validation: gradients too
+    drops = sorted(random.Random(1).sample(range(1, 70), 8))
+    tr, summary, weights = _run(bb, Dropping(target, drops), data, val, private_labels=True)
+    assert tr.reconnects >= 3
+    assert weights == ref
+    kept, ref_kept = tr.labels.state(), ref_tr.labels.state()
+    assert kept.keys() == ref_kept.keys() and kept
+    assert all(torch.equal(kept[k], ref_kept[k]) for k in kept)
     assert summary["kept_epoch"] == ref_summary["kept_epoch"]
 
 

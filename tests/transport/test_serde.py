@@ -14,6 +14,8 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
+    Features,
+    Gradient,
     RemoteError,
     SessionInfo,
     SideBlob,
@@ -219,7 +221,38 @@ def test_count_limits_and_empty_requests():
     _expect(
         "INVALID_ARGUMENT",
         lambda: serde.train_request_from_proto(pb.TrainRequest()),
-        "StepBegin or an ActivationChunk",
+        "a StepBegin, an ActivationChunk or a Gradient",
     )
     over = StepBegin("s", 0, torch.tensor([2**31]), torch.tensor([0]))
     _expect("INVALID_ARGUMENT", lambda: serde.step_begin_to_proto(over), "rows_per_sample")
+
+
+def test_private_label_messages_round_trip():
+    grad = torch.randn(3, 5)
+    back = serde.train_request_from_proto(
+        wire(serde.train_request_to_proto(Gradient("abc", 7, grad, 2.5)))
+    )
+    assert (
+        back.step == 7 and back.device_sq_norm == 2.5 and torch.equal(back.grad, grad.reshape(-1))
+    )
+    empty = serde.gradient_from_proto(wire(serde.gradient_to_proto(Gradient("abc", 1, None))))
+    assert empty.grad is None
+    feats = Features(4, torch.randn(2, 6))
+    reply = serde.reply_from_proto(wire(serde.reply_to_proto(feats)))
+    assert reply.step == 4 and torch.equal(reply.data, feats.data)
+    mask = torch.tensor([True, False, True])
+    begin = StepBegin("abc", 0, torch.tensor([3], dtype=torch.int32), torch.tensor([2]))
+    begin.loss_mask, begin.replay_of = mask, 5
+    back = serde.step_begin_from_proto(wire(serde.step_begin_to_proto(begin)))
+    assert torch.equal(back.loss_mask, mask) and back.replay_of == 5 and back.labels is None
+
+
+def test_ragged_private_label_payloads_are_refused():
+    with pytest.raises(RemoteError, match="not 2 rows"):
+        serde.features_from_proto(pb.Features(step=0, rows=2, data=b"\0" * 12))
+    with pytest.raises(RemoteError, match="whole number of float32"):
+        serde.gradient_from_proto(pb.Gradient(step=0, data=b"\0" * 7))
+    with pytest.raises(RemoteError, match="other than 0 and 1"):
+        serde.step_begin_from_proto(
+            pb.StepBegin(rows_per_sample=b"\1\0\0\0", pool_rows=b"\0" * 8, loss_mask=b"\2")
+        )

@@ -23,10 +23,10 @@ from mobillm.backbone import Backbone
 from mobillm.data import Batch
 from mobillm.device.local import LocalModel
 from mobillm.device.rows import plan_rows
-from mobillm.server.trainer import lr_lambda
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.model import SideNetwork
+from mobillm.side.optim import lr_lambda
 
 LORA_TARGETS = {
     "llama": ["q_proj", "v_proj"],

@@ -221,11 +221,11 @@ def _server_steps(cfg: LoadConfig, frames: Frames, workdir: str | Path):
         info = sessions[i]
         begin = dataclasses.replace(begin, session_id=info.session_id)
         manager.begin_step(info.session_id, info.token, begin)
-        ack = None
+        replies = []
         for tap, frame in enumerate(frames.frames[k]):
             for c in chunk_frame(info.session_id, begin.step, tap, frame, info.max_chunk_bytes):
-                ack = manager.add_chunk(info.session_id, info.token, c)
-        return ack
+                replies = manager.add_chunk(info.session_id, info.token, c)
+        return replies[0] if replies else None
 
     return step, manager.park_all
 

@@ -287,6 +287,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "keeps the epoch that scores best on it, or the untrained model if none beats it "
         "(0 = off; default: %(default)s)",
     )
+    g.add_argument(
+        "--private-labels",
+        action="store_true",
+        help="keep labels, targets and verbalizers on the device: the server returns the "
+        "side network's features and receives only the gradient of the loss (the device "
+        "drives cache epochs and keeps the best epoch itself)",
+    )
     g.add_argument("--max-steps", type=_count, default=0, help="stop after this many steps")
     g.add_argument("--window", type=_positive, default=2, help="steps in flight (default: 2)")
     g.add_argument(

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_steps=args.max_steps,
         log_every=args.log_every,
         reconnect_seconds=args.reconnect_s,
+        private_labels=args.private_labels,
     )
     connect = ConnectConfig(
         tls_ca=args.tls_ca,

@@ -14,6 +14,12 @@ drops or the server restarts, the device reconnects with backoff for up to
 ``reconnect_seconds``, learns how many steps the server holds, and resends only the steps
 after them; a device that itself crashed does the same from a fresh process (``attach``).
 The result is the same side network, bit for bit on CPU, as an uninterrupted run.
+
+With ``private_labels`` no label, target or verbalizer id leaves the device: the device keeps
+the head (``device.labels.LabelHead``), answers each step's features with the gradient of the
+loss, drives the cache epochs itself (``StepBegin.replay_of``), scores the validation split
+after each epoch and keeps the best epoch by downloading it. A device that restarts cannot
+resume such a session (its classifier's state is gone); a dropped link can.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from mobillm.backbone import Backbone, pages
 from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, check
 from mobillm.data import TokenizedDataset, collate, epoch_batches
+from mobillm.device.labels import LabelHead
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
-from mobillm.side.head import tensors_sha256
-from mobillm.side.io import META, WEIGHTS, SideMeta, weights_from_bytes
+from mobillm.side.head import FrozenHead, tensors_sha256
+from mobillm.side.io import FORMAT, META, WEIGHTS, SideMeta, weights_from_bytes
 from mobillm.transport.base import Transport
 from mobillm.transport.messages import (
     MAX_EPOCHS,
@@ -63,7 +70,8 @@ class DeviceConfig(Config):
     samples is held out by the caller and streamed once as the validation split that guards
     every run (the server keeps the best epoch, or the untrained network).
     ``reconnect_seconds``: how long the device keeps trying to reach a server it lost (0 = the
-    first failure ends the run).
+    first failure ends the run). ``private_labels``: labels, targets and verbalizer ids stay on
+    the device (see the module docstring).
     """
 
     positions: str = "auto"
@@ -75,6 +83,7 @@ class DeviceConfig(Config):
     log_every: int = 10
     length_group: int = 32
     reconnect_seconds: float = 300.0
+    private_labels: bool = False
 
     def validate(self) -> None:
         check(
@@ -142,13 +151,17 @@ def build_session(
     codec: CodecConfig,
     train: TrainConfig,
     positions: str = "loss",
+    private_labels: bool = False,
 ) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
     """The session proposal for ``backbone`` and the frozen tensors it promises the server.
 
     The tensors are the head's, and for a split learner also the top layers' (``layers.*``);
-    ``head_sha256`` covers all of them.
+    ``head_sha256`` covers all of them. A private-label session sends no LM-head rows and
+    no verbalizer ids: the device keeps the classifier they start.
     """
-    head_spec, head = backbone.export_head(side.head_rows)
+    head_spec, head = backbone.export_head([] if private_labels else side.head_rows)
+    if private_labels:
+        side = side.replace(head_init="random", verbalizer_ids=())
     if side.kind == "split":
         head = {**head, **backbone.top_layers(side.split_layers)[1]}
     spec = SessionSpec(
@@ -161,8 +174,24 @@ def build_session(
         train=train,
         positions=positions,
         client="mobillm-device",
+        private_labels=private_labels,
     )
     return spec, head
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStep:
+    """One step of a run: a batch streamed, or (private labels) a cached step replayed.
+
+    ``replay_of``: the cache index the server replays instead of new frames. ``score``: after
+    this step the validation split of epoch ``score`` (0 = untrained) has been scored.
+    """
+
+    data: TokenizedDataset
+    idx: list[int]
+    validation: bool
+    replay_of: int | None = None
+    score: int | None = None
 
 
 class DeviceTrainer:
@@ -189,15 +218,21 @@ class DeviceTrainer:
         self.bytes_encoded = 0
         self.forward_seconds = 0.0
         self.forward_samples = 0
+        self.validation_samples = 0  # validation samples streamed (not replayed)
         self.reconnects = 0
         self.stopped = False
         self.info: SessionInfo | None = None
+        self.labels: LabelHead | None = None  # private labels: the head the device keeps
+        self._best: tuple[int, dict[str, float], Any, dict[str, torch.Tensor]] | None = None
+        self._scores: list[tuple[int, dict[str, float]]] = []
 
     def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
         train = self.train_cfg.replace(
             total_steps=total_steps, epochs=self.cfg.epochs, replay=self.cfg.replay
         )
-        return build_session(self.backbone, self.side, self.codec, train, self.positions)
+        return build_session(
+            self.backbone, self.side, self.codec, train, self.positions, self.cfg.private_labels
+        )
 
     def _upload_head(self, head: dict[str, torch.Tensor]) -> None:
         self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
@@ -208,31 +243,55 @@ class DeviceTrainer:
         ``session`` (a crashed run's), attach to it and resume where the server stands."""
         self._total_steps = total_steps
         if session is not None:
+            if self.cfg.private_labels:
+                raise RemoteError(
+                    "FAILED_PRECONDITION",
+                    "a private-label session cannot be resumed by a restarted device: the "
+                    "classifier it trained is gone; start the run again",
+                )
             self.info = self.transport.attach(session)
             return self.info
         spec, head = self._session_spec(total_steps)
         self.info = self.transport.open(spec)
+        if spec.private_labels:
+            self.labels = LabelHead(
+                self.side, self._device_head(), spec.train, self.info.session_id
+            )
+        self.transport.set_responder(self.labels)
         if self.info.need_head:
             self._upload_head(head)
         else:
             pages.release(head.values())
         return self.info
 
-    def _send_step(self, step: int, batch: Any, validation: bool = False) -> int:
+    def _device_head(self) -> FrozenHead:
+        """The head a private-label device keeps: verbalizer rows, or the whole LM head."""
+        spec, tensors = self.backbone.export_head(self.side.head_rows)
+        return FrozenHead(spec, tensors)
+
+    def _send_step(
+        self, step: int, batch: Any, validation: bool = False, replay_of: int | None = None
+    ) -> int:
+        """Send one step: its StepBegin, then (unless it replays a cached step) its frames."""
         assert self.info is not None
         plan = plan_rows(batch, self.positions)
         sid, chunk = self.info.session_id, self.info.max_chunk_bytes
-        self.transport.send(
-            StepBegin(
-                sid,
-                step,
-                plan.rows_per_sample,
-                plan.pool_rows,
-                batch.labels,
-                plan.targets,
-                validation,
-            )
+        begin = StepBegin(
+            sid, step, plan.rows_per_sample, plan.pool_rows, batch.labels, plan.targets, validation
         )
+        if self.labels is not None:
+            if plan.targets is not None:
+                mask = plan.targets != -100
+                self.labels.expect(step, plan.targets[mask], validation)
+                begin.loss_mask = mask
+            else:
+                self.labels.expect(step, batch.labels, validation)
+            begin.labels = begin.targets = None
+            begin.replay_of = replay_of
+        self.transport.send(begin)
+        if replay_of is not None:
+            return len(batch)
+        self.validation_samples += len(batch) if validation else 0
 
         def on_layer(tap: int, hidden: torch.Tensor) -> None:
             frame = encode(plan.gather(hidden), self.codec)
@@ -261,14 +320,16 @@ class DeviceTrainer:
         self._next_step = 0
         self._steps_per_epoch = total_steps
 
-    def step(self, batch: Any, validation: bool = False) -> None:
+    def step(self, batch: Any, validation: bool = False, replay_of: int | None = None) -> None:
         """Stream one batch; returns once fewer than ``window`` steps are unacknowledged.
 
-        A ``validation`` batch is scored by the server, never trained on.
+        A ``validation`` batch is scored by the server, never trained on. ``replay_of``
+        (private labels): the server runs that cached step again; no forward pass here.
         """
         sent_at = time.perf_counter()
         step = self._next_step
-        self._in_flight[step] = (self._send_step(step, batch, validation), sent_at)
+        samples = self._send_step(step, batch, validation, replay_of)
+        self._in_flight[step] = (samples, sent_at)
         self._next_step += 1
         while len(self._in_flight) >= self.cfg.window:
             self._collect()
@@ -288,10 +349,35 @@ class DeviceTrainer:
         """After the last step: the server's remaining epochs, reported as they finish."""
         self.drain()
         for report in self.transport.finish():
+            if self.labels is not None:
+                report = self._private_report(report)
             self.epochs.append(report)
             if progress is not None:
                 progress({"epoch": report.epoch, **report.metrics})
         return self.epochs
+
+    def _score(self, epoch: int) -> None:
+        """Private labels: epoch ``epoch``'s validation split is scored; keep it if best."""
+        assert self.labels is not None
+        self.drain()
+        scores = self.labels.take_scores()
+        if scores is None:
+            return
+        self._scores.append((epoch, scores))
+        best = self._best
+        if best is None or _better(scores, best[1]):
+            self._best = (epoch, scores, self.transport.download(), self.labels.state())
+
+    def _private_report(self, report: EpochReport) -> EpochReport:
+        """The server's last report with the device's own validation scores and kept epoch."""
+        metrics = dict(report.metrics)
+        if self._scores:
+            metrics |= self._scores[-1][1]
+            assert self._best is not None
+            metrics["best_epoch"] = float(self._best[0])
+            untrained = dict(self._scores[0][1]) if self._scores[0][0] == 0 else {}
+            metrics |= {f"untrained_{k}": v for k, v in untrained.items()}
+        return EpochReport(report.epoch, metrics, report.last)
 
     def start(
         self,
@@ -318,7 +404,7 @@ class DeviceTrainer:
         self.begin(total, progress, session)
         self._batches = batches
         self._steps_per_epoch = min(len(batches), total)
-        streamed = 1 if self.cfg.replay else self.cfg.epochs
+        streamed = 1 if self.cfg.replay and not self.cfg.private_labels else self.cfg.epochs
         self._total = min(total, len(batches) * streamed)  # what progress counts: device steps
         assert self.info is not None
         return self.info
@@ -352,8 +438,10 @@ class DeviceTrainer:
                     if stop is not None and stop():
                         self.stopped = True
                         break
-                    dataset, idx, is_val = plan[self._next_step]
-                    self.step(collate(dataset, idx), validation=is_val)
+                    item = plan[self._next_step]
+                    self.step(collate(item.data, item.idx), item.validation, item.replay_of)
+                    if item.score is not None:
+                        self._score(item.score)
                 if self.stopped:
                     self.drain()
                 else:
@@ -371,20 +459,36 @@ class DeviceTrainer:
         batch_size: int,
         seed: int,
         validation: TokenizedDataset | None,
-    ) -> list[tuple[TokenizedDataset, list[int], bool]]:
-        """Every step the device streams, in order: the validation split once, then the
-        training batches (one epoch with replay; all epochs in ``epoch_step_order`` without)."""
-        plan: list[tuple[TokenizedDataset, list[int], bool]] = []
+    ) -> list[PlannedStep]:
+        """Every step the device sends, in order: the validation split once, then the
+        training batches (one epoch with replay; all epochs in ``epoch_step_order`` without).
+
+        Private labels: the device also sends the cache epochs (replays of the streamed
+        steps) and, after each epoch, the validation split again as replays, scored here.
+        """
+        val: list[list[int]] = []
         if validation is not None and len(validation):
-            for idx in epoch_batches(validation.lengths, batch_size, seed, 0, 0):
-                plan.append((validation, idx, True))
+            val = epoch_batches(validation.lengths, batch_size, seed, 0, 0)
+        private = self.cfg.private_labels
+        plan = [PlannedStep(validation, idx, True) for idx in val]  # type: ignore[arg-type]
+        if private and plan:
+            plan[-1] = dataclasses.replace(plan[-1], score=0)
+        # a private-label device sends every step itself, replays of the cache included
+        cap = self._total_steps if private else self._total
         trained = 0
         for epoch in range(self.cfg.epochs):
             for i in epoch_step_order(len(self._batches), self.train_cfg.seed, epoch):
-                if trained >= self._total:
-                    return plan
-                plan.append((data, self._batches[i], False))
+                if trained >= cap:
+                    break
+                replay_of = i if private and self.cfg.replay and epoch else None
+                plan.append(PlannedStep(data, self._batches[i], False, replay_of))
                 trained += 1
+            if private and val:
+                for j, idx in enumerate(val):
+                    plan.append(PlannedStep(validation, idx, True, j))  # type: ignore[arg-type]
+                plan[-1] = dataclasses.replace(plan[-1], score=epoch + 1)
+            if trained >= cap:
+                break
         return plan
 
     def _recover(self, err: RemoteError) -> None:
@@ -407,6 +511,8 @@ class DeviceTrainer:
                 delay = min(2 * delay, 10.0)
         if state.need_head:  # the upload itself broke off
             self._upload_head(self._session_spec(self._total_steps)[1])
+        if self.labels is not None:
+            self.labels.reset(state.steps_done, state.last_ack)
         self.reconnects += 1
         log.warning(
             "reconnected after %s (%s); the server holds %d steps, resending from there",
@@ -425,7 +531,7 @@ class DeviceTrainer:
         samples = sum(r.samples for r in self.records)
         train = [r for r in self.records if not r.metrics.get("validation")]
         distinct = sum(r.samples for r in train[: self._first_epoch_steps()])
-        distinct += samples - sum(r.samples for r in train)  # validation samples, streamed once
+        distinct += self.validation_samples  # streamed once (private labels replay them)
         out: dict[str, Any] = {
             "steps": len(self.records),
             "validation_steps": len(self.records) - len(train),
@@ -490,14 +596,26 @@ class DeviceTrainer:
         )
 
     def download(self, out_dir: str | Path, task_meta: dict[str, Any]) -> Path:
-        """Fetch the trained side network and save it with the device's task metadata."""
-        blob = self.transport.download()
+        """Fetch the trained side network and save it with the device's task metadata.
+
+        Private labels: the best epoch's download, with the classifier the device kept.
+        """
+        if self._best is not None:
+            _, _, blob, kept = self._best
+        else:
+            blob = self.transport.download()
+            kept = self.labels.state() if self.labels is not None else {}
         meta = SideMeta.from_dict(json.loads(blob.meta_json))
+        if self.labels is not None:  # the server never saw the verbalizers
+            meta = dataclasses.replace(meta, side=self.side)
         meta.task.update(task_meta)
-        weights_from_bytes(blob.weights)  # refuse a malformed download before writing it
+        weights = weights_from_bytes(blob.weights)  # refuse a malformed download before writing
+        data = blob.weights
+        if kept:
+            data = save({**weights, **kept}, metadata={"format": FORMAT})
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / WEIGHTS).write_bytes(blob.weights)
+        (out / WEIGHTS).write_bytes(data)
         (out / META).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
         return out
 
@@ -505,6 +623,13 @@ class DeviceTrainer:
         with Path(path).open("w") as f:
             for r in self.records:
                 f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+
+
+def _better(new: dict[str, float], old: dict[str, float]) -> bool:
+    """The server's rule for the best epoch: accuracy, then loss."""
+    if "val_accuracy" in new and new["val_accuracy"] != old["val_accuracy"]:
+        return new["val_accuracy"] > old["val_accuracy"]
+    return new["val_loss"] < old["val_loss"]
 
 
 def _tail_mean(xs: list[float]) -> float:

@@ -43,9 +43,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from mobillm.config import Config, check
-from mobillm.server.objective import IGNORE, task_loss
 from mobillm.side.learner import build_learner
 from mobillm.side.model import SideNetwork, pool_matrix
+from mobillm.side.objective import IGNORE, task_loss
+from mobillm.side.optim import decays
 from mobillm.transport.messages import RemoteError, SessionSpec
 
 
@@ -88,11 +89,6 @@ class BatchConfig(Config):
         check(1 <= self.max_batch <= 4096, "BatchConfig.max_batch must be in [1, 4096]")
         check(0.0 <= self.wait_ms <= 1000.0, "BatchConfig.wait_ms must be in [0, 1000]")
         check(self.round_bytes >= 0, "BatchConfig.round_bytes must be >= 0")
-
-
-def decays(name: str, p: torch.Tensor) -> bool:
-    """Whether AdamW's weight decay applies to parameter ``name`` (not biases, gates, norms)."""
-    return p.ndim >= 2 and "norm" not in name
 
 
 def flat_order(net: nn.Module) -> list[tuple[str, nn.Parameter]]:

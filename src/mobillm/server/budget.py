@@ -76,7 +76,8 @@ def price(spec: SessionSpec) -> Price:
                 raise ValueError("layers_config's hidden_size differs from the side network's")
             layers = {f"layers.{k}": v for k, v in stack.state_dict().items()}
         with torch.device("meta"):
-            net = build_learner(side, head, layers, cast=False)
+            private = spec.private_labels  # the device keeps the classifier
+            net = build_learner(side, head, layers, cast=False, with_classifier=not private)
     except RemoteError:
         raise
     except Exception as e:  # anything the client's numbers make the build trip over

@@ -58,7 +58,7 @@ class CachedStep:
 
 
 def _layout_bytes(b: StepBegin) -> int:
-    ts = (b.rows_per_sample, b.pool_rows, b.labels, b.targets)
+    ts = (b.rows_per_sample, b.pool_rows, b.labels, b.targets, b.loss_mask)
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -122,6 +122,8 @@ class ActivationCache:
             tensors["labels"] = b.labels.contiguous()
         if b.targets is not None:
             tensors["targets"] = b.targets.contiguous()
+        if b.loss_mask is not None:
+            tensors["loss_mask"] = b.loss_mask.contiguous()
         for i, f in enumerate(step.frames):
             tensors[f"frame.{i}"] = torch.frombuffer(bytearray(f), dtype=torch.uint8)
         path = self.folder / f"step-{index:07d}.safetensors"
@@ -143,11 +145,15 @@ class ActivationCache:
             t.get("labels"),
             t.get("targets"),
             validation=item in self._validation,
+            loss_mask=t.get("loss_mask"),
         )
         return CachedStep(begin, frames)
 
     def train_step(self, i: int) -> CachedStep:
         return self._load(self._train[i])
+
+    def validation_step(self, i: int) -> CachedStep:
+        return self._load(self._validation[i])
 
     def validation_steps(self) -> list[CachedStep]:
         return [self._load(x) for x in self._validation]

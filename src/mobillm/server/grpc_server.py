@@ -35,7 +35,7 @@ from mobillm.server.metrics import ServerMetrics
 from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.transport import serde
 from mobillm.transport.grpc_client import API_KEY_HEADER, KEEPALIVE_SECONDS
-from mobillm.transport.messages import RemoteError, StepBegin, spec_summary
+from mobillm.transport.messages import Ack, Gradient, RemoteError, StepBegin, spec_summary
 from mobillm.transport.tls import TlsServerConfig, is_loopback, server_credentials
 
 log = logging.getLogger("mobillm.grpc")
@@ -322,17 +322,21 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                 self._same(sid, msg.session_id)
                 if isinstance(msg, StepBegin):
                     began = time.perf_counter()
-                    await me.run(self.pool, self.manager.begin_step, sid, token, msg)
-                    continue
-                ack = await me.run(self.pool, self.manager.add_chunk, sid, token, msg)
-                if ack is not None:
-                    rec = {"step": ack.step, "loss": ack.loss, "bytes": wire, **ack.metrics}
-                    self.jlog.step(sid, rec)
-                    if self.metrics is not None:
-                        latency = time.perf_counter() - began
-                        self.metrics.step(sid, wire, latency, int(ack.metrics.get("batch", 1)))
-                    wire = 0
-                    yield serde.ack_to_proto(ack)
+                    call = self.manager.begin_step
+                elif isinstance(msg, Gradient):
+                    call = self.manager.add_gradient
+                else:
+                    call = self.manager.add_chunk
+                for reply in await me.run(self.pool, call, sid, token, msg):
+                    if isinstance(reply, Ack):
+                        rec = {"step": reply.step, "loss": reply.loss, "bytes": wire}
+                        self.jlog.step(sid, rec | reply.metrics)
+                        if self.metrics is not None:
+                            latency = time.perf_counter() - began
+                            batch = int(reply.metrics.get("batch", 1))
+                            self.metrics.step(sid, wire, latency, batch)
+                        wire = 0
+                    yield serde.reply_to_proto(reply)
         except Exception as e:
             err = _as_remote(e, "Train")
         finally:

@@ -14,9 +14,10 @@ from typing import Any
 from mobillm.server.sessions import SessionManager
 from mobillm.transport.link import Link, LinkConfig
 from mobillm.transport.messages import (
-    Ack,
     ActivationChunk,
     EpochReport,
+    Gradient,
+    Reply,
     ResumeState,
     SessionInfo,
     SessionSpec,
@@ -26,14 +27,17 @@ from mobillm.transport.messages import (
 from mobillm.transport.sender import QueuedSender
 
 
-def message_nbytes(msg: StepBegin | ActivationChunk) -> int:
-    """Payload bytes a message puts on the link (labels and row layout, or codec bytes)."""
+def message_nbytes(msg: StepBegin | ActivationChunk | Gradient) -> int:
+    """Payload bytes a message puts on the link (labels and row layout, codec bytes, or a
+    private-label gradient)."""
     if isinstance(msg, ActivationChunk):
         return len(msg.data) + 24
+    if isinstance(msg, Gradient):
+        return 32 + (0 if msg.grad is None else 4 * msg.grad.numel())
     n = 16 + msg.rows_per_sample.numel() * 4 + msg.pool_rows.numel() * 8
     for t in (msg.labels, msg.targets):
         n += t.numel() * 8 if t is not None else 0
-    return n
+    return n + (msg.loss_mask.numel() if msg.loss_mask is not None else 0)
 
 
 class InProcessTransport(QueuedSender):
@@ -82,12 +86,13 @@ class InProcessTransport(QueuedSender):
                 info.session_id, info.token, part, i == len(parts) - 1, first=i == 0
             )
 
-    def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
+    def _deliver(self, msg: StepBegin | ActivationChunk | Gradient) -> list[Reply]:
         info = self._session()
         self.link.send(message_nbytes(msg))
         if isinstance(msg, StepBegin):
-            self.manager.begin_step(info.session_id, info.token, msg)
-            return None
+            return self.manager.begin_step(info.session_id, info.token, msg)
+        if isinstance(msg, Gradient):
+            return self.manager.add_gradient(info.session_id, info.token, msg)
         return self.manager.add_chunk(info.session_id, info.token, msg)
 
     def finish(self) -> Iterator[EpochReport]:

@@ -27,7 +27,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
+    Gradient,
     RemoteError,
+    Reply,
     ResumeState,
     SessionInfo,
     SessionSpec,
@@ -261,6 +263,7 @@ class SessionManager:
                 layers,
                 self.cfg.max_step_bytes,
                 self.batcher,
+                self.cfg.max_chunk_bytes,
             )
         except (ValueError, RuntimeError) as e:
             raise RemoteError("INVALID_ARGUMENT", f"cannot build the side network: {e}") from None
@@ -384,11 +387,14 @@ class SessionManager:
             raise RemoteError("FAILED_PRECONDITION", "upload the frozen head before training")
         return sess.trainer
 
-    def begin_step(self, session_id: str, token: str, msg: StepBegin) -> None:
+    def begin_step(self, session_id: str, token: str, msg: StepBegin) -> list[Reply]:
+        """Open a step; a private-label replay may answer at once with its Features."""
         with self._hold(session_id, token) as sess:
-            self._trainer(sess).begin(msg)
+            trainer = self._trainer(sess)
+            return self._replies(sess, self._guarded(trainer, trainer.begin, msg))
 
-    def add_chunk(self, session_id: str, token: str, chunk: ActivationChunk) -> Ack | None:
+    def add_chunk(self, session_id: str, token: str, chunk: ActivationChunk) -> list[Reply]:
+        """Take one chunk: the step's Ack once it is trained (private labels: its Features)."""
         if len(chunk.data) > self.cfg.max_chunk_bytes:
             raise RemoteError(
                 "RESOURCE_EXHAUSTED",
@@ -396,17 +402,36 @@ class SessionManager:
             )
         with self._hold(session_id, token) as sess:
             trainer = self._trainer(sess)
-            try:
-                ack = trainer.add_chunk(chunk)
-            except RemoteError:
-                trainer.abort_step()
-                raise
-            if ack is not None:
-                self._log_step(sess, ack)
+            return self._replies(sess, self._guarded(trainer, trainer.add_chunk, chunk))
+
+    def add_gradient(self, session_id: str, token: str, grad: Gradient) -> list[Reply]:
+        """Private labels: train the waiting step on the device's gradient; its Ack, then the
+        next step's Features if one is ready."""
+        with self._hold(session_id, token) as sess:
+            trainer = self._trainer(sess)
+            return self._replies(sess, self._guarded(trainer, trainer.add_gradient, grad))
+
+    @staticmethod
+    def _guarded(trainer: Trainer, call: Callable[[Any], Any], msg: Any) -> Any:
+        """``call(msg)``; a refusal drops the open steps (the device resends them)."""
+        try:
+            return call(msg)
+        except RemoteError:
+            trainer.abort_step()
+            raise
+
+    def _replies(self, sess: Session, out: Reply | list[Reply] | None) -> list[Reply]:
+        """Log and checkpoint after each Ack among a trainer's answers."""
+        replies = out if isinstance(out, list) else [] if out is None else [out]
+        trainer = sess.trainer
+        assert trainer is not None
+        for r in replies:
+            if isinstance(r, Ack):
+                self._log_step(sess, r)
                 every = self.cfg.checkpoint_every
                 if every and trainer.steps_done % every == 0:
                     self._save(sess)
-            return ack
+        return replies
 
     def abort_step(self, session_id: str, token: str) -> None:
         with self._hold(session_id, token) as sess:
@@ -436,7 +461,7 @@ class SessionManager:
             t.abort_step()
             if t.finished and t.reports is None:
                 self._reload(sess)
-            return ResumeState(t.steps_done, t.optimizer_steps)
+            return ResumeState(t.steps_done, t.optimizer_steps, last_ack=t.last_ack)
 
     def _reload(self, sess: Session) -> None:
         """Back to the last checkpoint (the one Finish took before it began)."""

@@ -8,6 +8,14 @@ Streamed steps are kept in the session's activation cache (when the session asks
 than one epoch, and always for validation steps). ``run_epochs`` then replays the cache for the
 remaining epochs through the same decode-and-fold path, scores the validation split after each
 epoch, and keeps the best epoch, or the untrained network if no epoch beat it.
+
+A private-label session (``SessionSpec.private_labels``) trains without seeing a label: when a
+step's frames are in, the trainer runs the side network up to the features the head reads and
+answers with them (``Features``); the device's ``Gradient`` for them is back-propagated, the
+clipping norm combining both halves of the model, and the step is acked. Steps that arrive
+meanwhile wait, decoded, in a short queue (the device's window bounds it), so each one's forward
+sees the weights its predecessor left, exactly as in the standard mode. The device drives cache
+epochs itself (``StepBegin.replay_of``) and scores the validation split.
 """
 
 from __future__ import annotations
@@ -15,23 +23,28 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
-from mobillm.server.batching import INIT_LOCK, Batcher, FlatState, Ready, decays, stackable
+from mobillm.server.batching import INIT_LOCK, Batcher, FlatState, Ready, stackable
 from mobillm.server.budget import check_step
 from mobillm.server.cache import ActivationCache, CachedStep
-from mobillm.server.objective import IGNORE, correct, task_loss
 from mobillm.side.head import FrozenHead
 from mobillm.side.learner import Learner, build_learner
 from mobillm.side.model import SideNetwork
+from mobillm.side.objective import IGNORE, correct, task_loss
+from mobillm.side.optim import adamw, clip_coefficient
 from mobillm.transport.messages import (
+    DEFAULT_CHUNK_BYTES,
     Ack,
     ActivationChunk,
     EpochReport,
+    Features,
+    Gradient,
     RemoteError,
     SessionSpec,
     StepBegin,
@@ -39,28 +52,16 @@ from mobillm.transport.messages import (
 )
 
 
-def lr_lambda(total: int, warmup_ratio: float, schedule: str):
-    """Multiplier on the base LR at each step: linear warm-up, then the chosen decay to zero."""
-    warmup = max(1, round(total * warmup_ratio)) if total else 0
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if not total or schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
 def use_tf32(device: str, on: bool) -> None:
     """On CUDA, let float32 matmuls use TF32 tensor cores (process-wide, as PyTorch's switch
     is): side-network steps are matmul-bound there. Nothing changes on CPU."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = on
+
+
+# Private-label steps whose frames are in while an earlier one waits for its gradient: the
+# device's window bounds them; more is a device that does not answer.
+MAX_AHEAD = 8
 
 
 def _bad(msg: str) -> RemoteError:
@@ -89,6 +90,8 @@ class _Pending:
         self.state: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
         self.started = time.perf_counter()
+        self.rng: torch.Tensor | None = None  # the dropout generator's state at its begin
+        self.out: torch.Tensor | None = None  # private labels: the features sent, with graph
 
 
 class Trainer:
@@ -104,37 +107,34 @@ class Trainer:
         layers: dict[str, torch.Tensor] | None = None,
         max_step_bytes: int = 0,
         batcher: Batcher | None = None,
+        max_features_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.max_rows = max_rows
         self.max_step_bytes = max_step_bytes  # 0 = unpriced (a trusted, in-process caller)
+        # private labels: Features and Gradient travel whole, as one message each
+        self.max_features_bytes = max_features_bytes
         self.cache = cache
         # Seed the initial weights, and give dropout its own generator, without touching other
         # sessions' random streams: a session's run is the same whoever else is training.
+        self.private = spec.private_labels
         with INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.train.seed)
-            self.net: Learner = build_learner(spec.side, head, layers).to(self.device)
+            self.net: Learner = build_learner(
+                spec.side, head, layers, with_classifier=not self.private
+            ).to(self.device)
         self.net.seed_dropout(spec.train.seed + 1)
         self._rng = self._generator()  # found once: begin() reads it every step
         self.net.train()
-        decay, no_decay = [], []
-        for name, p in self.net.named_parameters():
-            if p.requires_grad:  # a split learner's frozen layers are parameters too
-                (decay if decays(name, p) else no_decay).append(p)
         tc = spec.train
-        self.opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": tc.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=tc.lr,
-            # the fused kernel, as in batched rounds: one pass over weights, moments and
-            # gradients instead of a dozen small operations per tensor
-            fused=True,
-        )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(tc.total_steps, tc.warmup_ratio, tc.schedule)
+        self.opt, self.sched = adamw(
+            self.net.named_parameters(),
+            tc.lr,
+            tc.weight_decay,
+            tc.total_steps,
+            tc.warmup_ratio,
+            tc.schedule,
         )
         self.steps_done = 0  # streamed steps acknowledged, train and validation
         self.optimizer_steps = 0
@@ -143,14 +143,17 @@ class Trainer:
         self.epochs_done = 0
         self.finished = False
         self.reports: list[EpochReport] | None = None  # Finish's reports, once it completed
+        self.last_ack: Ack | None = None  # private labels: resent to a device that lost it
         self._pending: _Pending | None = None
-        self._rng_at_begin: torch.Tensor | None = None
+        self._awaiting: _Pending | None = None  # private labels: features sent, no gradient yet
+        self._ready: deque[_Pending] = deque()  # private labels: frames in, forward not yet run
         self._epoch_losses: list[float] = []
         # the untrained network, the baseline every epoch must beat on the validation split
         self._initial = _copy_state(self.net)
         # Streamed training steps of a stackable learner train in the batcher's rounds
         # together with other sessions'; everything else (validation, cache epochs) here.
-        self.batcher = batcher if batcher is not None and stackable(self.net) else None
+        stacks = stackable(self.net) and not self.private  # a round cannot wait for a device
+        self.batcher = batcher if batcher is not None and stacks else None
         self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
         self.batch_key = (
             spec.head_sha256,
@@ -163,8 +166,11 @@ class Trainer:
             self.batcher.attach(self)
 
     # --- message handling -------------------------------------------------------------------
-    def begin(self, msg: StepBegin) -> None:
-        """Open a step; reject it unless it is the next one and its labels are well formed."""
+    def begin(self, msg: StepBegin) -> Features | None:
+        """Open a step; reject it unless it is the next one and its labels are well formed.
+
+        A private-label replay (``replay_of``) is complete at once: its Features, if the
+        trainer is free to run it now."""
         if self._pending is not None:
             raise RemoteError(
                 "FAILED_PRECONDITION",
@@ -172,10 +178,19 @@ class Trainer:
             )
         if self.finished:
             raise RemoteError("FAILED_PRECONDITION", "the session has finished training")
-        if msg.step != self.steps_done:
+        ahead = len(self._ready) + (self._awaiting is not None)
+        if msg.step != self.steps_done + ahead:
             raise RemoteError(
-                "FAILED_PRECONDITION", f"expected step {self.steps_done}, got step {msg.step}"
+                "FAILED_PRECONDITION",
+                f"expected step {self.steps_done + ahead}, got step {msg.step}",
             )
+        if ahead >= MAX_AHEAD:
+            raise RemoteError(
+                "RESOURCE_EXHAUSTED",
+                f"{ahead} steps wait for the gradient of step {self.steps_done}; send it first",
+            )
+        if msg.replay_of is not None:
+            return self._begin_replay(msg)
         self._check_begin(msg)
         if msg.validation and self.cache is None:
             raise RemoteError("FAILED_PRECONDITION", "this server keeps no validation steps")
@@ -183,8 +198,41 @@ class Trainer:
         # a step that is dropped halfway must not have used up dropout draws: the device
         # resends it, and it must train exactly as if the first attempt never happened (taken
         # before _open, which draws the step's masks)
-        self._rng_at_begin = self._rng.get_state() if self._rng is not None else None
-        self._pending = self._open(msg, keep, self.batcher is not None and not msg.validation)
+        rng = self._rng.get_state() if self._rng is not None else None
+        collect = self.private or (self.batcher is not None and not msg.validation)
+        self._pending = self._open(msg, keep, collect)
+        self._pending.rng = rng
+        return None
+
+    def _begin_replay(self, msg: StepBegin) -> Features | None:
+        """Private labels: run cached step ``msg.replay_of`` again as step ``msg.step``."""
+        if not self.private:
+            raise _bad("replay_of is for private-label sessions; the server replays the others")
+        if self.cache is None:
+            raise RemoteError("FAILED_PRECONDITION", "this server keeps no activation cache")
+        i = msg.replay_of
+        n = self.cache.num_validation if msg.validation else self.cache.num_train
+        if i is None or not 0 <= i < n:
+            kind = "validation" if msg.validation else "train"
+            raise _bad(f"replay_of {i}: the cache holds {n} {kind} steps")
+        cached = self.cache.validation_step(i) if msg.validation else self.cache.train_step(i)
+        c = cached.begin
+        if not torch.equal(c.rows_per_sample.long(), msg.rows_per_sample.long()):
+            raise _bad(f"replay_of {i}: the row layout differs from the cached step's")
+        begin = StepBegin(
+            msg.session_id,
+            msg.step,
+            c.rows_per_sample,
+            c.pool_rows,
+            validation=msg.validation,
+            loss_mask=c.loss_mask,
+        )
+        rng = self._rng.get_state() if self._rng is not None else None
+        p = self._open(begin, keep=False, batched=True)
+        p.rng = rng
+        for frame in cached.frames:
+            self._fold(p, frame)
+        return self._queue(p)
 
     def _open(self, msg: StepBegin, keep: bool, batched: bool = False) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
@@ -226,7 +274,9 @@ class Trainer:
         pool = msg.pool_rows.tolist() if msg.pool_rows.shape == (b,) else [-1]
         if min(pool) < 0 or max(pool) >= n:
             raise _bad(f"pool_rows must hold {b} row indices in [0, {n})")
-        if side.task == "classification":
+        if self.private:
+            self._check_private(msg)
+        elif side.task == "classification":
             if msg.labels is None or msg.labels.shape != (b,):
                 raise _bad(f"classification step needs labels of shape ({b},)")
             labels = msg.labels.tolist()
@@ -243,8 +293,28 @@ class Trainer:
             if not (t != IGNORE).any():
                 raise _bad("causal-LM step has no loss positions")
 
-    def add_chunk(self, chunk: ActivationChunk) -> Ack | None:
-        """Take one chunk; returns the step's Ack once its last layer has been trained on."""
+    def _check_private(self, msg: StepBegin) -> None:
+        if msg.labels is not None or msg.targets is not None:
+            raise _bad("a private-label session's steps carry no labels or targets")
+        rows = msg.num_samples
+        if self.spec.side.task != "classification":
+            m = msg.loss_mask
+            if m is None or m.shape != (msg.num_rows,) or m.dtype != torch.bool:
+                raise _bad(f"a private causal-LM step needs a loss_mask of shape ({msg.num_rows},)")
+            rows = int(m.sum())
+            if not rows:
+                raise _bad("causal-LM step has no loss positions")
+        nbytes = 4 * rows * self.spec.head.out_size
+        if nbytes > self.max_features_bytes:
+            raise RemoteError(
+                "RESOURCE_EXHAUSTED",
+                f"this step's features take {nbytes} bytes ({rows} rows), over the "
+                f"{self.max_features_bytes} a message may carry; send smaller batches",
+            )
+
+    def add_chunk(self, chunk: ActivationChunk) -> Ack | Features | None:
+        """Take one chunk; returns the step's Ack once its last layer has been trained on (in
+        private-label mode: its Features, when the trainer is free to run it, else None)."""
         p = self._pending
         if p is None or chunk.step != p.begin.step:
             raise RemoteError(
@@ -272,7 +342,7 @@ class Trainer:
         self._fold(p, frame)
         return self._maybe_finish(p)
 
-    def add_hidden(self, h: torch.Tensor | Sequence[torch.Tensor]) -> Ack | None:
+    def add_hidden(self, h: torch.Tensor | Sequence[torch.Tensor]) -> Ack | Features | None:
         """Take the open step's next tapped layers already decoded, each ``(rows, hidden)`` on
         the trainer's device (one tensor, or several in tap order): what ``add_chunk`` does
         after decoding (a trusted, in-process caller such as a benchmark feeding the trainer
@@ -292,9 +362,12 @@ class Trainer:
         p.frames = None
         return self._maybe_finish(p)
 
-    def _maybe_finish(self, p: _Pending) -> Ack | None:
+    def _maybe_finish(self, p: _Pending) -> Ack | Features | None:
         if p.next_tap < len(self.spec.taps):
             return None
+        if self.private:
+            self._pending = None
+            return self._queue(p)
         ack = self._finish(p)
         if p.frames is not None:
             assert self.cache is not None
@@ -384,6 +457,104 @@ class Trainer:
             metrics["validation"] = 1.0
         return Ack(step=b.step, loss=loss, metrics=metrics)
 
+    # --- private labels -----------------------------------------------------------------------
+    def _queue(self, p: _Pending) -> Features | None:
+        self._ready.append(p)
+        return self._advance()
+
+    def _advance(self) -> Features | None:
+        """Run the next waiting step up to its features, unless one still awaits its gradient."""
+        if self._awaiting is not None or not self._ready:
+            return None
+        p = self._ready.popleft()
+        b, dev = p.begin, self.device
+        if isinstance(self.net, SideNetwork) and not b.validation:
+            self.net.use_dropout(p.masks)  # drawn at its begin, as in the standard mode
+        assert p.hidden is not None
+        with self._mode(p):
+            state = None
+            for tap, h in enumerate(p.hidden):
+                state = self.net.step(state, tap, h, b.rows_per_sample)
+            feats = self.net.finish(state, p.hidden[-1])
+            if self.spec.side.task == "classification":
+                out = self.net.pooled(
+                    feats, b.pool_rows.to(dev), _row_sample(b).to(dev), b.num_samples
+                )
+            else:
+                assert b.loss_mask is not None
+                out = feats[b.loss_mask.to(dev)]
+        p.hidden, p.out = None, out
+        self._awaiting = p
+        return Features(b.step, out.detach().to("cpu", torch.float32))
+
+    def add_gradient(self, g: Gradient) -> list[Ack | Features]:
+        """Private labels: train the waiting step on the device's gradient; its Ack, then the
+        next step's Features if one is ready."""
+        p = self._awaiting
+        if p is None or g.step != p.begin.step:
+            raise RemoteError(
+                "FAILED_PRECONDITION", f"gradient for step {g.step}, which awaits none"
+            )
+        b = p.begin
+        assert p.out is not None
+        metrics: dict[str, float] = {}
+        if b.validation:
+            if g.grad is not None:
+                raise _bad("a validation step takes no gradient")
+        else:
+            if g.grad is None or g.grad.numel() != p.out.numel():
+                want = tuple(p.out.shape)
+                raise _bad(f"step {b.step}'s gradient must have the shape of its features {want}")
+            if not (math.isfinite(g.device_sq_norm) and g.device_sq_norm >= 0):
+                raise _bad("Gradient.device_sq_norm must be a finite number >= 0")
+            grad = g.grad.reshape(p.out.shape).to(self.device, p.out.dtype)
+            self._train_private(p.out, grad, g.device_sq_norm, metrics)
+        self._awaiting = None
+        # the loss is the device's to know; its ack tells the device's records its own
+        replies: list[Ack | Features] = [self._complete(p, math.nan, metrics)]
+        if (f := self._advance()) is not None:
+            replies.append(f)
+        return replies
+
+    def _train_private(
+        self, out: torch.Tensor, grad: torch.Tensor, device_sq: float, metrics: dict[str, float]
+    ) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        out.backward(grad)
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        gn = math.sqrt(
+            float(torch.nn.utils.get_total_norm([p.grad for p in params])) ** 2 + device_sq
+        )
+        if not math.isfinite(gn):
+            self.opt.zero_grad(set_to_none=True)
+            self.abort_step()
+            raise _bad("this step's gradients overflow; step dropped, nothing trained")
+        clip = clip_coefficient(gn, self.spec.train.grad_clip)
+        if self.spec.train.grad_clip:
+            for p in params:
+                p.grad.mul_(clip)
+            metrics["grad_norm"] = gn
+        metrics["clip"] = clip
+        metrics["lr"] = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.optimizer_steps += 1
+
+    def _complete(self, p: _Pending, loss: float, metrics: dict[str, float]) -> Ack:
+        """Count a trained (or scored) private-label step, keep it in the cache, ack it."""
+        b = p.begin
+        self.steps_done += 1
+        self.samples_seen += b.num_samples
+        metrics["samples"] = float(b.num_samples)
+        metrics["server_ms"] = 1000 * (time.perf_counter() - p.started)
+        if b.validation:
+            metrics["validation"] = 1.0
+        if p.frames is not None:
+            assert self.cache is not None
+            self.cache.add(CachedStep(b, p.frames))
+        self.last_ack = Ack(step=b.step, loss=loss, metrics=metrics)
+        return Ack(step=b.step, loss=loss, metrics=dict(metrics))
+
     def _train_batched(self, p: _Pending) -> tuple[float, dict[str, float]]:
         """Train this step in the batcher's next round, with other sessions' steps."""
         assert self.batcher is not None and p.hidden is not None
@@ -436,8 +607,9 @@ class Trainer:
         return float(loss.detach()), metrics
 
     def _score(self) -> dict[str, float] | None:
-        """Validation loss and accuracy (classification) of the network as it stands."""
-        if self.cache is None or not self.cache.num_validation:
+        """Validation loss and accuracy (classification) of the network as it stands (the
+        device scores a private-label session's)."""
+        if self.cache is None or not self.cache.num_validation or self.private:
             return None
         total = correct = weight = 0.0
         for step in self.cache.validation_steps():
@@ -466,7 +638,7 @@ class Trainer:
         """
         if self.finished:
             raise RemoteError("FAILED_PRECONDITION", "the session has finished training")
-        if self._pending is not None:
+        if self._pending is not None or self._awaiting is not None or self._ready:
             raise RemoteError("FAILED_PRECONDITION", "a step is still open; end it first")
         self.finished = True
         self.release()  # no more streamed steps: rounds need not wait for this session
@@ -474,7 +646,9 @@ class Trainer:
         t0 = time.perf_counter()
         baseline = self._score_state(self._initial)
         best = (0, baseline, self._initial)
-        n = self.cache.num_train if self.cache is not None and self._replays else 0
+        # a private-label device replayed its epochs itself, through the Train stream
+        replays = self.cache is not None and self._replays and not self.private
+        n = self.cache.num_train if replays and self.cache is not None else 0
         epoch = self.epochs_done = 1 if n else tc.epochs  # without replay the device streamed all
         remaining = max(0, tc.total_steps - self.optimizer_steps) if n else 0
         reports: list[EpochReport] = []
@@ -507,7 +681,7 @@ class Trainer:
             remaining = max(0, tc.total_steps - self.optimizer_steps)
 
     def _score_state(self, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
-        if self.cache is None or not self.cache.num_validation:
+        if self.cache is None or not self.cache.num_validation or self.private:
             return None
         current = _copy_state(self.net)
         self.net.load_state_dict(state, strict=False)
@@ -528,11 +702,18 @@ class Trainer:
             self.batcher.detach(self)
 
     def abort_step(self) -> None:
-        """Drop a half-received step (the device gave up on it); the next step reuses its id."""
-        if self._pending is not None and self._rng_at_begin is not None:
+        """Drop a half-received step (the device gave up on it), and in private-label mode the
+        steps waiting for a gradient; the device resends them under the same ids."""
+        if (rng := self._rng_before_open()) is not None:
             assert self._rng is not None
-            self._rng.set_state(self._rng_at_begin)
-        self._pending = None
+            self._rng.set_state(rng)
+        self._pending = self._awaiting = None
+        self._ready.clear()
+
+    def _rng_before_open(self) -> torch.Tensor | None:
+        """The dropout generator's state before the earliest step not yet acked drew."""
+        open_ = [x for x in (self._awaiting, *self._ready, self._pending) if x is not None]
+        return open_[0].rng if open_ else None
 
     # --- checkpoints --------------------------------------------------------------------------
     _COUNTERS = ("steps_done", "optimizer_steps", "samples_seen", "bytes_received")
@@ -550,7 +731,9 @@ class Trainer:
         for i, st in opt["state"].items():
             tensors |= {f"opt.{i}.{k}": v for k, v in st.items()}
         if self._rng is not None:
-            tensors["rng"] = self._rng.get_state()
+            # steps begun but not acked are resent after a restart and draw again
+            rng = self._rng_before_open()
+            tensors["rng"] = rng if rng is not None else self._rng.get_state()
         meta: dict[str, Any] = {k: getattr(self, k) for k in self._COUNTERS}
         meta |= {
             "epochs_done": self.epochs_done,
@@ -558,6 +741,9 @@ class Trainer:
             "epoch_losses": self._epoch_losses,
             "param_groups": opt["param_groups"],
             "scheduler": self.sched.state_dict(),
+            "last_ack": None
+            if self.last_ack is None
+            else {"step": self.last_ack.step, "metrics": self.last_ack.metrics},
             "reports": None
             if self.reports is None
             else [{"epoch": r.epoch, "metrics": r.metrics, "last": r.last} for r in self.reports],
@@ -591,7 +777,10 @@ class Trainer:
         self._epoch_losses = [float(x) for x in meta["epoch_losses"]]
         reports = meta.get("reports")
         self.reports = None if reports is None else [EpochReport(**r) for r in reports]
-        self._pending = None
+        last = meta.get("last_ack")
+        self.last_ack = None if last is None else Ack(last["step"], math.nan, last["metrics"])
+        self._pending = self._awaiting = None
+        self._ready.clear()
         if self.cache is not None:
             self.cache.reopen(self.steps_done)
 

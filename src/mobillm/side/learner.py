@@ -21,15 +21,17 @@ def build_learner(
     head: FrozenHead,
     layers: dict[str, torch.Tensor] | None = None,
     cast: bool = True,
+    with_classifier: bool = True,
 ) -> Learner:
     """A fresh learner for ``cfg`` on ``head``.
 
     ``layers``: for ``kind="split"``, the top layers' frozen tensors named ``layers.{i}.*``
     (the upload on the server, the backbone's own tensors on the device, shared, not copied
-    when ``cast`` is off).
+    when ``cast`` is off). ``with_classifier`` off: a private-label server's learner, whose
+    classifier the device keeps (``side.private``).
     """
     if cfg.kind == "ladder":
-        return SideNetwork(cfg, head)
+        return SideNetwork(cfg, head, with_classifier)
     if not layers:
         raise ValueError("a split learner needs the top layers' weights")
-    return SplitLearner.from_tensors(cfg, head, layers, cast=cast)
+    return SplitLearner.from_tensors(cfg, head, layers, cast, with_classifier)

@@ -143,14 +143,14 @@ def task_classifier(cfg: SideConfig, head: FrozenHead) -> nn.Linear | None:
 class SideNetwork(nn.Module):
     """Trainable ladder + head over frozen hidden states; see the module docstring."""
 
-    def __init__(self, cfg: SideConfig, head: FrozenHead) -> None:
+    def __init__(self, cfg: SideConfig, head: FrozenHead, with_classifier: bool = True) -> None:
         super().__init__()
         if head.spec.hidden_size != cfg.hidden_size:
             raise ValueError(
                 f"frozen head width {head.spec.hidden_size} != side hidden_size {cfg.hidden_size}"
             )
         rows = cfg.head_rows
-        if rows is not None and head.spec.vocab_rows != len(rows):
+        if with_classifier and rows is not None and head.spec.vocab_rows != len(rows):
             raise ValueError(
                 f"frozen head has {head.spec.vocab_rows} LM rows, task needs {len(rows)}"
             )
@@ -170,7 +170,8 @@ class SideNetwork(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.frozen = head
-        self.classifier = task_classifier(cfg, head)
+        # made last, so that its random draws never shift the ones above
+        self.classifier = task_classifier(cfg, head) if with_classifier else None
 
     def seed_dropout(self, seed: int) -> None:
         """Give every dropout layer one private generator (on the parameters' device); a
@@ -273,21 +274,33 @@ class SideNetwork(nn.Module):
         (rows,) sample ids for "mean", or a ``pool_weights`` (B, rows) matrix for either)
         -> (B, num_labels). Causal LM: (rows, vocab).
         """
-        if self.classifier is None:
+        if self.cfg.task != "classification":
             return self.frozen.logits_from_features(feats)
+        if self.classifier is None:
+            raise ValueError("this learner's classifier is kept by the device")
+        return self.classifier(self.pooled(feats, pool_rows, row_sample, num_samples, pool_weights))
+
+    def pooled(
+        self,
+        feats: torch.Tensor,
+        pool_rows: torch.Tensor | None = None,
+        row_sample: torch.Tensor | None = None,
+        num_samples: int = 0,
+        pool_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The features the classifier reads, one row per sample ``(B, out_size)``; see
+        ``logits`` for the arguments."""
         if pool_weights is not None:  # the shape-static form a batched server needs
-            return self.classifier(pool_weights.to(feats.dtype) @ feats)
+            return pool_weights.to(feats.dtype) @ feats
         if self.cfg.pooling == "last":
             if pool_rows is None:
                 raise ValueError("pooling='last' needs pool_rows")
-            pooled = feats[pool_rows]
-        else:
-            if row_sample is None or num_samples <= 0:
-                raise ValueError("pooling='mean' needs row_sample and num_samples")
-            sums = feats.new_zeros(num_samples, feats.shape[-1]).index_add_(0, row_sample, feats)
-            counts = torch.bincount(row_sample, minlength=num_samples).clamp_min(1)
-            pooled = sums / counts.unsqueeze(-1).to(feats.dtype)
-        return self.classifier(pooled)
+            return feats[pool_rows]
+        if row_sample is None or num_samples <= 0:
+            raise ValueError("pooling='mean' needs row_sample and num_samples")
+        sums = feats.new_zeros(num_samples, feats.shape[-1]).index_add_(0, row_sample, feats)
+        counts = torch.bincount(row_sample, minlength=num_samples).clamp_min(1)
+        return sums / counts.unsqueeze(-1).to(feats.dtype)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Trainable weights only (the frozen head is the backbone's, not ours to ship)."""

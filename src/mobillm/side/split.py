@@ -67,7 +67,12 @@ class SplitLearner(nn.Module):
     """
 
     def __init__(
-        self, cfg: SideConfig, head: FrozenHead, layers: nn.ModuleList, rotary: nn.Module
+        self,
+        cfg: SideConfig,
+        head: FrozenHead,
+        layers: nn.ModuleList,
+        rotary: nn.Module,
+        with_classifier: bool = True,
     ) -> None:
         super().__init__()
         if len(layers) != cfg.split_layers:
@@ -88,7 +93,7 @@ class SplitLearner(nn.Module):
         inject_adapter_in_model(lora, self.stack)
         for name, p in self.stack.named_parameters():
             p.requires_grad_("lora_" in name)
-        self.classifier = task_classifier(cfg, head)
+        self.classifier = task_classifier(cfg, head) if with_classifier else None
 
     @classmethod
     def from_tensors(
@@ -97,6 +102,7 @@ class SplitLearner(nn.Module):
         head: FrozenHead,
         tensors: dict[str, torch.Tensor],
         cast: bool = True,
+        with_classifier: bool = True,
     ) -> SplitLearner:
         """Build the layers from ``layers.*`` tensors (shapes checked), as float32 if ``cast``.
 
@@ -115,7 +121,7 @@ class SplitLearner(nn.Module):
             )
         state = {k.removeprefix("layers."): v.float() if cast else v for k, v in tensors.items()}
         layers.load_state_dict(state, assign=True)
-        return cls(cfg, head, layers, rotary)
+        return cls(cfg, head, layers, rotary, with_classifier)
 
     def seed_dropout(self, seed: int) -> None:
         """No dropout here (LoRA dropout is off): nothing draws random numbers while training."""
@@ -165,11 +171,23 @@ class SplitLearner(nn.Module):
         num_samples: int = 0,
     ) -> torch.Tensor:
         """Classification: the pool rows' logits (B, labels); causal LM: (rows, vocab)."""
-        if self.classifier is None:
+        if self.cfg.task != "classification":
             return self.frozen.logits_from_features(feats)
+        if self.classifier is None:
+            raise ValueError("this learner's classifier is kept by the device")
+        return self.classifier(self.pooled(feats, pool_rows))
+
+    def pooled(
+        self,
+        feats: torch.Tensor,
+        pool_rows: torch.Tensor | None = None,
+        row_sample: torch.Tensor | None = None,
+        num_samples: int = 0,
+    ) -> torch.Tensor:
+        """The features the classifier reads: the pool rows' ``(B, out_size)``."""
         if pool_rows is None:
             raise ValueError("classification needs pool_rows")
-        return self.classifier(feats[pool_rows])
+        return feats[pool_rows]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """LoRA weights and the classifier: what the device downloads (a few MB)."""

@@ -9,12 +9,14 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
+    Gradient,
     ResumeState,
     SessionInfo,
     SessionSpec,
     SideBlob,
     StepBegin,
 )
+from mobillm.transport.sender import Responder
 
 
 class Transport(Protocol):
@@ -40,7 +42,11 @@ class Transport(Protocol):
 
     def upload_head(self, blob: bytes) -> None: ...
 
-    def send(self, msg: StepBegin | ActivationChunk) -> None: ...
+    def send(self, msg: StepBegin | ActivationChunk | Gradient) -> None: ...
+
+    def set_responder(self, responder: Responder | None) -> None:
+        """Private labels: answer the server's Features with ``responder``'s gradients."""
+        ...
 
     def next_ack(self, timeout: float | None = None) -> Ack: ...
 

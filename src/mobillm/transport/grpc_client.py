@@ -24,10 +24,11 @@ from mobillm.proto.v1 import mobillm_pb2_grpc as pb_grpc
 from mobillm.transport import serde
 from mobillm.transport.link import Link, LinkConfig
 from mobillm.transport.messages import (
-    Ack,
     ActivationChunk,
     EpochReport,
+    Gradient,
     RemoteError,
+    Reply,
     ResumeState,
     SessionInfo,
     SessionSpec,
@@ -233,14 +234,14 @@ class GrpcTransport(QueuedSender):
         serde.upload_reply_from_proto(self._run(finish()))
 
     # --- training stream --------------------------------------------------------------------
-    def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
+    def _deliver(self, msg: StepBegin | ActivationChunk | Gradient) -> list[Reply]:
         req = serde.train_request_to_proto(msg)
         if self._train is None:
             self._train = self._run(self._open_train())
         self.link.send(req.ByteSize())
         if (err := self._run(self._write(self._train, req))) is not None:
             raise err
-        return None  # acks arrive on the stream, read by _read_acks
+        return []  # replies arrive on the stream, read by _read_acks
 
     def _end_stream(self, failed: bool) -> None:
         if self._train is not None:
@@ -265,10 +266,14 @@ class GrpcTransport(QueuedSender):
     async def _read_acks(self, call: Any, gen: int) -> None:
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
-                self._ack(serde.ack_from_proto(resp), gen)
+                self._ack(serde.reply_from_proto(resp), gen)
             err = await self._status(call)
         except grpc.aio.AioRpcError as e:
             err = _remote(e)
+        except asyncio.CancelledError:
+            # a cancelled call ends its read this way, not with a status: a device waiting
+            # for an ack (and sending nothing that could fail) must still hear of it
+            err = RemoteError("CANCELLED", "the Train stream was cancelled")
         except Exception as e:  # never die silently: next_ack() would wait forever
             err = RemoteError("INTERNAL", f"ack reader failed: {type(e).__name__}: {e}")
         if err is not None:

@@ -3,7 +3,10 @@
 A session is: ``SessionSpec`` -> ``SessionInfo``; optionally the frozen head (safetensors bytes);
 then per step one ``StepBegin`` (labels and row layout) followed by, for each tapped layer in
 order, one or more ``ActivationChunk`` (codec bytes, split into bounded chunks); the server
-answers each completed step with an ``Ack``. Validation steps (``StepBegin.validation``) are
+answers each completed step with an ``Ack``. In private-label mode (``SessionSpec.
+private_labels``) a ``StepBegin`` carries no labels or targets: the server answers the step's
+frames with its ``Features``, the device answers those with a ``Gradient``, and then the
+server trains and acks. Validation steps (``StepBegin.validation``) are
 scored, never trained on. ``Finish`` then trains the remaining epochs from the server's
 activation cache, one ``EpochReport`` per epoch, and keeps the best epoch by validation
 accuracy. At the end the device downloads the side network (``SideBlob``). No token ids and no
@@ -78,6 +81,7 @@ class SessionSpec(Config):
     positions: str = "loss"
     protocol: int = PROTOCOL_VERSION
     client: str = ""
+    private_labels: bool = False
 
     def validate(self) -> None:
         fp = self.fingerprint
@@ -113,12 +117,15 @@ class SessionSpec(Config):
             "hidden sizes of side network, head and backbone differ",
         )
         rows = self.side.head_rows
+        if self.private_labels:
+            # the LM-head rows would name the verbalizers (or be the head the device keeps)
+            check(self.head.vocab_rows == 0, "a private-label session uploads no LM-head rows")
         check(
-            rows is None or self.head.vocab_rows == len(rows),
+            self.private_labels or rows is None or self.head.vocab_rows == len(rows),
             "head spec carries the wrong number of LM rows for this task",
         )
         check(
-            rows is not None or self.head.vocab_rows == fp.vocab_size,
+            self.private_labels or rows is not None or self.head.vocab_rows == fp.vocab_size,
             "causal-LM tuning needs the whole LM head",
         )
         check(
@@ -135,7 +142,7 @@ class SessionSpec(Config):
         )
         check(len(self.head_sha256) == 64, "SessionSpec.head_sha256 must be a sha256 hex digest")
         check(
-            rows is not None or split or self.head_sha256 == fp.head_sha256,
+            rows is not None or split or self.private_labels or self.head_sha256 == fp.head_sha256,
             "SessionSpec.head_sha256 differs from the backbone's head hash: the head to upload "
             "is not this backbone's",
         )
@@ -161,6 +168,11 @@ class StepBegin:
     ``labels`` (B,) class ids (classification) or None; ``targets`` (rows,) next-token ids with
     -100 where no loss is taken (causal LM) or None. A ``validation`` step is scored with the
     side network as it stands and kept for scoring every later epoch; it is never trained on.
+
+    Private-label sessions send neither labels nor targets: ``loss_mask`` (rows,) bool marks
+    the rows that carry loss (causal LM), and ``replay_of`` asks for cached step ``replay_of``
+    (the index among the cached train steps, or validation steps for a ``validation`` step)
+    to be run again as this step, with no frames following.
     """
 
     session_id: str
@@ -170,6 +182,8 @@ class StepBegin:
     labels: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     validation: bool = False
+    loss_mask: torch.Tensor | None = None
+    replay_of: int | None = None
 
     @property
     def num_samples(self) -> int:
@@ -190,6 +204,7 @@ class ResumeState:
     steps_done: int
     optimizer_steps: int
     need_head: bool = False
+    last_ack: Ack | None = None
 
 
 @dataclasses.dataclass
@@ -205,12 +220,39 @@ class ActivationChunk:
 
 
 @dataclasses.dataclass
+class Features:
+    """Private-label mode, server to device: step ``step``'s side-network output features,
+    float32 ``(rows, out_size)``: one row per sample (classification, pooled as the
+    classifier reads them) or per loss row (causal LM)."""
+
+    step: int
+    data: torch.Tensor
+
+
+@dataclasses.dataclass
+class Gradient:
+    """Private-label mode, device to server: d loss / d ``Features.data`` for step ``step``
+    (None for a validation step, which trains nothing) and the squared norm of the gradients
+    of the parameters the device holds (clipping covers the whole model). The loss and the
+    accuracy stay on the device: the server's ack reports NaN for them."""
+
+    session_id: str
+    step: int
+    grad: torch.Tensor | None
+    device_sq_norm: float = 0.0
+
+
+@dataclasses.dataclass
 class Ack:
     """The server trained step ``step``: its loss and a few metrics (lr, accuracy, ...)."""
 
     step: int
     loss: float
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# What the server answers on a Train stream.
+Reply = Ack | Features
 
 
 @dataclasses.dataclass

@@ -7,26 +7,53 @@ The first failure anywhere (a refusal, a dead stream, a crashed sender, a server
 ``ack_timeout`` seconds) becomes the one ``RemoteError`` that every later ``send`` and
 ``next_ack`` raises, after the acks that arrived before it. ``_restart_sender`` starts afresh
 after a failure (a reconnect); acks and failures of the stream before it are ignored.
+
+A private-label session answers the server's ``Features`` through a responder (the device's
+``LabelHead``): called as they arrive, in stream order with the acks, and its ``Gradient``
+goes out ahead of the steps queued meanwhile, so the server is not left waiting behind the
+device's next forward passes.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import queue
 import threading
 import time
+from typing import Protocol
 
 from mobillm.transport.link import Link
-from mobillm.transport.messages import Ack, ActivationChunk, RemoteError, StepBegin
+from mobillm.transport.messages import (
+    Ack,
+    ActivationChunk,
+    Features,
+    Gradient,
+    RemoteError,
+    Reply,
+    StepBegin,
+)
 
 _STOP = object()
+_WAKE = object()  # a gradient is waiting: the sender must not sleep on an empty queue
+
+Outgoing = StepBegin | ActivationChunk | Gradient
+
+
+class Responder(Protocol):
+    """The device's side of a private-label session (``device.labels.LabelHead``)."""
+
+    def features(self, msg: Features) -> Gradient: ...
+
+    def acked_step(self, ack: Ack) -> None: ...
 
 
 class QueuedSender:
     """Base of the device-side transports: the send queue, the sender thread and the acks.
 
-    Subclasses implement ``_deliver(msg)`` (hand one message to the server; return its Ack if
-    the server answered at once, else None and call ``_ack`` later) and may override
-    ``_end_stream(failed)``, run by the sender thread once the queue is closed.
+    Subclasses implement ``_deliver(msg)`` (hand one message to the server; return the
+    replies if the server answered at once, else none and call ``_ack`` with each later) and
+    may override ``_end_stream(failed)``, run by the sender thread once the queue is closed.
     """
 
     def __init__(self, link: Link, queue_size: int = 256, ack_timeout: float = 600.0) -> None:
@@ -38,9 +65,15 @@ class QueuedSender:
         self._fail_lock = threading.Lock()
         self._sender: threading.Thread | None = None
         self._gen = 0  # which stream acks and failures belong to
+        self._urgent: collections.deque[Gradient] = collections.deque()
+        self._responder: Responder | None = None
+
+    def set_responder(self, responder: Responder | None) -> None:
+        """Answer private-label ``Features`` with ``responder`` (None: a standard session)."""
+        self._responder = responder
 
     # --- to implement -----------------------------------------------------------------------
-    def _deliver(self, msg: StepBegin | ActivationChunk) -> Ack | None:
+    def _deliver(self, msg: Outgoing) -> list[Reply]:
         raise NotImplementedError
 
     def _end_stream(self, failed: bool) -> None:
@@ -59,6 +92,7 @@ class QueuedSender:
             self._gen += 1
             self._out = queue.Queue(maxsize=self._out.maxsize)
             self._acks = queue.Queue()
+            self._urgent.clear()
             self._error = None
         self._start_sender()
 
@@ -69,33 +103,62 @@ class QueuedSender:
             self._sender.join()
             self._sender = None
 
-    def send(self, msg: StepBegin | ActivationChunk) -> None:
+    def send(self, msg: Outgoing) -> None:
         """Queue ``msg`` for the sender thread; blocks while the queue is full."""
         if self._error is not None:
             raise self._error
         self._out.put(msg)
 
+    def _next(self) -> object:
+        try:
+            return self._urgent.popleft()
+        except IndexError:
+            return self._out.get()
+
     def _pump(self) -> None:
-        while (msg := self._out.get()) is not _STOP:
-            if self._error is not None:
+        while (msg := self._next()) is not _STOP:
+            if msg is _WAKE or self._error is not None:
                 continue  # drain: the stream already failed; send() reports it
             try:
-                ack = self._deliver(msg)
+                replies = self._deliver(msg)  # type: ignore[arg-type]
             except RemoteError as e:
                 self._fail(e)
                 continue
             except Exception as e:  # never die silently: send() would block on a full queue
                 self._fail(RemoteError("INTERNAL", f"sender failed: {type(e).__name__}: {e}"))
                 continue
-            if ack is not None:
-                self._ack(ack)
+            for reply in replies:
+                self._ack(reply)
         self._end_stream(self._error is not None)
 
     # --- acks and failures ------------------------------------------------------------------
-    def _ack(self, ack: Ack, gen: int | None = None) -> None:
+    def _ack(self, reply: Reply, gen: int | None = None) -> None:
+        """One reply of the server's, in stream order: an ack becomes visible to ``next_ack``
+        (after the emulated delay); Features are answered by the responder at once."""
+        with self._fail_lock:
+            if gen is not None and gen != self._gen:
+                return
+        responder = self._responder
+        try:
+            if isinstance(reply, Features):
+                if responder is None:
+                    raise RemoteError("INTERNAL", "Features in a session without private labels")
+                self._urgent.append(responder.features(reply))
+                # a full queue means a busy sender, which looks at _urgent before its next item
+                with contextlib.suppress(queue.Full):
+                    self._out.put_nowait(_WAKE)
+                return
+            if responder is not None:
+                responder.acked_step(reply)
+        except RemoteError as e:
+            self._fail(e, gen)
+            return
+        except Exception as e:  # a bug on the device must end the run, not hang it
+            self._fail(RemoteError("INTERNAL", f"{type(e).__name__}: {e}"), gen)
+            return
         with self._fail_lock:
             if gen is None or gen == self._gen:
-                self._acks.put((time.perf_counter() + self.link.ack_delay(), ack))
+                self._acks.put((time.perf_counter() + self.link.ack_delay(), reply))
 
     def _fail(self, err: RemoteError, gen: int | None = None) -> None:
         with self._fail_lock:

@@ -21,6 +21,8 @@ from mobillm.transport.messages import (
     Ack,
     ActivationChunk,
     EpochReport,
+    Features,
+    Gradient,
     RemoteError,
     ResumeState,
     SessionInfo,
@@ -153,6 +155,10 @@ def step_begin_to_proto(msg: StepBegin) -> pb.StepBegin:
         out.labels = _pack(msg.labels, INT64, "labels")
     if msg.targets is not None:
         out.targets = _pack(msg.targets, INT64, "targets")
+    if msg.loss_mask is not None:
+        out.loss_mask = msg.loss_mask.detach().cpu().to(torch.uint8).numpy().tobytes()
+    if msg.replay_of is not None:
+        out.replay_of = msg.replay_of
     return out
 
 
@@ -164,7 +170,55 @@ def step_begin_from_proto(msg: pb.StepBegin, max_items: int = MAX_ITEMS) -> Step
     pool = _unpack(msg.pool_rows, INT64, "pool_rows", max_items)
     labels = _unpack(msg.labels, INT64, "labels", max_items) if msg.HasField("labels") else None
     targets = _unpack(msg.targets, INT64, "targets", max_items) if msg.HasField("targets") else None
-    return StepBegin(msg.session_id, int(msg.step), rows, pool, labels, targets, msg.validation)
+    mask = None
+    if msg.HasField("loss_mask"):
+        if len(msg.loss_mask) > max_items:
+            raise _bad(f"StepBegin.loss_mask: {len(msg.loss_mask)} values; limit {max_items}")
+        arr = np.frombuffer(msg.loss_mask, dtype=np.uint8)
+        if arr.size and arr.max() > 1:
+            raise _bad("StepBegin.loss_mask holds values other than 0 and 1")
+        mask = torch.from_numpy(arr.astype(np.bool_))
+    replay = int(msg.replay_of) if msg.HasField("replay_of") else None
+    return StepBegin(
+        msg.session_id, int(msg.step), rows, pool, labels, targets, msg.validation, mask, replay
+    )
+
+
+def _floats(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+
+def _matrix(data: bytes, rows: int, name: str) -> torch.Tensor:
+    """A float32 ``(rows, width)`` matrix from little-endian bytes, refused when ragged."""
+    if rows <= 0 or len(data) % (4 * rows):
+        raise _bad(f"{name}: {len(data)} bytes are not {rows} rows of float32 values")
+    arr = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    return torch.from_numpy(arr).reshape(rows, -1)
+
+
+def gradient_to_proto(g: Gradient) -> pb.Gradient:
+    return pb.Gradient(
+        session_id=g.session_id,
+        step=g.step,
+        data=b"" if g.grad is None else _floats(g.grad),
+        device_sq_norm=g.device_sq_norm,
+    )
+
+
+def gradient_from_proto(msg: pb.Gradient) -> Gradient:
+    """The gradient as a flat float32 vector (the server knows its shape) or None if empty."""
+    if len(msg.data) % 4:
+        raise _bad(f"Gradient.data: {len(msg.data)} bytes is not a whole number of float32")
+    grad = _matrix(msg.data, 1, "Gradient.data")[0] if msg.data else None
+    return Gradient(msg.session_id, int(msg.step), grad, float(msg.device_sq_norm))
+
+
+def features_to_proto(f: Features) -> pb.Features:
+    return pb.Features(step=f.step, rows=f.data.shape[0], data=_floats(f.data))
+
+
+def features_from_proto(msg: pb.Features) -> Features:
+    return Features(int(msg.step), _matrix(msg.data, int(msg.rows), "Features.data"))
 
 
 def chunk_to_proto(msg: ActivationChunk) -> pb.ActivationChunk:
@@ -184,21 +238,25 @@ def chunk_from_proto(msg: pb.ActivationChunk) -> ActivationChunk:
     )
 
 
-def train_request_to_proto(msg: StepBegin | ActivationChunk) -> pb.TrainRequest:
+def train_request_to_proto(msg: StepBegin | ActivationChunk | Gradient) -> pb.TrainRequest:
     if isinstance(msg, StepBegin):
         return pb.TrainRequest(begin=step_begin_to_proto(msg))
+    if isinstance(msg, Gradient):
+        return pb.TrainRequest(gradient=gradient_to_proto(msg))
     return pb.TrainRequest(chunk=chunk_to_proto(msg))
 
 
 def train_request_from_proto(
     msg: pb.TrainRequest, max_items: int = MAX_ITEMS
-) -> StepBegin | ActivationChunk:
+) -> StepBegin | ActivationChunk | Gradient:
     kind = msg.WhichOneof("msg")
     if kind == "begin":
         return step_begin_from_proto(msg.begin, max_items)
     if kind == "chunk":
         return chunk_from_proto(msg.chunk)
-    raise _bad("empty TrainRequest: it must carry a StepBegin or an ActivationChunk")
+    if kind == "gradient":
+        return gradient_from_proto(msg.gradient)
+    raise _bad("empty TrainRequest: it must carry a StepBegin, an ActivationChunk or a Gradient")
 
 
 def ack_to_proto(ack: Ack) -> pb.Ack:
@@ -207,6 +265,21 @@ def ack_to_proto(ack: Ack) -> pb.Ack:
 
 def ack_from_proto(msg: pb.Ack) -> Ack:
     return Ack(int(msg.step), float(msg.loss), dict(msg.metrics))
+
+
+def reply_to_proto(reply: Ack | Features) -> pb.TrainReply:
+    if isinstance(reply, Features):
+        return pb.TrainReply(features=features_to_proto(reply))
+    return pb.TrainReply(ack=ack_to_proto(reply))
+
+
+def reply_from_proto(msg: pb.TrainReply) -> Ack | Features:
+    kind = msg.WhichOneof("msg")
+    if kind == "features":
+        return features_from_proto(msg.features)
+    if kind == "ack":
+        return ack_from_proto(msg.ack)
+    raise _bad("empty TrainReply: it must carry an Ack or Features")
 
 
 # --- finish: epochs from the cache ------------------------------------------------------------
@@ -219,15 +292,19 @@ def resume_request_from_proto(msg: pb.ResumeRequest) -> str:
 
 
 def resume_reply_to_proto(state: ResumeState) -> pb.ResumeReply:
-    return pb.ResumeReply(
+    out = pb.ResumeReply(
         steps_done=state.steps_done,
         optimizer_steps=state.optimizer_steps,
         need_head=state.need_head,
     )
+    if state.last_ack is not None:
+        out.last_ack.CopyFrom(ack_to_proto(state.last_ack))
+    return out
 
 
 def resume_reply_from_proto(msg: pb.ResumeReply) -> ResumeState:
-    return ResumeState(int(msg.steps_done), int(msg.optimizer_steps), msg.need_head)
+    last = ack_from_proto(msg.last_ack) if msg.HasField("last_ack") else None
+    return ResumeState(int(msg.steps_done), int(msg.optimizer_steps), msg.need_head, last)
 
 
 def finish_request_to_proto(session_id: str) -> pb.FinishRequest:

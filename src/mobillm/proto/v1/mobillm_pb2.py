@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emobillm/proto/v1/mobillm.proto\x12\nmobillm.v1\"\'\n\x12OpenSessionRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"q\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tneed_head\x18\x03 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x0e\n\x06server\x18\x05 \x01(\t\"H\n\tHeadChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\" \n\x0fUploadHeadReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"\xaf\x01\n\tStepBegin\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0frows_per_sample\x18\x03 \x01(\x0c\x12\x11\n\tpool_rows\x18\x04 \x01(\x0c\x12\x13\n\x06labels\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x12\x14\n\x07targets\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x12\x12\n\nvalidation\x18\x07 \x01(\x08\x42\t\n\x07_labelsB\n\n\x08_targets\"i\n\x0f\x41\x63tivationChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0b\n\x03tap\x18\x03 \x01(\r\x12\x0b\n\x03seq\x18\x04 \x01(\r\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"k\n\x0cTrainRequest\x12&\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x15.mobillm.v1.StepBeginH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.mobillm.v1.ActivationChunkH\x00\x42\x05\n\x03msg\"\x80\x01\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12-\n\x07metrics\x18\x03 \x03(\x0b\x32\x1c.mobillm.v1.Ack.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"M\n\x0bResumeReply\x12\x12\n\nsteps_done\x18\x01 \x01(\x04\x12\x17\n\x0foptimizer_steps\x18\x02 \x01(\x04\x12\x11\n\tneed_head\x18\x03 \x01(\x08\"#\n\rFinishRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x91\x01\n\x0b\x45pochReport\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.mobillm.v1.EpochReport.MetricsEntry\x12\x0c\n\x04last\x18\x03 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x0f\x44ownloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"J\n\x0cWeightsChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tmeta_json\x18\x04 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xe7\x01\n\x11\x43loseSessionReply\x12;\n\x07summary\x18\x01 \x03(\x0b\x32*.mobillm.v1.CloseSessionReply.SummaryEntry\x12\x37\n\x05notes\x18\x02 \x03(\x0b\x32(.mobillm.v1.CloseSessionReply.NotesEntry\x1a.\n\x0cSummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nNotesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xe8\x03\n\nSideTuning\x12K\n\x0bOpenSession\x12\x1e.mobillm.v1.OpenSessionRequest\x1a\x1c.mobillm.v1.OpenSessionReply\x12\x42\n\nUploadHead\x12\x15.mobillm.v1.HeadChunk\x1a\x1b.mobillm.v1.UploadHeadReply(\x01\x12\x36\n\x05Train\x12\x18.mobillm.v1.TrainRequest\x1a\x0f.mobillm.v1.Ack(\x01\x30\x01\x12<\n\x06Resume\x12\x19.mobillm.v1.ResumeRequest\x1a\x17.mobillm.v1.ResumeReply\x12>\n\x06\x46inish\x12\x19.mobillm.v1.FinishRequest\x1a\x17.mobillm.v1.EpochReport0\x01\x12\x43\n\x08\x44ownload\x12\x1b.mobillm.v1.DownloadRequest\x1a\x18.mobillm.v1.WeightsChunk0\x01\x12N\n\x0c\x43loseSession\x12\x1f.mobillm.v1.CloseSessionRequest\x1a\x1d.mobillm.v1.CloseSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emobillm/proto/v1/mobillm.proto\x12\nmobillm.v1\"\'\n\x12OpenSessionRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"q\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tneed_head\x18\x03 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x0e\n\x06server\x18\x05 \x01(\t\"H\n\tHeadChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\" \n\x0fUploadHeadReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"\xfb\x01\n\tStepBegin\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0frows_per_sample\x18\x03 \x01(\x0c\x12\x11\n\tpool_rows\x18\x04 \x01(\x0c\x12\x13\n\x06labels\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x12\x14\n\x07targets\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x12\x12\n\nvalidation\x18\x07 \x01(\x08\x12\x16\n\tloss_mask\x18\x08 \x01(\x0cH\x02\x88\x01\x01\x12\x16\n\treplay_of\x18\t \x01(\x04H\x03\x88\x01\x01\x42\t\n\x07_labelsB\n\n\x08_targetsB\x0c\n\n_loss_maskB\x0c\n\n_replay_of\"i\n\x0f\x41\x63tivationChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0b\n\x03tap\x18\x03 \x01(\r\x12\x0b\n\x03seq\x18\x04 \x01(\r\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"R\n\x08Gradient\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0e\x64\x65vice_sq_norm\x18\x04 \x01(\x01\"\x95\x01\n\x0cTrainRequest\x12&\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x15.mobillm.v1.StepBeginH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.mobillm.v1.ActivationChunkH\x00\x12(\n\x08gradient\x18\x03 \x01(\x0b\x32\x14.mobillm.v1.GradientH\x00\x42\x05\n\x03msg\"4\n\x08\x46\x65\x61tures\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"]\n\nTrainReply\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.mobillm.v1.AckH\x00\x12(\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x14.mobillm.v1.FeaturesH\x00\x42\x05\n\x03msg\"\x80\x01\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12-\n\x07metrics\x18\x03 \x03(\x0b\x32\x1c.mobillm.v1.Ack.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rResumeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x82\x01\n\x0bResumeReply\x12\x12\n\nsteps_done\x18\x01 \x01(\x04\x12\x17\n\x0foptimizer_steps\x18\x02 \x01(\x04\x12\x11\n\tneed_head\x18\x03 \x01(\x08\x12&\n\x08last_ack\x18\x04 \x01(\x0b\x32\x0f.mobillm.v1.AckH\x00\x88\x01\x01\x42\x0b\n\t_last_ack\"#\n\rFinishRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x91\x01\n\x0b\x45pochReport\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.mobillm.v1.EpochReport.MetricsEntry\x12\x0c\n\x04last\x18\x03 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x0f\x44ownloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"J\n\x0cWeightsChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tmeta_json\x18\x04 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xe7\x01\n\x11\x43loseSessionReply\x12;\n\x07summary\x18\x01 \x03(\x0b\x32*.mobillm.v1.CloseSessionReply.SummaryEntry\x12\x37\n\x05notes\x18\x02 \x03(\x0b\x32(.mobillm.v1.CloseSessionReply.NotesEntry\x1a.\n\x0cSummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nNotesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xef\x03\n\nSideTuning\x12K\n\x0bOpenSession\x12\x1e.mobillm.v1.OpenSessionRequest\x1a\x1c.mobillm.v1.OpenSessionReply\x12\x42\n\nUploadHead\x12\x15.mobillm.v1.HeadChunk\x1a\x1b.mobillm.v1.UploadHeadReply(\x01\x12=\n\x05Train\x12\x18.mobillm.v1.TrainRequest\x1a\x16.mobillm.v1.TrainReply(\x01\x30\x01\x12<\n\x06Resume\x12\x19.mobillm.v1.ResumeRequest\x1a\x17.mobillm.v1.ResumeReply\x12>\n\x06\x46inish\x12\x19.mobillm.v1.FinishRequest\x1a\x17.mobillm.v1.EpochReport0\x01\x12\x43\n\x08\x44ownload\x12\x1b.mobillm.v1.DownloadRequest\x1a\x18.mobillm.v1.WeightsChunk0\x01\x12N\n\x0c\x43loseSession\x12\x1f.mobillm.v1.CloseSessionRequest\x1a\x1d.mobillm.v1.CloseSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,37 +48,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADHEADREPLY']._serialized_start=276
   _globals['_UPLOADHEADREPLY']._serialized_end=308
   _globals['_STEPBEGIN']._serialized_start=311
-  _globals['_STEPBEGIN']._serialized_end=486
-  _globals['_ACTIVATIONCHUNK']._serialized_start=488
-  _globals['_ACTIVATIONCHUNK']._serialized_end=593
-  _globals['_TRAINREQUEST']._serialized_start=595
-  _globals['_TRAINREQUEST']._serialized_end=702
-  _globals['_ACK']._serialized_start=705
-  _globals['_ACK']._serialized_end=833
-  _globals['_ACK_METRICSENTRY']._serialized_start=787
-  _globals['_ACK_METRICSENTRY']._serialized_end=833
-  _globals['_RESUMEREQUEST']._serialized_start=835
-  _globals['_RESUMEREQUEST']._serialized_end=870
-  _globals['_RESUMEREPLY']._serialized_start=872
-  _globals['_RESUMEREPLY']._serialized_end=949
-  _globals['_FINISHREQUEST']._serialized_start=951
-  _globals['_FINISHREQUEST']._serialized_end=986
-  _globals['_EPOCHREPORT']._serialized_start=989
-  _globals['_EPOCHREPORT']._serialized_end=1134
-  _globals['_EPOCHREPORT_METRICSENTRY']._serialized_start=787
-  _globals['_EPOCHREPORT_METRICSENTRY']._serialized_end=833
-  _globals['_DOWNLOADREQUEST']._serialized_start=1136
-  _globals['_DOWNLOADREQUEST']._serialized_end=1173
-  _globals['_WEIGHTSCHUNK']._serialized_start=1175
-  _globals['_WEIGHTSCHUNK']._serialized_end=1249
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1251
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1292
-  _globals['_CLOSESESSIONREPLY']._serialized_start=1295
-  _globals['_CLOSESESSIONREPLY']._serialized_end=1526
-  _globals['_CLOSESESSIONREPLY_SUMMARYENTRY']._serialized_start=1434
-  _globals['_CLOSESESSIONREPLY_SUMMARYENTRY']._serialized_end=1480
-  _globals['_CLOSESESSIONREPLY_NOTESENTRY']._serialized_start=1482
-  _globals['_CLOSESESSIONREPLY_NOTESENTRY']._serialized_end=1526
-  _globals['_SIDETUNING']._serialized_start=1529
-  _globals['_SIDETUNING']._serialized_end=2017
+  _globals['_STEPBEGIN']._serialized_end=562
+  _globals['_ACTIVATIONCHUNK']._serialized_start=564
+  _globals['_ACTIVATIONCHUNK']._serialized_end=669
+  _globals['_GRADIENT']._serialized_start=671
+  _globals['_GRADIENT']._serialized_end=753
+  _globals['_TRAINREQUEST']._serialized_start=756
+  _globals['_TRAINREQUEST']._serialized_end=905
+  _globals['_FEATURES']._serialized_start=907
+  _globals['_FEATURES']._serialized_end=959
+  _globals['_TRAINREPLY']._serialized_start=961
+  _globals['_TRAINREPLY']._serialized_end=1054
+  _globals['_ACK']._serialized_start=1057
+  _globals['_ACK']._serialized_end=1185
+  _globals['_ACK_METRICSENTRY']._serialized_start=1139
+  _globals['_ACK_METRICSENTRY']._serialized_end=1185
+  _globals['_RESUMEREQUEST']._serialized_start=1187
+  _globals['_RESUMEREQUEST']._serialized_end=1222
+  _globals['_RESUMEREPLY']._serialized_start=1225
+  _globals['_RESUMEREPLY']._serialized_end=1355
+  _globals['_FINISHREQUEST']._serialized_start=1357
+  _globals['_FINISHREQUEST']._serialized_end=1392
+  _globals['_EPOCHREPORT']._serialized_start=1395
+  _globals['_EPOCHREPORT']._serialized_end=1540
+  _globals['_EPOCHREPORT_METRICSENTRY']._serialized_start=1139
+  _globals['_EPOCHREPORT_METRICSENTRY']._serialized_end=1185
+  _globals['_DOWNLOADREQUEST']._serialized_start=1542
+  _globals['_DOWNLOADREQUEST']._serialized_end=1579
+  _globals['_WEIGHTSCHUNK']._serialized_start=1581
+  _globals['_WEIGHTSCHUNK']._serialized_end=1655
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1657
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1698
+  _globals['_CLOSESESSIONREPLY']._serialized_start=1701
+  _globals['_CLOSESESSIONREPLY']._serialized_end=1932
+  _globals['_CLOSESESSIONREPLY_SUMMARYENTRY']._serialized_start=1840
+  _globals['_CLOSESESSIONREPLY_SUMMARYENTRY']._serialized_end=1886
+  _globals['_CLOSESESSIONREPLY_NOTESENTRY']._serialized_start=1888
+  _globals['_CLOSESESSIONREPLY_NOTESENTRY']._serialized_end=1932
+  _globals['_SIDETUNING']._serialized_start=1935
+  _globals['_SIDETUNING']._serialized_end=2430
 # @@protoc_insertion_point(module_scope)

@@ -45,7 +45,7 @@ class UploadHeadReply(_message.Message):
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class StepBegin(_message.Message):
-    __slots__ = ("session_id", "step", "rows_per_sample", "pool_rows", "labels", "targets", "validation")
+    __slots__ = ("session_id", "step", "rows_per_sample", "pool_rows", "labels", "targets", "validation", "loss_mask", "replay_of")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class StepBegin(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     rows_per_sample: bytes
@@ -60,7 +62,9 @@ class StepBegin(_message.Message):
     labels: bytes
     targets: bytes
     validation: bool
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows_per_sample: _Optional[bytes] = ..., pool_rows: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., targets: _Optional[bytes] = ..., validation: _Optional[bool] = ...) -> None: ...
+    loss_mask: bytes
+    replay_of: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows_per_sample: _Optional[bytes] = ..., pool_rows: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., targets: _Optional[bytes] = ..., validation: _Optional[bool] = ..., loss_mask: _Optional[bytes] = ..., replay_of: _Optional[int] = ...) -> None: ...
 
 class ActivationChunk(_message.Message):
     __slots__ = ("session_id", "step", "tap", "seq", "last", "data")
@@ -78,13 +82,45 @@ class ActivationChunk(_message.Message):
     data: bytes
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., tap: _Optional[int] = ..., seq: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class Gradient(_message.Message):
+    __slots__ = ("session_id", "step", "data", "device_sq_norm")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SQ_NORM_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    data: bytes
+    device_sq_norm: float
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., data: _Optional[bytes] = ..., device_sq_norm: _Optional[float] = ...) -> None: ...
+
 class TrainRequest(_message.Message):
-    __slots__ = ("begin", "chunk")
+    __slots__ = ("begin", "chunk", "gradient")
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
     begin: StepBegin
     chunk: ActivationChunk
-    def __init__(self, begin: _Optional[_Union[StepBegin, _Mapping]] = ..., chunk: _Optional[_Union[ActivationChunk, _Mapping]] = ...) -> None: ...
+    gradient: Gradient
+    def __init__(self, begin: _Optional[_Union[StepBegin, _Mapping]] = ..., chunk: _Optional[_Union[ActivationChunk, _Mapping]] = ..., gradient: _Optional[_Union[Gradient, _Mapping]] = ...) -> None: ...
+
+class Features(_message.Message):
+    __slots__ = ("step", "rows", "data")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    rows: int
+    data: bytes
+    def __init__(self, step: _Optional[int] = ..., rows: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainReply(_message.Message):
+    __slots__ = ("ack", "features")
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ack: Ack
+    features: Features
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("step", "loss", "metrics")
@@ -110,14 +146,16 @@ class ResumeRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ResumeReply(_message.Message):
-    __slots__ = ("steps_done", "optimizer_steps", "need_head")
+    __slots__ = ("steps_done", "optimizer_steps", "need_head", "last_ack")
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
     NEED_HEAD_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACK_FIELD_NUMBER: _ClassVar[int]
     steps_done: int
     optimizer_steps: int
     need_head: bool
-    def __init__(self, steps_done: _Optional[int] = ..., optimizer_steps: _Optional[int] = ..., need_head: _Optional[bool] = ...) -> None: ...
+    last_ack: Ack
+    def __init__(self, steps_done: _Optional[int] = ..., optimizer_steps: _Optional[int] = ..., need_head: _Optional[bool] = ..., last_ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class FinishRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -48,7 +48,7 @@ class SideTuningStub:
         self.Train = channel.stream_stream(
                 '/mobillm.v1.SideTuning/Train',
                 request_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.SerializeToString,
-                response_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.FromString,
+                response_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainReply.FromString,
                 _registered_method=True)
         self.Resume = channel.unary_unary(
                 '/mobillm.v1.SideTuning/Resume',
@@ -96,6 +96,8 @@ class SideTuningServicer:
         The server answers each completed step with one Ack. The stream backpressures through
         gRPC flow control; an error ends the stream and drops the half-received step, after which
         the session may continue on a new stream.
+        In private-label mode the server answers a step's last chunk with its Features and trains
+        once the device's Gradient for it arrives; the Ack follows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,7 +151,7 @@ def add_SideTuningServicer_to_server(servicer, server):
             'Train': grpc.stream_stream_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.FromString,
-                    response_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.SerializeToString,
+                    response_serializer=mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainReply.SerializeToString,
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
@@ -253,7 +255,7 @@ class SideTuning:
             target,
             '/mobillm.v1.SideTuning/Train',
             mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainRequest.SerializeToString,
-            mobillm_dot_proto_dot_v1_dot_mobillm__pb2.Ack.FromString,
+            mobillm_dot_proto_dot_v1_dot_mobillm__pb2.TrainReply.FromString,
             options,
             channel_credentials,
             insecure,

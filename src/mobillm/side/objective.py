@@ -1,4 +1,5 @@
-"""The one training loss of a session step, shared by the per-session and the batched trainer."""
+"""The one training loss of a session step: the server's trainers, and the device when it keeps
+the labels (private-label mode)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,143 @@
+"""Private-label mode: the standard mode's training, with the labels kept on the device."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from mobillm.codec import CodecConfig
+from mobillm.data import ClassificationExample, DataConfig, LMExample, tokenize_examples
+from mobillm.device.local import LocalModel
+from mobillm.device.runtime import DeviceConfig, DeviceTrainer, build_side_config
+from mobillm.server.inprocess import InProcessTransport
+from mobillm.server.sessions import ServerConfig, SessionManager
+from mobillm.transport.messages import Gradient, RemoteError, StepBegin, TrainConfig
+
+
+class Recording(InProcessTransport):
+    """Keeps every message the device sends."""
+
+    def __init__(self, manager):
+        super().__init__(manager)
+        self.sent = []
+
+    def _deliver(self, msg):
+        self.sent.append(msg)
+        return super()._deliver(msg)
+
+
+def _cls(tok, n, seed):
+    rnd = random.Random(seed)
+    heads = ["the quick fox", "lazy dog", "it 's a journey"]
+    ex = []
+    for _ in range(n):
+        word = rnd.choice(["good", "bad"])
+        ex.append(ClassificationExample(f"{rnd.choice(heads)} {word}", int(word == "good")))
+    cfg = DataConfig(labels=("0", "1"), verbalizers=("bad", "good"), batch_size=8)
+    return tokenize_examples(ex, tok, cfg), cfg
+
+
+def _lm(tok, n, seed):
+    rnd = random.Random(seed)
+    prompts = ["the quick brown fox", "lazy dog", "a bad movie", "a good movie", "journey"]
+    ex = [LMExample(rnd.choice(prompts), "Answer: four") for _ in range(n)]
+    return tokenize_examples(ex, tok, DataConfig(task="causal_lm", batch_size=8))
+
+
+def _run(tmp_path, bb, side, data, val, private, name, epochs=3, window=2):
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path / name)))
+    transport = Recording(mgr)
+    tr = DeviceTrainer(
+        bb,
+        side,
+        transport,
+        CodecConfig("int8"),
+        TrainConfig(lr=1e-2, label_smoothing=0.1 if side.task == "classification" else 0.0),
+        DeviceConfig(window=window, epochs=epochs, private_labels=private),
+    )
+    summary = tr.train(data, 8, validation=val)
+    out = tr.download(tmp_path / f"{name}-side", {})
+    tr.transport.close()
+    return tr, summary, out, transport.sent
+
+
+def _train_losses(tr):
+    return [r.loss for r in tr.records if not r.metrics.get("validation")]
+
+
+def _assert_same_run(ref, got):
+    (tr_a, sum_a, out_a, _), (tr_b, sum_b, out_b, _) = ref, got
+    a, b = _train_losses(tr_a), _train_losses(tr_b)
+    # the standard device streams epoch 1; its server replays the other two and reports
+    # their mean losses; the private device sends all three epochs' steps itself
+    n = len(a)
+    assert n >= 6 and len(b) == 3 * n
+    assert b[:n] == pytest.approx(a, abs=1e-5)
+    epochs = [e["train_loss"] for e in sum_a["epochs"]]
+    means = [sum(b[i * n : (i + 1) * n]) / n for i in range(3)]
+    assert means == pytest.approx(epochs, abs=1e-5)
+    wa = load((out_a / "side.safetensors").read_bytes())
+    wb = load((out_b / "side.safetensors").read_bytes())
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+    assert sum_a["kept_epoch"] == sum_b["kept_epoch"]
+
+
+def _no_labels_sent(sent):
+    begins = [m for m in sent if isinstance(m, StepBegin)]
+    assert begins and all(b.labels is None and b.targets is None for b in begins)
+    assert any(isinstance(m, Gradient) for m in sent)
+
+
+@pytest.mark.parametrize("kind", ["ladder", "split"])
+def test_private_classification_trains_as_the_standard_mode(tmp_path, make_tiny_backbone, kind):
+    runs = []
+    for private in (False, True):
+        bb = make_tiny_backbone("llama")
+        data, cfg = _cls(bb.tokenizer, 64, 0)
+        val, _ = _cls(bb.tokenizer, 16, 1)
+        opts = {"kind": "split", "split_layers": 1} if kind == "split" else {}
+        side = build_side_config(bb, "classification", 2, cfg.verbalizers, **opts)
+        runs.append(_run(tmp_path, bb, side, data, val, private, f"{kind}-{private}"))
+    _assert_same_run(*runs)
+    _, summary, out, sent = runs[1]
+    _no_labels_sent(sent)
+    # the device drove the cache epochs: 8 streamed steps, 16 replayed, 2 x 4 validation
+    assert summary["device_forward_passes_per_sample"] == 1.0
+    assert summary["kept_epoch"] >= 1
+    bb = make_tiny_backbone("llama")
+    data, _ = _cls(bb.tokenizer, 64, 0)
+    if kind == "split":
+        build_side_config(bb, "classification", 2, ("bad", "good"), kind="split", split_layers=1)
+    assert LocalModel.load(bb, out).evaluate(data)["accuracy"] >= 0.9
+
+
+def test_private_causal_lm_trains_as_the_standard_mode(tmp_path, make_tiny_backbone):
+    runs = []
+    for private in (False, True):
+        bb = make_tiny_backbone("qwen2")
+        data, val = _lm(bb.tokenizer, 48, 0), _lm(bb.tokenizer, 16, 1)
+        side = build_side_config(bb, "causal_lm", 0, (), dropout=0.0, reduction=2)
+        runs.append(_run(tmp_path, bb, side, data, val, private, f"lm-{private}"))
+    _assert_same_run(*runs)
+    _no_labels_sent(runs[1][3])
+    spec_rows = [m.loss_mask for m in runs[1][3] if isinstance(m, StepBegin)]
+    assert all(m is not None and m.dtype == torch.bool for m in spec_rows)
+
+
+def test_a_restarted_device_cannot_resume_a_private_session(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls(bb.tokenizer, 16, 0)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path)))
+    tr = DeviceTrainer(
+        bb, side, InProcessTransport(mgr), device=DeviceConfig(epochs=1, private_labels=True)
+    )
+    info = tr.start(data, 8)
+    again = DeviceTrainer(
+        bb, side, InProcessTransport(mgr), device=DeviceConfig(epochs=1, private_labels=True)
+    )
+    with pytest.raises(RemoteError, match="cannot be resumed by a restarted device"):
+        again.start(data, 8, session=info)
