@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from mobillm.backbone import Backbone, pages
 from mobillm.codec import CodecConfig, encode
@@ -36,7 +35,7 @@ from mobillm.data import TokenizedDataset, collate, epoch_batches
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import tensors_sha256
-from mobillm.side.io import META, WEIGHTS, SideMeta, weights_from_bytes
+from mobillm.side.io import META, WEIGHTS, SideMeta, safetensors_stream, weights_from_bytes
 from mobillm.transport.base import Transport
 from mobillm.transport.messages import (
     MAX_EPOCHS,
@@ -146,7 +145,8 @@ def build_session(
     """The session proposal for ``backbone`` and the frozen tensors it promises the server.
 
     The tensors are the head's, and for a split learner also the top layers' (``layers.*``);
-    ``head_sha256`` covers all of them.
+    ``head_sha256`` covers all of them. Hashing reads every one of them, hundreds of MB for a
+    split learner: each piece's pages are handed back once hashed.
     """
     head_spec, head = backbone.export_head(side.head_rows)
     if side.kind == "split":
@@ -156,7 +156,7 @@ def build_session(
         taps=backbone.taps,
         side=side,
         head=head_spec,
-        head_sha256=tensors_sha256(head),
+        head_sha256=tensors_sha256(head, done=pages.releaser()),
         codec=codec,
         train=train,
         positions=positions,
@@ -200,8 +200,9 @@ class DeviceTrainer:
         return build_session(self.backbone, self.side, self.codec, train, self.positions)
 
     def _upload_head(self, head: dict[str, torch.Tensor]) -> None:
-        self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
-        pages.release(head.values())
+        # Streamed: the device holds about one piece of the tensors and a chunk or two of
+        # bytes at a time, not the whole safetensors payload (715 MB for half of Qwen2.5-0.5B).
+        self.transport.upload_head(safetensors_stream(head, release=pages.releaser()))
 
     def open(self, total_steps: int, session: SessionInfo | None = None) -> SessionInfo:
         """Propose the session and upload the frozen head if the server lacks it; or, given
@@ -214,8 +215,6 @@ class DeviceTrainer:
         self.info = self.transport.open(spec)
         if self.info.need_head:
             self._upload_head(head)
-        else:
-            pages.release(head.values())
         return self.info
 
     def _send_step(self, step: int, batch: Any, validation: bool = False) -> int:
