@@ -59,3 +59,24 @@ def test_written_file_pages_are_never_dropped(tmp_path):
     assert [r.path for r in pages.regions([t])] == [""]
     pages.release([t], cold=True)
     assert torch.equal(t[:10], torch.full((10,), 7.0))
+
+
+@linux
+def test_a_releaser_hands_back_piece_by_piece_reading_the_mappings_once(tmp_path, monkeypatch):
+    w = torch.randn(1 << 23)  # 32 MB
+    save_file({"w": w}, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size // 4)
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    t = mapped[start // 4 : start // 4 + (1 << 23)]
+    reads = []
+    real = pages._mappings
+    monkeypatch.setattr(pages, "_mappings", lambda: reads.append(1) or real())
+    release = pages.releaser()
+    assert release(torch.randn(10)) == 0 and not reads  # nothing to hand back: nothing read
+    before, advised = _rss_mb(), 0
+    for i, piece in enumerate(t.split(1 << 20)):  # 4 MB pieces, each read, then handed back
+        assert torch.equal(piece, w[i << 20 : (i + 1) << 20])
+        advised += release(piece)
+    assert len(reads) == 1 and advised >= 30 * 2**20
+    assert _rss_mb() - before < 8  # never more than about a piece resident

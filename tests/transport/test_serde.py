@@ -146,10 +146,33 @@ def test_side_blob_refuses_broken_streams():
 @settings(max_examples=30, deadline=None)
 @given(blob=st.binary(max_size=100), chunk=st.integers(1, 40))
 def test_head_parts_round_trip(blob, chunk):
-    parts = serde.head_parts("s", blob, chunk)
+    parts = list(serde.head_parts("s", blob, chunk))
     back = [serde.head_part_from_proto(wire(serde.head_part_to_proto(p))) for p in parts]
     assert back == parts and b"".join(p.data for p in back) == blob
     assert [p.last for p in back] == [False] * (len(back) - 1) + [True]
+
+
+@settings(max_examples=50, deadline=None)
+@given(pieces=st.lists(st.binary(max_size=30), max_size=8), chunk=st.integers(1, 20))
+def test_head_parts_from_pieces_are_the_blobs_chunks(pieces, chunk):
+    """Pieces of any size (a streamed upload) go out as the joined blob would: full chunks."""
+    got = list(serde.head_parts("s", (memoryview(p) for p in pieces), chunk))
+    assert got == list(serde.head_parts("s", b"".join(pieces), chunk))
+    sizes = [len(p.data) for p in got]
+    assert all(n == chunk for n in sizes[:-1]) and sizes[-1] <= chunk
+
+
+def test_head_parts_copy_each_piece_before_asking_for_the_next():
+    """The device hands a piece's pages back once the next is asked for: by then its bytes
+    must be in a chunk of their own, not a view of the piece."""
+    buf = bytearray(b"abcdef")
+
+    def pieces():
+        for i in range(0, 6, 2):
+            yield memoryview(buf)[i : i + 2]
+            buf[i : i + 2] = b"XX"  # what a release may leave behind, at worst
+
+    assert [p.data for p in serde.head_parts("s", pieces(), 4)] == [b"abcd", b"ef"]
 
 
 def test_session_info_and_summary_round_trip():

@@ -230,8 +230,8 @@ class Backbone:
             cfg["mobillm_device_quant"] = self.cfg.quant
         blob = json.dumps(cfg, sort_keys=True, default=str).encode()
         _, head = export_head(self.model)
-        head_sha256 = tensors_sha256(head)
-        pages.release(head.values())  # read once for the hash; not needed while training
+        # read once for the hash and not needed while training: handed back piece by piece
+        head_sha256 = tensors_sha256(head, done=pages.releaser())
         return BackboneFingerprint(
             architecture=self.model.config.model_type,
             hidden_size=self.hidden_size,

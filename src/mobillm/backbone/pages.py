@@ -5,10 +5,12 @@ Weights load as a memory map of the safetensors file (transformers maps it copy-
 a tensor costs resident memory only once it is read, and its pages are the file's as long as
 nothing writes them; nothing writes a frozen weight. The device reads the final norm and LM
 head once, to hash them for the session fingerprint (and, for causal-LM tuning, to upload
-them), and then never again while training. Streamed weights (``BackboneConfig.stream``) do
-the same per decoder layer: once a layer has run, ``release`` its weights; before it runs,
-``prefetch`` (``MADV_WILLNEED``) the next layer's, so the kernel reads them while this one
-computes.
+them), and then never again while training; a split learner's top layers likewise, to hash
+and upload them. Those reads hand each piece back as soon as it is used (``releaser``), so
+hundreds of MB pass through without becoming resident together. Streamed weights
+(``BackboneConfig.stream``) do the same per decoder layer: once a layer has run, ``release``
+its weights; before it runs, ``prefetch`` (``MADV_WILLNEED``) the next layer's, so the
+kernel reads them while this one computes.
 
 How a page is handed back depends on what backs it:
 
@@ -33,7 +35,7 @@ import dataclasses
 import mmap
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -104,9 +106,9 @@ def _mappings() -> list[_Mapping]:
     return [m for m in out if m.path]
 
 
-def regions(tensors: Iterable[torch.Tensor]) -> list[Region]:
-    """The page ranges behind large contiguous CPU ``tensors`` and what backs them."""
-    maps: list[_Mapping] | None = None
+def regions(tensors: Iterable[torch.Tensor], maps: list[_Mapping] | None = None) -> list[Region]:
+    """The page ranges behind large contiguous CPU ``tensors`` and what backs them (``maps``:
+    this process's mappings, read from ``/proc/self/smaps`` when needed if not given)."""
     out = []
     for t in tensors:
         if t.device.type != "cpu" or not t.is_contiguous():
@@ -162,6 +164,21 @@ def release(tensors: Iterable[torch.Tensor], cold: bool = False) -> int:
     """Hand the pages behind large CPU ``tensors`` back; returns bytes advised. A hint: it
     fails quietly (0 bytes) where the platform has no ``madvise``."""
     return release_regions(regions(tensors), cold)
+
+
+def releaser(cold: bool = False) -> Callable[[torch.Tensor], int]:
+    """``release`` for one tensor at a time, many in a row: a stream handing back each piece
+    of the weights it has read. Reads the process's mappings once, not per tensor (tens of
+    ms each with a model mapped); use it for one pass, while no weights are mapped anew."""
+    maps: list[_Mapping] | None = None
+
+    def release_one(t: torch.Tensor) -> int:
+        nonlocal maps
+        if maps is None and t.numel() * t.element_size() >= _MIN_BYTES:
+            maps = _mappings()
+        return release_regions(regions([t], maps), cold)
+
+    return release_one
 
 
 def prefetch(tensors: Iterable[torch.Tensor]) -> int:

@@ -43,7 +43,14 @@ from mobillm.device.labels import LabelHead
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead, tensors_sha256
-from mobillm.side.io import FORMAT, META, WEIGHTS, SideMeta, weights_from_bytes
+from mobillm.side.io import (
+    FORMAT,
+    META,
+    WEIGHTS,
+    SideMeta,
+    safetensors_stream,
+    weights_from_bytes,
+)
 from mobillm.transport.base import Transport
 from mobillm.transport.messages import (
     MAX_EPOCHS,
@@ -156,8 +163,9 @@ def build_session(
     """The session proposal for ``backbone`` and the frozen tensors it promises the server.
 
     The tensors are the head's, and for a split learner also the top layers' (``layers.*``);
-    ``head_sha256`` covers all of them. A private-label session sends no LM-head rows and
-    no verbalizer ids: the device keeps the classifier they start.
+    ``head_sha256`` covers all of them. Hashing reads every one of them, hundreds of MB for a
+    split learner: each piece's pages are handed back once hashed. A private-label session
+    sends no LM-head rows and no verbalizer ids: the device keeps the classifier they start.
     """
     head_spec, head = backbone.export_head([] if private_labels else side.head_rows)
     if private_labels:
@@ -169,7 +177,7 @@ def build_session(
         taps=backbone.taps,
         side=side,
         head=head_spec,
-        head_sha256=tensors_sha256(head),
+        head_sha256=tensors_sha256(head, done=pages.releaser()),
         codec=codec,
         train=train,
         positions=positions,
@@ -235,8 +243,9 @@ class DeviceTrainer:
         )
 
     def _upload_head(self, head: dict[str, torch.Tensor]) -> None:
-        self.transport.upload_head(save({k: v.contiguous() for k, v in head.items()}))
-        pages.release(head.values())
+        # Streamed: the device holds about one piece of the tensors and a chunk or two of
+        # bytes at a time, not the whole safetensors payload (715 MB for half of Qwen2.5-0.5B).
+        self.transport.upload_head(safetensors_stream(head, release=pages.releaser()))
 
     def open(self, total_steps: int, session: SessionInfo | None = None) -> SessionInfo:
         """Propose the session and upload the frozen head if the server lacks it; or, given
@@ -257,11 +266,9 @@ class DeviceTrainer:
             self.labels = LabelHead(
                 self.side, self._device_head(), spec.train, self.info.session_id
             )
-        self.transport.set_responder(self.labels)
+            self.transport.set_responder(self.labels)
         if self.info.need_head:
             self._upload_head(head)
-        else:
-            pages.release(head.values())
         return self.info
 
     def _device_head(self) -> FrozenHead:

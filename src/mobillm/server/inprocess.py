@@ -17,6 +17,7 @@ from mobillm.transport.messages import (
     ActivationChunk,
     EpochReport,
     Gradient,
+    HeadBytes,
     Reply,
     ResumeState,
     SessionInfo,
@@ -25,6 +26,7 @@ from mobillm.transport.messages import (
     StepBegin,
 )
 from mobillm.transport.sender import QueuedSender
+from mobillm.transport.serde import head_parts
 
 
 def message_nbytes(msg: StepBegin | ActivationChunk | Gradient) -> int:
@@ -76,14 +78,12 @@ class InProcessTransport(QueuedSender):
         self._restart_sender()
         return self.manager.resume(info.session_id, info.token)
 
-    def upload_head(self, blob: bytes) -> None:
+    def upload_head(self, data: HeadBytes) -> None:
         info = self._session()
-        step = info.max_chunk_bytes
-        parts = [blob[i : i + step] for i in range(0, len(blob), step)] or [b""]
-        for i, part in enumerate(parts):
-            self.link.send(len(part))
+        for part in head_parts(info.session_id, data, info.max_chunk_bytes):
+            self.link.send(len(part.data))
             self.manager.upload_head(
-                info.session_id, info.token, part, i == len(parts) - 1, first=i == 0
+                info.session_id, info.token, part.data, part.last, first=part.seq == 0
             )
 
     def _deliver(self, msg: StepBegin | ActivationChunk | Gradient) -> list[Reply]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -125,12 +126,35 @@ class FrozenHead(nn.Module):
         return self.logits_from_features(self.features(x))
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """Content hash of named tensors (names, shapes, float32 bytes), independent of dict order."""
+# Large tensors are hashed and uploaded in pieces of this many bytes, so the device can hand
+# each piece's pages back before it reads the next: a 544 MB LM head is never resident at once.
+PIECE_BYTES = 16 << 20
+
+
+def tensor_pieces(t: torch.Tensor, piece_bytes: int = PIECE_BYTES) -> Iterator[torch.Tensor]:
+    """``t`` flattened, as consecutive 1-D views of at most ``piece_bytes`` bytes (none if
+    empty); views, not copies, unless ``t`` is not contiguous."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    step = max(1, piece_bytes // flat.element_size())
+    for i in range(0, flat.numel(), step):
+        yield flat[i : i + step]
+
+
+def tensors_sha256(
+    tensors: dict[str, torch.Tensor], done: Callable[[torch.Tensor], object] | None = None
+) -> str:
+    """Content hash of named tensors (names, shapes, float32 bytes), independent of dict order.
+
+    Reads one piece (``tensor_pieces``) at a time and calls ``done`` with it once hashed, so
+    the device can hand its pages back (``backbone.pages.releaser``) as it goes.
+    """
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to(torch.float32).contiguous().cpu()
+        t = tensors[name]
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy())  # hashes the buffer in place: no copy of a large head
+        for piece in tensor_pieces(t):
+            h.update(piece.to(torch.float32).numpy())  # a no-op view on float32 weights
+            if done is not None:
+                done(piece)
     return h.hexdigest()

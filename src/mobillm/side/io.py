@@ -3,12 +3,17 @@
 ``side.json`` holds the side config, the backbone fingerprint it was trained against, the tapped
 layer indices and the task metadata (labels, prompt template) the device needs for inference.
 Loading against a different backbone fails with a message that says what differs.
+
+``safetensors_stream`` writes safetensors bytes piece by piece instead (the frozen head a
+device uploads: hundreds of MB for a split learner's top layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +24,25 @@ from safetensors.torch import load, save
 from mobillm.errors import MobiLLMError
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.config import SideConfig
-from mobillm.side.head import FrozenHead
+from mobillm.side.head import FrozenHead, tensor_pieces
 from mobillm.side.learner import Learner, build_learner
 
 FORMAT = "mobillm-side/1"
 WEIGHTS = "side.safetensors"
 META = "side.json"
+
+# safetensors' dtype names, in the order its writer lays tensors out: by its dtype ranking,
+# widest first (every tensor stays aligned), then by name. tests/side/test_io.py checks both
+# against ``safetensors.torch.save`` for every dtype here.
+_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
+    torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32",
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_RANK = {dtype: i for i, dtype in enumerate(_DTYPES)}
 
 
 class SideFileError(MobiLLMError):
@@ -68,6 +86,47 @@ def weights_to_bytes(net: Learner) -> bytes:
     """Trainable weights as safetensors bytes: what ``side.safetensors`` holds, byte for byte."""
     state = {k: v.detach().contiguous().cpu() for k, v in net.trainable_state().items()}
     return save(state, metadata={"format": FORMAT})
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+    """The header ``safetensors.torch.save(tensors)`` starts with (8-byte little-endian length,
+    JSON padded with spaces to 8 bytes) and the order the tensors' bytes follow it in."""
+    unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _DTYPES})
+    if unknown:
+        raise ValueError(f"safetensors cannot store dtypes {unknown}")
+    order = sorted(tensors, key=lambda name: (_RANK[tensors[name].dtype], name))
+    entries, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def safetensors_stream(
+    tensors: dict[str, torch.Tensor], release: Callable[[torch.Tensor], object] | None = None
+) -> Iterator[memoryview]:
+    """``safetensors.torch.save(tensors)``, byte for byte, as pieces: the header, then each
+    tensor's bytes in pieces of at most ``side.head.PIECE_BYTES``.
+
+    A piece is read only when asked for, and ``release`` is called with it once the next one
+    is asked for, so a consumer that copies each piece out (``transport.serde.head_parts``)
+    holds one piece of the tensors at a time, never the whole payload.
+    """
+    header, order = safetensors_header(tensors)
+    yield memoryview(header)
+    for name in order:
+        for piece in tensor_pieces(tensors[name]):
+            yield memoryview(piece.view(torch.uint8).numpy())
+            if release is not None:
+                release(piece)
 
 
 def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from mobillm.transport.messages import (
     ActivationChunk,
     EpochReport,
     Gradient,
+    HeadBytes,
     ResumeState,
     SessionInfo,
     SessionSpec,
@@ -40,7 +41,10 @@ class Transport(Protocol):
         stands; RemoteError (UNAVAILABLE while unreachable) if it cannot say."""
         ...
 
-    def upload_head(self, blob: bytes) -> None: ...
+    def upload_head(self, data: HeadBytes) -> None:
+        """Send the frozen head, a blob or its pieces (``HeadBytes``), in the server's
+        ``max_chunk_bytes`` chunks, each made only when the one before it is sent."""
+        ...
 
     def send(self, msg: StepBegin | ActivationChunk | Gradient) -> None: ...
 

@@ -27,6 +27,7 @@ from mobillm.transport.messages import (
     ActivationChunk,
     EpochReport,
     Gradient,
+    HeadBytes,
     RemoteError,
     Reply,
     ResumeState,
@@ -213,7 +214,7 @@ class GrpcTransport(QueuedSender):
             raise _remote(e) from None
         return serde.resume_reply_from_proto(reply)
 
-    def upload_head(self, blob: bytes) -> None:
+    def upload_head(self, data: HeadBytes) -> None:
         """Stream the frozen head in ``max_chunk_bytes`` chunks, paced by the link."""
         info = self._session()
 
@@ -221,7 +222,7 @@ class GrpcTransport(QueuedSender):
             return self._stub.UploadHead(metadata=self._md)
 
         call = self._run(start())
-        for part in serde.head_parts(info.session_id, blob, info.max_chunk_bytes):
+        for part in serde.head_parts(info.session_id, data, info.max_chunk_bytes):
             msg = serde.head_part_to_proto(part)
             self.link.send(msg.ByteSize())
             if (err := self._run(self._write(call, msg))) is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ POSITIONS = ("loss", "valid", "all")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_EPOCHS = 100
+# The frozen head's safetensors bytes: one blob, or its pieces in order (the device streams
+# them from the weights, ``side.io.safetensors_stream``, and never holds the whole upload).
+HeadBytes = bytes | Iterable[bytes | memoryview]
 
 
 @dataclasses.dataclass(frozen=True)

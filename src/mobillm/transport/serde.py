@@ -23,6 +23,7 @@ from mobillm.transport.messages import (
     EpochReport,
     Features,
     Gradient,
+    HeadBytes,
     RemoteError,
     ResumeState,
     SessionInfo,
@@ -97,10 +98,35 @@ class HeadPart:
     data: bytes
 
 
-def head_parts(session_id: str, blob: bytes, max_chunk: int) -> list[HeadPart]:
-    """Split the head's bytes into chunks of at most ``max_chunk`` bytes."""
-    parts = [blob[i : i + max_chunk] for i in range(0, len(blob), max_chunk)] or [b""]
-    return [HeadPart(session_id, i, i == len(parts) - 1, p) for i, p in enumerate(parts)]
+def _fixed_chunks(pieces: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of ``pieces`` cut into chunks of ``size`` (the last shorter; one empty chunk
+    if there are no bytes). Each piece is copied out before the next is asked for."""
+    buf, sent = bytearray(), False
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view:
+            n = min(size - len(buf), len(view))
+            buf += view[:n]
+            view = view[n:]
+            if len(buf) == size:
+                yield bytes(buf)
+                buf.clear()
+                sent = True
+    if buf or not sent:
+        yield bytes(buf)
+
+
+def head_parts(session_id: str, data: HeadBytes, max_chunk: int) -> Iterator[HeadPart]:
+    """The head's bytes, one blob or pieces of any size, as chunks of ``max_chunk`` bytes
+    (the last shorter), numbered and made as they are sent: one chunk ahead of the sender,
+    so ``last`` is known when the final chunk goes out."""
+    pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+    chunks = _fixed_chunks(pieces, max_chunk)
+    seq, held = 0, next(chunks)
+    for chunk in chunks:
+        yield HeadPart(session_id, seq, False, held)
+        seq, held = seq + 1, chunk
+    yield HeadPart(session_id, seq, True, held)
 
 
 def head_part_to_proto(part: HeadPart) -> pb.HeadChunk:
