@@ -77,6 +77,14 @@ def _assert_same_run(ref, got):
     epochs = [e["train_loss"] for e in sum_a["epochs"]]
     means = [sum(b[i * n : (i + 1) * n]) / n for i in range(3)]
     assert means == pytest.approx(epochs, abs=1e-5)
+    # the device's own epoch reports say what the standard server's say
+    assert [e["epoch"] for e in sum_b["epochs"]] == [1, 2, 3]
+    for ea, eb in zip(sum_a["epochs"], sum_b["epochs"], strict=True):
+        for k in ("train_loss", "val_loss", "val_accuracy"):
+            if k in ea:
+                assert eb[k] == pytest.approx(ea[k], abs=1e-5), k
+    for k in ("best_epoch", "untrained_val_loss"):
+        assert sum_b["epochs"][-1][k] == pytest.approx(sum_a["epochs"][-1][k], abs=1e-5)
     wa = load((out_a / "side.safetensors").read_bytes())
     wb = load((out_b / "side.safetensors").read_bytes())
     assert sorted(wa) == sorted(wb)
@@ -141,3 +149,59 @@ def test_a_restarted_device_cannot_resume_a_private_session(tmp_path, make_tiny_
     )
     with pytest.raises(RemoteError, match="cannot be resumed by a restarted device"):
         again.start(data, 8, session=info)
+
+
+class Flaky(InProcessTransport):
+    """Fails the link once, while the device waits on an epoch's validation pass."""
+
+    def __init__(self, manager):
+        super().__init__(manager)
+        self.failed = False
+
+    def download(self):
+        if not self.failed:
+            self.failed = True
+            self._fail(RemoteError("UNAVAILABLE", "link lost"))
+            raise RemoteError("UNAVAILABLE", "link lost")
+        return super().download()
+
+
+def test_a_reconnect_while_scoring_keeps_each_epochs_score(tmp_path, make_tiny_backbone):
+    runs = []
+    for transport in (InProcessTransport, Flaky):
+        bb = make_tiny_backbone("llama")
+        data, cfg = _cls(bb.tokenizer, 32, 0)
+        val, _ = _cls(bb.tokenizer, 16, 1)
+        side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+        mgr = SessionManager(ServerConfig(workdir=str(tmp_path / transport.__name__)))
+        tr = DeviceTrainer(
+            bb,
+            side,
+            transport(mgr),
+            CodecConfig("int8"),
+            TrainConfig(lr=1e-2),
+            DeviceConfig(epochs=3, private_labels=True, reconnect_seconds=30),
+        )
+        runs.append((tr, tr.train(data, 8, validation=val)))
+    (_, ref), (tr, got) = runs
+    assert tr.reconnects == 1
+    assert [e["val_loss"] for e in got["epochs"]] == [e["val_loss"] for e in ref["epochs"]]
+    assert got["kept_epoch"] == ref["kept_epoch"]
+
+
+def test_a_stopped_private_run_keeps_what_it_trained(tmp_path, make_tiny_backbone):
+    bb = make_tiny_backbone("llama")
+    data, cfg = _cls(bb.tokenizer, 32, 0)
+    val, _ = _cls(bb.tokenizer, 16, 1)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path)))
+    device = DeviceConfig(epochs=3, private_labels=True)
+    tr = DeviceTrainer(bb, side, InProcessTransport(mgr), device=device)
+    sent = []
+    tr.train(data, 8, validation=val, stop=lambda: len(sent.append(1) or sent) > 6)
+    out = tr.download(tmp_path / "side", {})
+    weights = load((out / "side.safetensors").read_bytes())
+    current = mgr.download(tr.info.session_id, tr.info.token)
+    server = load(current.weights)
+    assert all(torch.equal(weights[k], server[k]) for k in server)
+    assert torch.equal(weights["classifier.weight"], tr.labels.state()["classifier.weight"])

@@ -2,13 +2,15 @@
 
 For the same batches, this benchmark times (a) the device's forward pass alone and (b) the
 whole training loop against a ``mobillm serve`` running as a separate process on loopback, for
-each codec and emulated link. ``overlap ratio = end-to-end samples/s / forward-only samples/s``:
-1.0 means training costs the device nothing beyond its forward pass.
+each codec, emulated link and label mode. ``overlap ratio = end-to-end samples/s / forward-only
+samples/s``: 1.0 means training costs the device nothing beyond its forward pass. Private labels
+add a round trip per step (features to the device, the gradient back) inside the same window.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +29,7 @@ class OverlapRow:
     codec: str
     link_mbps: float
     positions: str
+    labels: str
     forward_samples_per_s: float
     train_samples_per_s: float
     ratio: float
@@ -58,6 +61,7 @@ def train_once(
     link: LinkConfig,
     positions: str,
     window: int,
+    private: bool = False,
 ) -> dict[str, Any]:
     transport = make_transport(link)
     trainer = DeviceTrainer(
@@ -66,7 +70,7 @@ def train_once(
         transport,
         codec=codec,
         train=TrainConfig(seed=seed),
-        device=DeviceConfig(positions=positions, window=window, epochs=1),
+        device=DeviceConfig(positions=positions, window=window, epochs=1, private_labels=private),
     )
     try:
         summary = trainer.train(data, batch_size, seed=seed)
@@ -87,43 +91,45 @@ def run_overlap(
     window: int = 2,
     seed: int = 0,
     report: Callable[[OverlapRow], None] | None = None,
+    labels: tuple[str, ...] = ("standard",),
 ) -> list[OverlapRow]:
     """Forward-only passes right before and after each training run, averaged, so both
     figures see the same machine."""
     rows = []
-    for codec_name in codecs:
+    for codec_name, mbps, mode in itertools.product(codecs, links, labels):
         codec = CodecConfig(scheme=codec_name)
-        for mbps in links:
-            before = forward_only(backbone, data, batch_size, seed)
-            s = train_once(
-                backbone,
-                side,
-                data,
-                batch_size,
-                seed,
-                make_transport,
-                codec,
-                LinkConfig(mbps=mbps),
-                positions,
-                window,
-            )
-            # bracket the training run: the machine's speed drifts by several percent
-            fwd = (before + forward_only(backbone, data, batch_size, seed)) / 2
-            row = OverlapRow(
-                codec=codec_name,
-                link_mbps=mbps,
-                positions=positions,
-                forward_samples_per_s=round(fwd, 3),
-                train_samples_per_s=s["samples_per_second"],
-                ratio=round(s["samples_per_second"] / fwd, 4),
-                bytes_per_sample=s["bytes_per_sample"],
-                mb_sent=round(s["bytes_sent"] / 1e6, 3),
-                link_mb_per_s=round(s["bytes_sent"] / 1e6 / s["wall_seconds"], 3),
-                final_loss=round(s["mean_loss_last_10pct"], 4),
-            )
-            rows.append(row)
-            if report:
-                report(row)
+        before = forward_only(backbone, data, batch_size, seed)
+        s = train_once(
+            backbone,
+            side,
+            data,
+            batch_size,
+            seed,
+            make_transport,
+            codec,
+            LinkConfig(mbps=mbps),
+            positions,
+            window,
+            mode == "private",
+        )
+        # bracket the training run: the machine's speed drifts by several percent
+        fwd = (before + forward_only(backbone, data, batch_size, seed)) / 2
+        row = OverlapRow(
+            codec=codec_name,
+            link_mbps=mbps,
+            positions=positions,
+            labels=mode,
+            forward_samples_per_s=round(fwd, 3),
+            train_samples_per_s=s["samples_per_second"],
+            ratio=round(s["samples_per_second"] / fwd, 4),
+            bytes_per_sample=s["bytes_per_sample"],
+            mb_sent=round(s["bytes_sent"] / 1e6, 3),
+            link_mb_per_s=round(s["bytes_sent"] / 1e6 / s["wall_seconds"], 3),
+            final_loss=round(s["mean_loss_last_10pct"], 4),
+        )
+        rows.append(row)
+        if report:
+            report(row)
     return rows
 
 
@@ -133,11 +139,11 @@ def _link(mbps: float) -> str:
 
 def markdown(rows: list[OverlapRow]) -> str:
     head = (
-        "| codec | positions | link | forward-only samples/s | training samples/s | ratio "
-        "| bytes/sample | MB sent | link MB/s |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| codec | positions | labels | link | forward-only samples/s | training samples/s "
+        "| ratio | bytes/sample | MB sent | link MB/s |\n" + "|---" * 10 + "|\n"
     )
     body = "".join(
-        f"| {r.codec} | {r.positions} | {_link(r.link_mbps)} "
+        f"| {r.codec} | {r.positions} | {r.labels} | {_link(r.link_mbps)} "
         f"| {r.forward_samples_per_s:.2f} | {r.train_samples_per_s:.2f} | **{r.ratio:.3f}** "
         f"| {r.bytes_per_sample:,.0f} | {r.mb_sent:.2f} | {r.link_mb_per_s:.3f} |\n"
         for r in rows

@@ -14,6 +14,7 @@ from typing import Any
 
 from mobillm.bench.serverproc import split_cores, start_server
 from mobillm.cli import common
+from mobillm.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--links", default="0,20", help="Mbit/s per run; 0 = unthrottled")
     o.add_argument("--positions", default="loss", choices=["loss", "valid", "all"])
     o.add_argument("--window", type=int, default=2)
+    o.add_argument(
+        "--labels",
+        default="standard",
+        help="label modes to run, comma-separated: standard, private (--private-labels)",
+    )
     o.add_argument("--threads", type=int, default=0)
     o.add_argument(
         "--no-pin",
@@ -298,6 +304,14 @@ def run_compare_cmd(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "compare", "jobs": len(done), "results": str(store), "doc": args.doc}
 
 
+def _label_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = sorted(set(modes) - {"standard", "private"})
+    if bad or not modes:
+        raise ConfigError(f"--labels takes standard and/or private, got {text!r}")
+    return modes
+
+
 def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -328,7 +342,8 @@ def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
 
     def report(row: Any) -> None:
         common.say(
-            f"[bench] {row.codec:5s} link {row.link_mbps or 'unthrottled'!s:>11} | forward "
+            f"[bench] {row.codec:5s} {row.labels:8s} link {row.link_mbps or 'unthrottled'!s:>11} "
+            "| forward "
             f"{row.forward_samples_per_s:6.2f} samples/s | training "
             f"{row.train_samples_per_s:6.2f} samples/s | ratio {row.ratio:.3f} | "
             f"{row.bytes_per_sample:,.0f} B/sample"
@@ -346,6 +361,7 @@ def run_overlap_cmd(args: argparse.Namespace) -> dict[str, Any]:
             positions=args.positions,
             window=args.window,
             report=report,
+            labels=tuple(_label_modes(args.labels)),
         )
     finally:
         server.terminate()

@@ -49,6 +49,8 @@ class LabelHead:
     ) -> None:
         self.side = side
         self.head = head
+        # With head_init="random" the standard mode's server draws the classifier after the
+        # side network; this one draws it alone, so only a verbalizer start is the same run.
         self.train = train
         self.session_id = session_id
         with torch.random.fork_rng(devices=[]):
@@ -157,6 +159,8 @@ class LabelHead:
             if self._stepping != ack.step or self.opt is None or self.classifier is None:
                 return
             clip = float(ack.metrics.get("clip", 1.0))
+            if not (math.isfinite(clip) and 0.0 < clip <= 1.0):
+                raise RemoteError("INVALID_ARGUMENT", f"the server's clipping factor is {clip}")
             if clip != 1.0:
                 for p in self.classifier.parameters():
                     p.grad.mul_(clip)
@@ -167,9 +171,15 @@ class LabelHead:
     # --- scoring and results ----------------------------------------------------------------
     def take_scores(self) -> dict[str, float] | None:
         """The validation steps acknowledged since the last call: val_loss (and val_accuracy)."""
+        out = self.peek_scores()
+        with self._lock:
+            self._scores = [0.0, 0.0, 0.0]
+        return out
+
+    def peek_scores(self) -> dict[str, float] | None:
+        """What ``take_scores`` would return, without starting afresh."""
         with self._lock:
             total, hits, weight = self._scores
-            self._scores = [0.0, 0.0, 0.0]
         if not weight:
             return None
         out = {"val_loss": total / weight}

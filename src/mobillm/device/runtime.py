@@ -54,6 +54,7 @@ from mobillm.side.io import (
 from mobillm.transport.base import Transport
 from mobillm.transport.messages import (
     MAX_EPOCHS,
+    MAX_PRIVATE_WINDOW,
     POSITIONS,
     Ack,
     EpochReport,
@@ -107,6 +108,11 @@ class DeviceConfig(Config):
         check(self.log_every >= 1, "DeviceConfig.log_every must be >= 1")
         check(self.length_group >= 0, "DeviceConfig.length_group must be >= 0 (0 = off)")
         check(self.reconnect_seconds >= 0, "DeviceConfig.reconnect_seconds must be >= 0")
+        check(
+            not self.private_labels or self.window <= MAX_PRIVATE_WINDOW,
+            f"DeviceConfig.window must be <= {MAX_PRIVATE_WINDOW} with private labels (the "
+            "steps a server queues behind one that waits for its gradient)",
+        )
 
 
 @dataclasses.dataclass
@@ -200,6 +206,7 @@ class PlannedStep:
     validation: bool
     replay_of: int | None = None
     score: int | None = None
+    epoch: int = 0  # 0: the validation split streamed before training
 
 
 class DeviceTrainer:
@@ -226,13 +233,15 @@ class DeviceTrainer:
         self.bytes_encoded = 0
         self.forward_seconds = 0.0
         self.forward_samples = 0
-        self.validation_samples = 0  # validation samples streamed (not replayed)
         self.reconnects = 0
         self.stopped = False
         self.info: SessionInfo | None = None
         self.labels: LabelHead | None = None  # private labels: the head the device keeps
         self._best: tuple[int, dict[str, float], Any, dict[str, torch.Tensor]] | None = None
-        self._scores: list[tuple[int, dict[str, float]]] = []
+        self._scores: dict[int, dict[str, float]] = {}  # validation scores by epoch
+        self._planned: list[PlannedStep] = []
+        self._markers: list[tuple[int, int]] = []  # (plan index, epoch) of validation passes
+        self._validation_samples = 0
 
     def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
         train = self.train_cfg.replace(
@@ -298,7 +307,6 @@ class DeviceTrainer:
         self.transport.send(begin)
         if replay_of is not None:
             return len(batch)
-        self.validation_samples += len(batch) if validation else 0
 
         def on_layer(tap: int, hidden: torch.Tensor) -> None:
             frame = encode(plan.gather(hidden), self.codec)
@@ -353,38 +361,56 @@ class DeviceTrainer:
         self._record(ack, samples, seconds, self._t_start, self._total, self._progress)
 
     def finish(self, progress: ProgressFn | None = None) -> list[EpochReport]:
-        """After the last step: the server's remaining epochs, reported as they finish."""
+        """After the last step: the server's remaining epochs, reported as they finish (a
+        private-label device trained and scored them itself: its own reports)."""
         self.drain()
-        for report in self.transport.finish():
-            if self.labels is not None:
-                report = self._private_report(report)
+        reports = list(self.transport.finish()) if self.labels is None else []
+        if self.labels is not None:
+            list(self.transport.finish())  # the server only closes training
+            reports = self._private_reports()
+        for report in reports:
             self.epochs.append(report)
             if progress is not None:
                 progress({"epoch": report.epoch, **report.metrics})
         return self.epochs
 
+    def _catch_up(self, plan: list[PlannedStep]) -> None:
+        """Private labels: score every epoch whose validation pass has been sent and not
+        scored yet, also one a reconnect skipped past (resending starts after it)."""
+        for j, e in self._markers:
+            if j >= self._next_step:
+                return
+            if e not in self._scores:
+                self._score(e)
+
     def _score(self, epoch: int) -> None:
-        """Private labels: epoch ``epoch``'s validation split is scored; keep it if best."""
+        """Epoch ``epoch``'s validation split is scored; download the network if it is best."""
         assert self.labels is not None
         self.drain()
-        scores = self.labels.take_scores()
-        if scores is None:
-            return
-        self._scores.append((epoch, scores))
-        best = self._best
-        if best is None or _better(scores, best[1]):
+        scores = self.labels.peek_scores()
+        if scores is not None and (self._best is None or _better(scores, self._best[1])):
             self._best = (epoch, scores, self.transport.download(), self.labels.state())
+        self.labels.take_scores()  # only now: a failed download is retried with these scores
+        self._scores[epoch] = scores or {}
 
-    def _private_report(self, report: EpochReport) -> EpochReport:
-        """The server's last report with the device's own validation scores and kept epoch."""
-        metrics = dict(report.metrics)
-        if self._scores:
-            metrics |= self._scores[-1][1]
-            assert self._best is not None
-            metrics["best_epoch"] = float(self._best[0])
-            untrained = dict(self._scores[0][1]) if self._scores[0][0] == 0 else {}
-            metrics |= {f"untrained_{k}": v for k, v in untrained.items()}
-        return EpochReport(report.epoch, metrics, report.last)
+    def _private_reports(self) -> list[EpochReport]:
+        """One report per epoch, from the device's own losses and validation scores."""
+        plan = self._planned
+        train = [r for r in self.records if not r.metrics.get("validation")]
+        epochs = sorted({plan[r.step].epoch for r in train})
+        reports = []
+        for e in epochs:
+            losses = [r.loss for r in train if plan[r.step].epoch == e]
+            metrics = {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
+            reports.append(EpochReport(e, metrics | self._scores.get(e, {})))
+        if reports:
+            last = reports[-1]
+            last.last = True
+            if self._best is not None:
+                last.metrics["best_epoch"] = float(self._best[0])
+            untrained = self._scores.get(0, {})
+            last.metrics |= {f"untrained_{k}": v for k, v in untrained.items()}
+        return reports
 
     def start(
         self,
@@ -435,20 +461,23 @@ class DeviceTrainer:
         """
         if self.info is None:
             self.start(data, batch_size, seed, progress)
-        plan = self._plan(data, batch_size, seed, validation)
+        plan = self._planned = self._plan(data, batch_size, seed, validation)
+        self._markers = [(j, p.score) for j, p in enumerate(plan) if p.score is not None]
         self._t_start = time.perf_counter()  # the clock starts with the first step
         if self._resuming:
             self._recover(RemoteError("UNAVAILABLE", "this device restarted"))
         while True:
             try:
-                while self._next_step < len(plan) and not self.stopped:
+                while not self.stopped:
+                    if self.labels is not None:
+                        self._catch_up(plan)
+                    if self._next_step >= len(plan):
+                        break
                     if stop is not None and stop():
                         self.stopped = True
                         break
                     item = plan[self._next_step]
                     self.step(collate(item.data, item.idx), item.validation, item.replay_of)
-                    if item.score is not None:
-                        self._score(item.score)
                 if self.stopped:
                     self.drain()
                 else:
@@ -476,6 +505,7 @@ class DeviceTrainer:
         val: list[list[int]] = []
         if validation is not None and len(validation):
             val = epoch_batches(validation.lengths, batch_size, seed, 0, 0)
+        self._validation_samples = sum(len(idx) for idx in val)  # streamed once
         private = self.cfg.private_labels
         plan = [PlannedStep(validation, idx, True) for idx in val]  # type: ignore[arg-type]
         if private and plan:
@@ -488,11 +518,12 @@ class DeviceTrainer:
                 if trained >= cap:
                     break
                 replay_of = i if private and self.cfg.replay and epoch else None
-                plan.append(PlannedStep(data, self._batches[i], False, replay_of))
+                plan.append(PlannedStep(data, self._batches[i], False, replay_of, None, epoch + 1))
                 trained += 1
             if private and val:
                 for j, idx in enumerate(val):
-                    plan.append(PlannedStep(validation, idx, True, j))  # type: ignore[arg-type]
+                    step = PlannedStep(validation, idx, True, j, None, epoch + 1)  # type: ignore[arg-type]
+                    plan.append(step)
                 plan[-1] = dataclasses.replace(plan[-1], score=epoch + 1)
             if trained >= cap:
                 break
@@ -538,7 +569,7 @@ class DeviceTrainer:
         samples = sum(r.samples for r in self.records)
         train = [r for r in self.records if not r.metrics.get("validation")]
         distinct = sum(r.samples for r in train[: self._first_epoch_steps()])
-        distinct += self.validation_samples  # streamed once (private labels replay them)
+        distinct += self._validation_samples  # streamed once (private labels replay them)
         out: dict[str, Any] = {
             "steps": len(self.records),
             "validation_steps": len(self.records) - len(train),
@@ -605,9 +636,10 @@ class DeviceTrainer:
     def download(self, out_dir: str | Path, task_meta: dict[str, Any]) -> Path:
         """Fetch the trained side network and save it with the device's task metadata.
 
-        Private labels: the best epoch's download, with the classifier the device kept.
+        Private labels: the best epoch's download, with the classifier the device kept (a
+        stopped run's network as it stands, as in the standard mode).
         """
-        if self._best is not None:
+        if self._best is not None and not self.stopped:
             _, _, blob, kept = self._best
         else:
             blob = self.transport.download()

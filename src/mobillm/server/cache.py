@@ -81,16 +81,20 @@ class ActivationCache:
     def num_validation(self) -> int:
         return len(self._validation)
 
-    def add(self, step: CachedStep) -> None:
-        """Keep ``step``; RESOURCE_EXHAUSTED once the disk budget is spent."""
-        n = step.nbytes
-        where = self._validation if step.begin.validation else self._train
-        if self.disk_bytes + n > self.cfg.disk_bytes:
+    def check(self, step: CachedStep) -> None:
+        """RESOURCE_EXHAUSTED if ``step`` would not fit in the disk budget."""
+        if self.disk_bytes + step.nbytes > self.cfg.disk_bytes:
             raise RemoteError(
                 "RESOURCE_EXHAUSTED",
                 f"activation cache full ({self.disk_bytes} B on disk); stream fewer samples, "
                 "or train without cache epochs",
             )
+
+    def add(self, step: CachedStep) -> None:
+        """Keep ``step``; RESOURCE_EXHAUSTED once the disk budget is spent."""
+        n = step.nbytes
+        where = self._validation if step.begin.validation else self._train
+        self.check(step)
         self.disk_bytes += n
         path = self._spill(step, step.begin.step)
         if self.memory_bytes + n <= self.cfg.memory_bytes:

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import resource
 import threading
 import time
@@ -329,7 +330,8 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                     call = self.manager.add_chunk
                 for reply in await me.run(self.pool, call, sid, token, msg):
                     if isinstance(reply, Ack):
-                        rec = {"step": reply.step, "loss": reply.loss, "bytes": wire}
+                        loss = reply.loss if math.isfinite(reply.loss) else None  # JSON
+                        rec = {"step": reply.step, "loss": loss, "bytes": wire}
                         self.jlog.step(sid, rec | reply.metrics)
                         if self.metrics is not None:
                             latency = time.perf_counter() - began

@@ -23,6 +23,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import secrets
 import shutil
 import threading
@@ -97,7 +98,9 @@ class ServerConfig(Config):
     max_rows_per_step: int = 1 << 16
     max_side_bytes: int = 4 << 30
     max_step_bytes: int = 4 << 30
-    max_head_bytes: int = 2 << 30
+    # the default split learner on a 1.5B backbone uploads 14 float32 layers (2.8 GB); a
+    # session's frozen layers are bounded by max_side_bytes anyway
+    max_head_bytes: int = 4 << 30
     max_upload_bytes: int = 4 << 30
     head_cache_bytes: int = 2 << 30
     cache_memory_bytes: int = CacheConfig.memory_bytes
@@ -445,7 +448,8 @@ class SessionManager:
             "event": "step",
             "session": sess.session_id,
             "step": ack.step,
-            "loss": round(ack.loss, 5),
+            # NaN is no JSON: a private-label session's loss is the device's to know
+            "loss": round(ack.loss, 5) if math.isfinite(ack.loss) else None,
             "bytes_received": t.bytes_received,
             **{k: round(v, 6) for k, v in ack.metrics.items()},
         }
@@ -461,7 +465,9 @@ class SessionManager:
             t.abort_step()
             if t.finished and t.reports is None:
                 self._reload(sess)
-            return ResumeState(t.steps_done, t.optimizer_steps, last_ack=t.last_ack)
+            last = t.last_ack  # a copy: the device fills in what only it knows
+            last = None if last is None else Ack(last.step, last.loss, dict(last.metrics))
+            return ResumeState(t.steps_done, t.optimizer_steps, last_ack=last)
 
     def _reload(self, sess: Session) -> None:
         """Back to the last checkpoint (the one Finish took before it began)."""

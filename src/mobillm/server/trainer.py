@@ -40,6 +40,7 @@ from mobillm.side.objective import IGNORE, correct, task_loss
 from mobillm.side.optim import adamw, clip_coefficient
 from mobillm.transport.messages import (
     DEFAULT_CHUNK_BYTES,
+    MAX_PRIVATE_WINDOW,
     Ack,
     ActivationChunk,
     EpochReport,
@@ -57,11 +58,6 @@ def use_tf32(device: str, on: bool) -> None:
     is): side-network steps are matmul-bound there. Nothing changes on CPU."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = on
-
-
-# Private-label steps whose frames are in while an earlier one waits for its gradient: the
-# device's window bounds them; more is a device that does not answer.
-MAX_AHEAD = 8
 
 
 def _bad(msg: str) -> RemoteError:
@@ -119,6 +115,12 @@ class Trainer:
         # Seed the initial weights, and give dropout its own generator, without touching other
         # sessions' random streams: a session's run is the same whoever else is training.
         self.private = spec.private_labels
+        if self.private and cache is None and spec.train.epochs > 1 and spec.train.replay:
+            raise RemoteError(
+                "FAILED_PRECONDITION",
+                "this server keeps no activation cache, which a private-label session's cache "
+                "epochs replay; train with --no-replay",
+            )
         with INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.train.seed)
             self.net: Learner = build_learner(
@@ -137,6 +139,7 @@ class Trainer:
             tc.schedule,
         )
         self.steps_done = 0  # streamed steps acknowledged, train and validation
+        self.replays = 0  # private labels: cached steps the device had run again
         self.optimizer_steps = 0
         self.samples_seen = 0
         self.bytes_received = 0
@@ -184,7 +187,7 @@ class Trainer:
                 "FAILED_PRECONDITION",
                 f"expected step {self.steps_done + ahead}, got step {msg.step}",
             )
-        if ahead >= MAX_AHEAD:
+        if ahead >= MAX_PRIVATE_WINDOW:
             raise RemoteError(
                 "RESOURCE_EXHAUSTED",
                 f"{ahead} steps wait for the gradient of step {self.steps_done}; send it first",
@@ -215,6 +218,12 @@ class Trainer:
         if i is None or not 0 <= i < n:
             kind = "validation" if msg.validation else "train"
             raise _bad(f"replay_of {i}: the cache holds {n} {kind} steps")
+        self.replays += 1
+        if self.replays > self._max_replays():
+            raise RemoteError(
+                "RESOURCE_EXHAUSTED",
+                f"{self.replays} replays: more than the session's epochs and validation take",
+            )
         cached = self.cache.validation_step(i) if msg.validation else self.cache.train_step(i)
         c = cached.begin
         if not torch.equal(c.rows_per_sample.long(), msg.rows_per_sample.long()):
@@ -228,11 +237,20 @@ class Trainer:
             loss_mask=c.loss_mask,
         )
         rng = self._rng.get_state() if self._rng is not None else None
-        p = self._open(begin, keep=False, batched=True)
+        # registered while it decodes: a refusal must find its dropout draws to undo
+        self._pending = p = self._open(begin, keep=False, batched=True)
         p.rng = rng
         for frame in cached.frames:
             self._fold(p, frame)
+        self._pending = None
         return self._queue(p)
+
+    def _max_replays(self) -> int:
+        """Replays a private-label session may ask for: its cache epochs and a validation pass
+        per epoch and one before (a client cannot buy unbounded work for a few bytes)."""
+        assert self.cache is not None
+        tc = self.spec.train
+        return tc.total_steps + (tc.epochs + 1) * self.cache.num_validation
 
     def _open(self, msg: StepBegin, keep: bool, batched: bool = False) -> _Pending:
         nbytes = encoded_nbytes((msg.num_rows, self.spec.side.hidden_size), self.spec.codec)
@@ -466,7 +484,7 @@ class Trainer:
         """Run the next waiting step up to its features, unless one still awaits its gradient."""
         if self._awaiting is not None or not self._ready:
             return None
-        p = self._ready.popleft()
+        p = self._ready[0]  # stays queued until its forward ran: a failure must find it
         b, dev = p.begin, self.device
         if isinstance(self.net, SideNetwork) and not b.validation:
             self.net.use_dropout(p.masks)  # drawn at its begin, as in the standard mode
@@ -483,6 +501,7 @@ class Trainer:
             else:
                 assert b.loss_mask is not None
                 out = feats[b.loss_mask.to(dev)]
+        self._ready.popleft()
         p.hidden, p.out = None, out
         self._awaiting = p
         return Features(b.step, out.detach().to("cpu", torch.float32))
@@ -507,6 +526,9 @@ class Trainer:
                 raise _bad(f"step {b.step}'s gradient must have the shape of its features {want}")
             if not (math.isfinite(g.device_sq_norm) and g.device_sq_norm >= 0):
                 raise _bad("Gradient.device_sq_norm must be a finite number >= 0")
+            if p.frames is not None:  # refuse before training: a full cache must train nothing
+                assert self.cache is not None
+                self.cache.check(CachedStep(b, p.frames))
             grad = g.grad.reshape(p.out.shape).to(self.device, p.out.dtype)
             self._train_private(p.out, grad, g.device_sq_norm, metrics)
         self._awaiting = None
@@ -716,7 +738,7 @@ class Trainer:
         return open_[0].rng if open_ else None
 
     # --- checkpoints --------------------------------------------------------------------------
-    _COUNTERS = ("steps_done", "optimizer_steps", "samples_seen", "bytes_received")
+    _COUNTERS = ("steps_done", "optimizer_steps", "samples_seen", "bytes_received", "replays")
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything the next step's result depends on: tensors, and JSON-able rest.
@@ -771,7 +793,7 @@ class Trainer:
         if self._rng is not None and "rng" in tensors:
             self._rng.set_state(tensors["rng"])
         for k in self._COUNTERS:
-            setattr(self, k, int(meta[k]))
+            setattr(self, k, int(meta.get(k, 0)))
         self.epochs_done = int(meta["epochs_done"])
         self.finished = bool(meta["finished"])
         self._epoch_losses = [float(x) for x in meta["epoch_losses"]]

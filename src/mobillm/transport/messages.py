@@ -29,10 +29,14 @@ from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.config import SideConfig
 from mobillm.side.head import HeadSpec
 
-PROTOCOL_VERSION = 1
+# 2: Train answers with TrainReply (an Ack or, in private-label mode, Features)
+PROTOCOL_VERSION = 2
 POSITIONS = ("loss", "valid", "all")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_CHUNK_BYTES = 1 << 20
+# Private labels: steps a server queues, decoded, behind one that waits for its gradient; a
+# device keeps no more than this many steps in flight.
+MAX_PRIVATE_WINDOW = 8
 MAX_EPOCHS = 100
 # The frozen head's safetensors bytes: one blob, or its pieces in order (the device streams
 # them from the weights, ``side.io.safetensors_stream``, and never holds the whole upload).

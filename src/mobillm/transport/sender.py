@@ -65,7 +65,8 @@ class QueuedSender:
         self._fail_lock = threading.Lock()
         self._sender: threading.Thread | None = None
         self._gen = 0  # which stream acks and failures belong to
-        self._urgent: collections.deque[Gradient] = collections.deque()
+        # gradients to send ahead of queued steps, each with the stream it answers
+        self._urgent: collections.deque[tuple[int, Gradient]] = collections.deque()
         self._responder: Responder | None = None
 
     def set_responder(self, responder: Responder | None) -> None:
@@ -110,10 +111,13 @@ class QueuedSender:
         self._out.put(msg)
 
     def _next(self) -> object:
-        try:
-            return self._urgent.popleft()
-        except IndexError:
-            return self._out.get()
+        while True:
+            try:
+                gen, grad = self._urgent.popleft()
+            except IndexError:
+                return self._out.get()
+            if gen == self._gen:  # a gradient for a stream since replaced answers nothing
+                return grad
 
     def _pump(self) -> None:
         while (msg := self._next()) is not _STOP:
@@ -136,20 +140,28 @@ class QueuedSender:
         """One reply of the server's, in stream order: an ack becomes visible to ``next_ack``
         (after the emulated delay); Features are answered by the responder at once."""
         with self._fail_lock:
-            if gen is not None and gen != self._gen:
+            current = self._gen
+            if gen is not None and gen != current:
                 return
         responder = self._responder
         try:
             if isinstance(reply, Features):
                 if responder is None:
                     raise RemoteError("INTERNAL", "Features in a session without private labels")
-                self._urgent.append(responder.features(reply))
+                grad = responder.features(reply)
+                with self._fail_lock:
+                    if current != self._gen:
+                        return  # the stream was replaced meanwhile (a reconnect)
+                    self._urgent.append((current, grad))
                 # a full queue means a busy sender, which looks at _urgent before its next item
                 with contextlib.suppress(queue.Full):
                     self._out.put_nowait(_WAKE)
                 return
             if responder is not None:
-                responder.acked_step(reply)
+                with self._fail_lock:  # never applied after a reconnect reset the responder
+                    if current != self._gen:
+                        return
+                    responder.acked_step(reply)
         except RemoteError as e:
             self._fail(e, gen)
             return
