@@ -566,13 +566,20 @@ class DeviceTrainer:
 
     def summary(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._t_start
-        samples = sum(r.samples for r in self.records)
+        # samples the device computed (a private-label device's replays of the server's cache
+        # are steps too, but cost it no forward pass)
+        plan = self._planned
+        replayed = [
+            r for r in self.records if r.step < len(plan) and plan[r.step].replay_of is not None
+        ]
+        samples = sum(r.samples for r in self.records) - sum(r.samples for r in replayed)
         train = [r for r in self.records if not r.metrics.get("validation")]
         distinct = sum(r.samples for r in train[: self._first_epoch_steps()])
         distinct += self._validation_samples  # streamed once (private labels replay them)
         out: dict[str, Any] = {
             "steps": len(self.records),
             "validation_steps": len(self.records) - len(train),
+            "replayed_steps": len(replayed),
             "samples": samples,
             "wall_seconds": round(wall, 3),
             "forward_seconds": round(self.forward_seconds, 3),
