@@ -135,20 +135,58 @@ def test_private_causal_lm_trains_as_the_standard_mode(tmp_path, make_tiny_backb
     assert all(m is not None and m.dtype == torch.bool for m in spec_rows)
 
 
-def test_a_restarted_device_cannot_resume_a_private_session(tmp_path, make_tiny_backbone):
+class Crashing(InProcessTransport):
+    """Dies (as a device process would) after ``after`` messages."""
+
+    def __init__(self, manager, after):
+        super().__init__(manager)
+        self.after, self.sent = after, 0
+
+    def _deliver(self, msg):
+        self.sent += 1
+        if self.sent > self.after:
+            raise SystemError("device crashed")
+        return super()._deliver(msg)
+
+
+@pytest.mark.parametrize("after", [23, 45])
+def test_a_restarted_device_resumes_from_its_state_folder(tmp_path, make_tiny_backbone, after):
     bb = make_tiny_backbone("llama")
-    data, cfg = _cls(bb.tokenizer, 16, 0)
-    side = build_side_config(bb, "classification", 2, cfg.verbalizers)
-    mgr = SessionManager(ServerConfig(workdir=str(tmp_path)))
-    tr = DeviceTrainer(
-        bb, side, InProcessTransport(mgr), device=DeviceConfig(epochs=1, private_labels=True)
+    data, cfg = _cls(bb.tokenizer, 32, 0)
+    val, _ = _cls(bb.tokenizer, 16, 1)
+    side = build_side_config(bb, "classification", 2, cfg.verbalizers, dropout=0.1)
+
+    def trainer(transport, out):
+        device = DeviceConfig(epochs=3, private_labels=True, reconnect_seconds=30)
+        return DeviceTrainer(bb, side, transport, CodecConfig("int8"),
+                             TrainConfig(lr=1e-2), device, state_dir=out)  # fmt: skip
+
+    ref = trainer(
+        InProcessTransport(SessionManager(ServerConfig(workdir=str(tmp_path / "a")))),
+        tmp_path / "ra",
     )
-    info = tr.start(data, 8)
-    again = DeviceTrainer(
-        bb, side, InProcessTransport(mgr), device=DeviceConfig(epochs=1, private_labels=True)
-    )
-    with pytest.raises(RemoteError, match="cannot be resumed by a restarted device"):
-        again.start(data, 8, session=info)
+    ref_summary = ref.train(data, 8, validation=val)
+    ref_out = ref.download(tmp_path / "ref-side", {})
+
+    mgr = SessionManager(ServerConfig(workdir=str(tmp_path / "b"), checkpoint_every=3))
+    first = trainer(Crashing(mgr, after), tmp_path / "rb")
+    with pytest.raises(RemoteError, match="device crashed"):
+        first.train(data, 8, validation=val)
+    info = first.info
+    # a new process: no state in memory, the session and the state folder on disk
+    second = trainer(InProcessTransport(mgr), tmp_path / "rb")
+    second.start(data, 8, session=info)
+    summary = second.train(data, 8, validation=val)
+    out = second.download(tmp_path / "side", {})
+    assert summary["kept_epoch"] == ref_summary["kept_epoch"]
+    a = load((ref_out / "side.safetensors").read_bytes())
+    b = load((out / "side.safetensors").read_bytes())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # without a state folder a restarted device is refused, clearly
+    lost = trainer(InProcessTransport(mgr), None)
+    with pytest.raises(RemoteError, match="kept no state of its classifier"):
+        lost.start(data, 8, session=info)
 
 
 class Flaky(InProcessTransport):

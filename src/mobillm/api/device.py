@@ -205,7 +205,9 @@ class Device:
             "side": side.to_dict(),
         }
         transport = _transport(server, connect, link, out)
-        trainer = DeviceTrainer(self.backbone, side, transport, codec, training, streaming)
+        trainer = DeviceTrainer(
+            self.backbone, side, transport, codec, training, streaming, state_dir=out
+        )
         result["positions"] = trainer.positions
         # Reach the server and have the session accepted before any slow work: a wrong address
         # or a refused spec fails in seconds, not after minutes of evaluation.
@@ -239,6 +241,7 @@ class Device:
         result["server"] = transport.close()
         trainer.write_log(out / "train_log.jsonl")
         (out / SESSION_FILE).unlink(missing_ok=True)  # the session is closed: nothing to resume
+        shutil.rmtree(out / "labels", ignore_errors=True)  # private labels' resume state
         before.unlink(missing_ok=True)
         self.load(out)
         if held is not None:

@@ -13,17 +13,23 @@ to floating-point reassociation.
 A dropped link loses at most the last ack (a step's features follow its predecessor's ack on
 the same stream): the server resends it on resume. A server that restarts from a checkpoint
 holds fewer steps than the device applied: the device goes back to its state before the first
-step the server lost, from snapshots of the last ``MAX_SNAPSHOTS`` steps.
+step the server lost, from snapshots of the last ``MAX_SNAPSHOTS`` steps. With a ``folder``
+the snapshots (and the step answered but not yet acked) are also written to disk, a few KB
+per step, so that a device that restarts picks up where it stopped (``LabelHead.restore``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
@@ -34,6 +40,7 @@ from mobillm.transport.messages import Ack, Features, Gradient, RemoteError, Tra
 
 # Steps the device can go back (a server's checkpoint interval is far below this).
 MAX_SNAPSHOTS = 256
+PENDING = "pending.safetensors"  # the step answered and not yet acked
 
 
 class LabelHead:
@@ -45,7 +52,12 @@ class LabelHead:
     """
 
     def __init__(
-        self, side: SideConfig, head: FrozenHead, train: TrainConfig, session_id: str = ""
+        self,
+        side: SideConfig,
+        head: FrozenHead,
+        train: TrainConfig,
+        session_id: str = "",
+        folder: Path | None = None,
     ) -> None:
         self.side = side
         self.head = head
@@ -73,6 +85,27 @@ class LabelHead:
         self._scores = [0.0, 0.0, 0.0]  # loss * weight, correct, weight
         self._snapshots: dict[int, dict[str, Any]] = {}  # state before each acked step
         self._lock = threading.Lock()
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def restore(
+        cls, side: SideConfig, head: FrozenHead, train: TrainConfig, session_id: str, folder: Path
+    ) -> LabelHead | None:
+        """The head a device that stopped wrote to ``folder``, as it was after its last ack
+        (None if it wrote nothing)."""
+        files = sorted(folder.glob("state-*.safetensors"))
+        if not files:
+            return None
+        out = cls(side, head, train, session_id, folder)
+        snaps = {int(f.stem.removeprefix("state-")): _read_snapshot(f) for f in files}
+        last = max(snaps)
+        out._restore(snaps.pop(last))
+        out._snapshots = snaps
+        if (folder / PENDING).is_file():
+            out._reload_pending(folder / PENDING)
+        return out
 
     # --- what the device registers --------------------------------------------------------
     def expect(self, step: int, target: torch.Tensor, validation: bool) -> None:
@@ -127,6 +160,7 @@ class LabelHead:
                 )
             self._open[msg.step] = {"loss": value, "validation": float(validation), **metrics}
             if validation:
+                self._write_pending(msg.step)
                 return Gradient(self.session_id, msg.step, None)
             if self.classifier is not None:
                 self.classifier.zero_grad(set_to_none=True)
@@ -136,6 +170,7 @@ class LabelHead:
                 sq = sum(float(p.grad.pow(2).sum()) for p in self.classifier.parameters())
                 self._stepping = msg.step
             assert f.grad is not None
+            self._write_pending(msg.step)
             return Gradient(self.session_id, msg.step, f.grad, sq)
 
     def acked_step(self, ack: Ack) -> None:
@@ -148,25 +183,29 @@ class LabelHead:
             self._snapshots[ack.step] = self._snapshot()
             self._snapshots.pop(ack.step - MAX_SNAPSHOTS, None)
             self.acked += 1
-            ack.loss = done["loss"]
-            ack.metrics |= {k: v for k, v in done.items() if k not in ("loss", "validation")}
-            if done["validation"]:
-                n = done.get("tokens", done.get("samples", 1.0))
-                self._scores[0] += done["loss"] * n
-                self._scores[1] += done.get("correct", 0.0)
-                self._scores[2] += n
-                return
-            if self._stepping != ack.step or self.opt is None or self.classifier is None:
-                return
-            clip = float(ack.metrics.get("clip", 1.0))
-            if not (math.isfinite(clip) and 0.0 < clip <= 1.0):
-                raise RemoteError("INVALID_ARGUMENT", f"the server's clipping factor is {clip}")
-            if clip != 1.0:
-                for p in self.classifier.parameters():
-                    p.grad.mul_(clip)
-            self.opt.step()
-            self.sched.step()
-            self._stepping = None
+            self._apply(ack, done)
+            self._write_state()
+
+    def _apply(self, ack: Ack, done: dict[str, float]) -> None:
+        ack.loss = done["loss"]
+        ack.metrics |= {k: v for k, v in done.items() if k not in ("loss", "validation")}
+        if done["validation"]:
+            n = done.get("tokens", done.get("samples", 1.0))
+            self._scores[0] += done["loss"] * n
+            self._scores[1] += done.get("correct", 0.0)
+            self._scores[2] += n
+            return
+        if self._stepping != ack.step or self.opt is None or self.classifier is None:
+            return
+        clip = float(ack.metrics.get("clip", 1.0))
+        if not (math.isfinite(clip) and 0.0 < clip <= 1.0):
+            raise RemoteError("INVALID_ARGUMENT", f"the server's clipping factor is {clip}")
+        if clip != 1.0:
+            for p in self.classifier.parameters():
+                p.grad.mul_(clip)
+        self.opt.step()
+        self.sched.step()
+        self._stepping = None
 
     # --- scoring and results ----------------------------------------------------------------
     def take_scores(self) -> dict[str, float] | None:
@@ -194,6 +233,45 @@ class LabelHead:
             snap["opt"] = copy.deepcopy(self.opt.state_dict())
             snap["sched"] = self.sched.state_dict()
         return snap
+
+    # --- on disk: a device that restarts picks up here ---------------------------------------
+    def _write_state(self) -> None:
+        """The state after ``acked`` steps, as ``state-{acked}``; the oldest beyond
+        ``MAX_SNAPSHOTS`` goes."""
+        if self.folder is None:
+            return
+        tensors, meta = _snapshot_tensors(self._snapshot())
+        path = self.folder / f"state-{self.acked:07d}.safetensors"
+        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"state": json.dumps(meta)})
+        path.with_suffix(".tmp").replace(path)  # a crash mid-write leaves the previous one
+        (self.folder / f"state-{self.acked - MAX_SNAPSHOTS:07d}.safetensors").unlink(
+            missing_ok=True
+        )
+
+    def _write_pending(self, step: int) -> None:
+        """The step just answered: its loss and metrics, and the classifier's gradients that
+        wait for its ack's clipping factor."""
+        if self.folder is None:
+            return
+        tensors = {}
+        if self.classifier is not None and self._stepping == step:
+            tensors = {f"grad.{k}": p.grad for k, p in self.classifier.named_parameters()}
+        meta = {"step": step, "entry": self._open[step]}
+        tmp = self.folder / "pending.tmp"
+        save_file(tensors, str(tmp), metadata={"pending": json.dumps(meta)})
+        tmp.replace(self.folder / PENDING)
+
+    def _reload_pending(self, path: Path) -> None:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["pending"])
+            grads = {k.removeprefix("grad."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        if meta["step"] != self.acked:
+            return  # acked before the device stopped: its state file has it
+        self._open[self.acked] = meta["entry"]
+        if grads and self.classifier is not None:
+            for name, p in self.classifier.named_parameters():
+                p.grad = grads[name]
+            self._stepping = self.acked
 
     def _restore(self, snap: dict[str, Any]) -> None:
         self.acked, self._scores = snap["acked"], list(snap["scores"])
@@ -233,3 +311,33 @@ class LabelHead:
         hits = float(correct(logits.detach(), target))
         n = target.shape[0]
         return {"accuracy": hits / n, "correct": hits, "samples": float(n)}
+
+
+def _snapshot_tensors(snap: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A snapshot as safetensors tensors and JSON (no pickle on disk)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"acked": snap["acked"], "scores": snap["scores"]}
+    if "net" in snap:
+        tensors |= {f"net.{k}": v.contiguous() for k, v in snap["net"].items()}
+        opt = snap["opt"]
+        for i, st in opt["state"].items():
+            tensors |= {f"opt.{i}.{k}": v.contiguous() for k, v in st.items()}
+        meta |= {"param_groups": opt["param_groups"], "sched": snap["sched"]}
+    return tensors, meta
+
+
+def _read_snapshot(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {})["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    snap: dict[str, Any] = {"acked": meta["acked"], "scores": meta["scores"]}
+    if "param_groups" in meta:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        snap["net"] = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        snap["opt"] = {"state": state, "param_groups": meta["param_groups"]}
+        snap["sched"] = meta["sched"]
+    return snap

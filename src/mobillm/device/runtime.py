@@ -19,7 +19,8 @@ With ``private_labels`` no label, target or verbalizer id leaves the device: the
 the head (``device.labels.LabelHead``), answers each step's features with the gradient of the
 loss, drives the cache epochs itself (``StepBegin.replay_of``), scores the validation split
 after each epoch and keeps the best epoch by downloading it. A device that restarts cannot
-resume such a session (its classifier's state is gone); a dropped link can.
+resume such a session unless it was given a ``state_dir``, where the head's state after every
+ack, the best epoch kept so far and the scores are written (a few KB per step).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save, save_file
 
 from mobillm.backbone import Backbone, pages
 from mobillm.codec import CodecConfig, encode
@@ -61,6 +62,7 @@ from mobillm.transport.messages import (
     RemoteError,
     SessionInfo,
     SessionSpec,
+    SideBlob,
     StepBegin,
     TrainConfig,
     chunk_frame,
@@ -220,8 +222,11 @@ class DeviceTrainer:
         codec: CodecConfig | None = None,
         train: TrainConfig | None = None,
         device: DeviceConfig | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         self.backbone = backbone
+        # private labels: where the head the device keeps is saved as it trains
+        self.state_dir = Path(state_dir) / "labels" if state_dir is not None else None
         self.side = side
         self.transport = transport
         self.codec = codec or CodecConfig()
@@ -243,10 +248,13 @@ class DeviceTrainer:
         self._markers: list[tuple[int, int]] = []  # (plan index, epoch) of validation passes
         self._validation_samples = 0
 
-    def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
-        train = self.train_cfg.replace(
+    def _train_config(self, total_steps: int) -> TrainConfig:
+        return self.train_cfg.replace(
             total_steps=total_steps, epochs=self.cfg.epochs, replay=self.cfg.replay
         )
+
+    def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
+        train = self._train_config(total_steps)
         return build_session(
             self.backbone, self.side, self.codec, train, self.positions, self.cfg.private_labels
         )
@@ -262,23 +270,58 @@ class DeviceTrainer:
         self._total_steps = total_steps
         if session is not None:
             if self.cfg.private_labels:
-                raise RemoteError(
-                    "FAILED_PRECONDITION",
-                    "a private-label session cannot be resumed by a restarted device: the "
-                    "classifier it trained is gone; start the run again",
-                )
+                self._restore_labels(total_steps, session.session_id)
             self.info = self.transport.attach(session)
             return self.info
         spec, head = self._session_spec(total_steps)
         self.info = self.transport.open(spec)
         if spec.private_labels:
-            self.labels = LabelHead(
-                self.side, self._device_head(), spec.train, self.info.session_id
-            )
+            sid = self.info.session_id
+            folder = self.state_dir
+            self.labels = LabelHead(self.side, self._device_head(), spec.train, sid, folder)
             self.transport.set_responder(self.labels)
         if self.info.need_head:
             self._upload_head(head)
         return self.info
+
+    def _restore_labels(self, total_steps: int, sid: str) -> None:
+        """A restarted private-label device: its head, best epoch and scores from disk."""
+        folder = self.state_dir
+        train = self._train_config(total_steps)
+        labels = None
+        if folder is not None and folder.is_dir():
+            labels = LabelHead.restore(self.side, self._device_head(), train, sid, folder)
+        if labels is None:
+            raise RemoteError(
+                "FAILED_PRECONDITION",
+                "this private-label session cannot be resumed: the device kept no state of "
+                "its classifier (run with an output folder); start the run again",
+            )
+        self.labels = labels
+        self.transport.set_responder(labels)
+        assert folder is not None
+        if (folder / "scores.json").is_file():
+            self._scores = {
+                int(k): v for k, v in json.loads((folder / "scores.json").read_text()).items()
+            }
+        if (folder / "best.json").is_file():
+            best = json.loads((folder / "best.json").read_text())
+            blob = SideBlob(best["meta_json"], (folder / "best.safetensors").read_bytes())
+            kept = load((folder / "best-head.safetensors").read_bytes())
+            self._best = (best["epoch"], best["scores"], blob, kept)
+
+    def _save_scores(self, new_best: bool) -> None:
+        """Private labels with a state folder: the scores, and the best epoch when it changed."""
+        folder = self.state_dir
+        if folder is None:
+            return
+        (folder / "scores.json").write_text(json.dumps(self._scores))
+        if new_best and self._best is not None:
+            epoch, scores, blob, kept = self._best
+            (folder / "best.safetensors").write_bytes(blob.weights)
+            save_file(kept, str(folder / "best-head.safetensors"))
+            best = {"epoch": epoch, "scores": scores, "meta_json": blob.meta_json}
+            (folder / "best.json").write_text(json.dumps(best))
 
     def _device_head(self) -> FrozenHead:
         """The head a private-label device keeps: verbalizer rows, or the whole LM head."""
@@ -388,10 +431,13 @@ class DeviceTrainer:
         assert self.labels is not None
         self.drain()
         scores = self.labels.peek_scores()
-        if scores is not None and (self._best is None or _better(scores, self._best[1])):
+        best = scores is not None and (self._best is None or _better(scores, self._best[1]))
+        if best:
+            assert scores is not None
             self._best = (epoch, scores, self.transport.download(), self.labels.state())
         self.labels.take_scores()  # only now: a failed download is retried with these scores
         self._scores[epoch] = scores or {}
+        self._save_scores(best)
 
     def _private_reports(self) -> list[EpochReport]:
         """One report per epoch, from the device's own losses and validation scores."""
