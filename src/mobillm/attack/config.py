@@ -34,7 +34,7 @@ class AttackConfig(Config):
     public_samples: int = 1000
     private_samples: int = 200
     inverter: str = "linear"
-    epochs: int = 6
+    epochs: int = 8
     probe_epochs: int = 30
     threshold: float = 0.5
     label_samples: int = 512
