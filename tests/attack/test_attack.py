@@ -17,7 +17,10 @@ from mobillm.codec import CodecConfig
 from mobillm.data import ClassificationExample, DataConfig, tokenize_examples
 from mobillm.errors import ConfigError
 
-WORDS = "the quick brown fox jumps over lazy dog charming journey bleak desperate movie".split()
+WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "charming", "journey",
+    "bleak", "desperate", "movie",
+]  # fmt: skip
 TEMPLATE = "Review: {text}\nSentiment:"
 
 
@@ -165,3 +168,45 @@ def test_attack_config_is_checked_and_round_trips():
     for bad in ({"layers": ()}, {"codecs": ("int3",)}, {"noises": (-1.0,)}, {"threshold": 1.0}):
         with pytest.raises(ConfigError):
             AttackConfig(**bad)
+
+
+def _run(name, learner, after, noise=0.0, positions="loss", taps=(0, 1, 2)):
+    return {
+        "name": name, "learner": learner, "split_layers": 1 if learner == "split" else 0,
+        "codec": "int8", "frame_noise": noise, "frame_noise_seed": 0, "positions": positions,
+        "taps": list(taps), "num_layers": 3, "train_samples": 100, "batch_size": 16,
+        "epochs": 2, "before": 0.7, "after": after,
+    }  # fmt: skip
+
+
+def test_mitigations_judge_each_run_against_the_bar():
+    from mobillm.attack.doc import mitigations
+
+    def tok(layer, noise, inv):
+        return {"mode": "tokens", "codec": "int8", "frame_noise": noise, "layer": layer,
+                "inverter": inv, "inverter_content": inv}  # fmt: skip
+
+    def bag(layer, noise, recall):
+        return {"mode": "bag_of_words", "codec": "int8", "frame_noise": noise, "layer": layer,
+                "recall": recall, "precision": 0.5, "topk_recall": 0.3,
+                "prior_topk_recall": 0.3, "content_recall": recall / 2,
+                "content_precision": 0.4}  # fmt: skip
+
+    rows = [tok(1, 0.0, 0.9), tok(2, 0.0, 0.6), bag(1, 0.0, 0.2), bag(2, 0.0, 0.1)]
+    rows += [bag(1, 1.0, 0.05), bag(2, 1.0, 0.08)]
+    runs = [
+        _run("split", "split", 0.88, positions="valid", taps=(1,)),
+        _run("ladder", "ladder", 0.875),
+        _run("ladder-noise", "ladder", 0.874, noise=1.0),
+        _run("ladder-top", "ladder", 0.80, taps=(2,)),
+    ]
+    m = mitigations({"rows": rows, "accuracy": runs})
+    by = {t["name"]: t for t in m["runs"]}
+    assert m["undefended_recovery"] == 0.9 and m["bar"] == pytest.approx(0.09)
+    assert by["split"]["exposure"]["recovery"] == 0.9  # its one tapped layer
+    assert by["ladder"]["exposure"]["recovery"] == 0.2  # the worst of its layers
+    assert not by["ladder"]["meets_bar"]  # 0.2 > 0.09
+    assert by["ladder-noise"]["meets_bar"]  # 0.08 <= 0.09, 0.6 points
+    assert not by["ladder-top"]["meets_bar"]  # 0.1 recall, and 8 points
+    assert by["ladder-noise"]["cost_vs_learner_points"] == pytest.approx(0.1)
+    assert m["recommended"] == "ladder-noise" and m["bar_met"]

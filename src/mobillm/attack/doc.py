@@ -20,6 +20,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _points(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.2f}"
+
+
 def _best(rows: list[dict[str, Any]], mode: str, key: str, codec: str, noise: float) -> dict:
     cand = [
         r
@@ -69,6 +73,7 @@ def mitigations(result: dict[str, Any]) -> dict[str, Any]:
     for run in runs:
         exp = exposure(run, rows)
         cost = 100 * (ref["after"] - run["after"])
+        base = _undefended_twin(run, runs)
         rec = exp["recovery"] if exp else None
         table.append(
             {
@@ -77,6 +82,7 @@ def mitigations(result: dict[str, Any]) -> dict[str, Any]:
                 "after": run["after"],
                 "before": run["before"],
                 "cost_points": cost,
+                "cost_vs_learner_points": 100 * (base["after"] - run["after"]) if base else None,
                 "meets_bar": bool(rec is not None and bar and rec <= bar and cost <= 1.0),
                 "command": train_command(run),
             }
@@ -92,6 +98,19 @@ def mitigations(result: dict[str, Any]) -> dict[str, Any]:
         "bar_met": bool(pick and pick["meets_bar"]),
         "missed_by_factor": (pick["exposure"]["recovery"] / bar) if pick and bar else None,
     }
+
+
+def _undefended_twin(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict | None:
+    """The run of the same learner with int8 frames, no noise and every layer tapped."""
+    for r in runs:
+        if (
+            r["learner"] == run["learner"]
+            and r["codec"] == "int8"
+            and not r["frame_noise"]
+            and (r["learner"] == "split" or len(r["taps"]) == r["num_layers"])
+        ):
+            return r
+    return None
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -223,8 +242,8 @@ def _mitigation_section(result: dict[str, Any]) -> str:
         f"the first run, `{m['reference']}`.",
         "",
         "| run | what the server reads | recovery | dev accuracy before → after | cost "
-        "(points) | meets the bar | command |",
-        "|---|---|---|---|---|---|---|",
+        "(points) | cost against the same learner undefended | meets the bar | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in m["runs"]:
         e = t["exposure"]
@@ -232,16 +251,19 @@ def _mitigation_section(result: dict[str, Any]) -> str:
             what, rec = "–", "not measured"
         elif e["mode"] == "tokens":
             what = f"all-token frames, layer {e['layer']} worst"
-            rec = f"{_pct(e['recovery'])} of tokens"
+            rec = f"{_pct(e['recovery'])} of tokens (content tokens: {_pct(e['content_recovery'])})"
         else:
             what = f"loss rows, layer {e['layer']} worst"
             rec = (
-                f"recall {_pct(e['recovery'])} at precision {_pct(e['precision'])} (top-k "
-                f"{_pct(e['topk_recall'])}; prior {_pct(e['prior_topk_recall'])})"
+                f"bag of words: recall {_pct(e['recovery'])} at precision "
+                f"{_pct(e['precision'])} (top-k {_pct(e['topk_recall'])}, prior "
+                f"{_pct(e['prior_topk_recall'])}; content tokens: recall "
+                f"{_pct(e['content_recovery'])} at precision {_pct(e['content_precision'])})"
             )
         lines.append(
             f"| {t['name']} | {what} | {rec} | {t['before']:.4f} → {t['after']:.4f} | "
-            f"{t['cost_points']:+.2f} | {'yes' if t['meets_bar'] else 'no'} | "
+            f"{t['cost_points']:+.2f} | {_points(t['cost_vs_learner_points'])} | "
+            f"{'yes' if t['meets_bar'] else 'no'} | "
             f"`{t['command']}` |"
         )
     lines += [

@@ -32,13 +32,15 @@ def _select(rows: list[dict[str, Any]], mode: str, codec: str, noise: float) -> 
 def token_table(rows: list[dict[str, Any]], codec: str, noise: float) -> str:
     """Markdown: per layer, top-1 token recovery of each attack (all-token frames)."""
     out = [
-        "| layer | nearest embedding | nearest embedding, centered | learned inverter | prior |",
-        "|---|---|---|---|---|",
+        "| layer | nearest embedding | nearest embedding, centered | learned inverter | prior "
+        "| learned inverter, content tokens |",
+        "|---|---|---|---|---|---|",
     ]
     for r in _select(rows, "tokens", codec, noise):
         out.append(
             f"| {r['layer']} | {_f(r['nearest_embedding'])} | "
-            f"{_f(r['nearest_embedding_centered'])} | **{_f(r['inverter'])}** | {_f(r['prior'])} |"
+            f"{_f(r['nearest_embedding_centered'])} | **{_f(r['inverter'])}** | {_f(r['prior'])} "
+            f"| {_f(r.get('inverter_content'))} |"
         )
     return "\n".join(out)
 
@@ -47,14 +49,17 @@ def bag_table(rows: list[dict[str, Any]], codec: str, noise: float, threshold: f
     """Markdown: per layer, the bag-of-words probe's precision and recall (loss rows)."""
     out = [
         f"| layer | precision (p ≥ {threshold:g}) | recall (p ≥ {threshold:g}) | claims per "
-        "sample | recall of top-k (k = true count) | prior: recall of top-k |",
-        "|---|---|---|---|---|---|",
+        "sample | recall of top-k (k = true count) | prior: recall of top-k | content tokens: "
+        "precision / recall | content: top-k / prior top-k |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in _select(rows, "bag_of_words", codec, noise):
         out.append(
             f"| {r['layer']} | {_f(r['precision'])} | **{_f(r['recall'])}** | "
             f"{_f(r['predicted_per_sample'], 1)} | {_f(r['topk_recall'])} | "
-            f"{_f(r['prior_topk_recall'])} |"
+            f"{_f(r['prior_topk_recall'])} | {_f(r.get('content_precision'))} / "
+            f"{_f(r.get('content_recall'))} | {_f(r.get('content_topk_recall'))} / "
+            f"{_f(r.get('content_prior_topk_recall'))} |"
         )
     return "\n".join(out)
 
@@ -182,9 +187,14 @@ def exposure(run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] 
         return None
     worst = max(cand, key=lambda r: r[key])
     out = {"mode": mode, "layer": worst["layer"], "recovery": worst[key]}
-    if not all_tokens:
+    if all_tokens:
+        out["content_recovery"] = max(r["inverter_content"] for r in cand)
+    else:
         out |= {"precision": worst["precision"], "topk_recall": worst["topk_recall"]}
         out["prior_topk_recall"] = worst["prior_topk_recall"]
+        best = max(cand, key=lambda r: r["content_recall"])
+        out |= {"content_recovery": best["content_recall"]}
+        out["content_precision"] = best["content_precision"]
     return out
 
 
