@@ -76,3 +76,25 @@ def test_killed_device_resumes_bit_exact(tmp_path, model_dir, where):
     mine = (tmp_path / "run" / "side.safetensors").read_bytes()
     assert mine == (tmp_path / "ref" / "side.safetensors").read_bytes()
     assert not (tmp_path / "run" / "session.json").exists()  # closed: nothing to resume
+
+
+def test_resumed_run_keeps_its_secret_frame_noise(tmp_path, model_dir):
+    """A run with frame noise and no --frame-noise-seed draws a secret seed; the resumed run
+    reads it back from session.json and ends as an uninterrupted run with that seed."""
+    data = write_reviews(tmp_path / "train.tsv", 40)
+    extra = ["--link-rtt-ms", "150", "--frame-noise", "0.5"]
+    _kill_after(_train(model_dir, data, tmp_path / "run", *extra), step=8)
+    seed = json.loads((tmp_path / "run" / "session.json").read_text())["frame_noise_seed"]
+    assert isinstance(seed, int) and seed >= 0
+    ref = subprocess.run(
+        _train(model_dir, data, tmp_path / "ref", *extra, "--frame-noise-seed", str(seed)),
+        capture_output=True,
+    )
+    assert ref.returncode == 0, ref.stderr.decode()
+    done = subprocess.run(
+        [*CLI, "train", "--resume", str(tmp_path / "run")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["frame_noise_seed"] == -1  # the secret is not recorded
+    mine = (tmp_path / "run" / "side.safetensors").read_bytes()
+    assert mine == (tmp_path / "ref" / "side.safetensors").read_bytes()

@@ -183,7 +183,13 @@ class Device:
         learner = learner or LearnerConfig()
         streaming = streaming or DeviceConfig()
         out = Path(out)
-        session = _read_session(out) if resume else None
+        session = None
+        noise_seed_asked = streaming.frame_noise_seed  # -1 (secret) is not to be recorded
+        if resume:
+            session, noise_seed = _read_session(out)
+            if noise_seed is not None and streaming.frame_noise_seed < 0:
+                # the crashed run's secret noise seed: resent steps carry the same bytes
+                streaming = streaming.replace(frame_noise_seed=noise_seed)
         dcfg, train_ex, val_ex, eval_ex = self._examples(
             data, eval_data, config, streaming.validation_fraction
         )
@@ -202,6 +208,8 @@ class Device:
             "backbone": self.backbone.fingerprint.to_dict(),
             "data": dcfg.to_dict(),
             "codec": (codec or CodecConfig()).scheme,
+            "frame_noise": streaming.frame_noise,
+            "frame_noise_seed": noise_seed_asked,
             "side": side.to_dict(),
         }
         transport = _transport(server, connect, link, out)
@@ -215,7 +223,7 @@ class Device:
             train, dcfg.batch_size, seed=dcfg.seed, progress=callback, session=session
         )
         if session is None:
-            _write_session(out, info)
+            _write_session(out, info, trainer.noise_seed)
         if callback is not None:
             callback({"session": info.session_id, "server": info.server or "the server"})
         before = out / "before.json"
@@ -462,22 +470,25 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _write_session(out: Path, info: SessionInfo) -> None:
-    """What a resumed run needs: the session, with its token (so the file is 0600)."""
+def _write_session(out: Path, info: SessionInfo, noise_seed: int) -> None:
+    """What a resumed run needs: the session, with its token, and the frame noise's secret
+    seed (so the file is 0600)."""
     path = out / SESSION_FILE
     out.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
-    path.write_text(json.dumps({"session": dataclasses.asdict(info)}, indent=2) + "\n")
+    record = {"session": dataclasses.asdict(info), "frame_noise_seed": noise_seed}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _read_session(out: Path) -> SessionInfo:
+def _read_session(out: Path) -> tuple[SessionInfo, int | None]:
     path = out / SESSION_FILE
     if not path.is_file():
         raise ConfigError(
             f"cannot resume {out}: no {SESSION_FILE} there (the run finished, or it never "
             "opened a session)"
         )
-    return SessionInfo(**json.loads(path.read_text())["session"])
+    record = json.loads(path.read_text())
+    return SessionInfo(**record["session"]), record.get("frame_noise_seed")
 
 
 def _transport(

@@ -294,6 +294,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "side network's features and receives only the gradient of the loss (the device "
         "drives cache epochs and keeps the best epoch itself)",
     )
+    g.add_argument(
+        "--frame-noise",
+        type=_non_negative,
+        default=DeviceConfig.frame_noise,
+        help="add Gaussian noise of this standard deviation, relative to each row's RMS, to "
+        "every row before it is encoded: a defence against recovering the input text from "
+        "the frames (see docs/privacy.md) (default: %(default)s = off)",
+    )
+    g.add_argument(
+        "--frame-noise-seed",
+        type=_count,
+        default=None,
+        help="seed of the frame noise (default: a secret random one per session; a server "
+        "that knows it can subtract the noise, so set it only to reproduce a measurement)",
+    )
     g.add_argument("--max-steps", type=_count, default=0, help="stop after this many steps")
     g.add_argument("--window", type=_positive, default=2, help="steps in flight (default: 2)")
     g.add_argument(

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in (train, evaluate, generate):
         mod.register(sub)
-    for name in ("serve", "demo", "bench"):
+    for name in ("serve", "demo", "bench", "attack"):
         try:
             mod = __import__(f"mobillm.cli.{name}", fromlist=["register"])
         except ImportError:

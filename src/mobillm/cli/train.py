@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log_every=args.log_every,
         reconnect_seconds=args.reconnect_s,
         private_labels=args.private_labels,
+        frame_noise=args.frame_noise,
+        frame_noise_seed=-1 if args.frame_noise_seed is None else args.frame_noise_seed,
     )
     connect = ConnectConfig(
         tls_ca=args.tls_ca,

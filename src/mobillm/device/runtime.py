@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, check
 from mobillm.data import TokenizedDataset, collate, epoch_batches
 from mobillm.device.labels import LabelHead
+from mobillm.device.noise import add_frame_noise, draw_noise_seed
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead, tensors_sha256
@@ -81,7 +83,9 @@ class DeviceConfig(Config):
     every run (the server keeps the best epoch, or the untrained network).
     ``reconnect_seconds``: how long the device keeps trying to reach a server it lost (0 = the
     first failure ends the run). ``private_labels``: labels, targets and verbalizer ids stay on
-    the device (see the module docstring).
+    the device (see the module docstring). ``frame_noise``: Gaussian noise of this standard
+    deviation, relative to each row's RMS, is added to every row before it is encoded
+    (``device.noise``), seeded by ``frame_noise_seed`` (-1: a secret one drawn per session).
     """
 
     positions: str = "auto"
@@ -94,6 +98,8 @@ class DeviceConfig(Config):
     length_group: int = 32
     reconnect_seconds: float = 300.0
     private_labels: bool = False
+    frame_noise: float = 0.0
+    frame_noise_seed: int = -1
 
     def validate(self) -> None:
         check(
@@ -114,6 +120,14 @@ class DeviceConfig(Config):
             not self.private_labels or self.window <= MAX_PRIVATE_WINDOW,
             f"DeviceConfig.window must be <= {MAX_PRIVATE_WINDOW} with private labels (the "
             "steps a server queues behind one that waits for its gradient)",
+        )
+        check(
+            math.isfinite(self.frame_noise) and self.frame_noise >= 0,
+            f"DeviceConfig.frame_noise must be a finite number >= 0, got {self.frame_noise}",
+        )
+        check(
+            -1 <= self.frame_noise_seed < 2**63,
+            "DeviceConfig.frame_noise_seed must be in [0, 2**63), or -1 for a secret random one",
         )
 
 
@@ -247,6 +261,9 @@ class DeviceTrainer:
         self._planned: list[PlannedStep] = []
         self._markers: list[tuple[int, int]] = []  # (plan index, epoch) of validation passes
         self._validation_samples = 0
+        # the frame noise's seed never leaves the device (the server could subtract the noise)
+        seed = self.cfg.frame_noise_seed
+        self.noise_seed = seed if seed >= 0 else draw_noise_seed()
 
     def _train_config(self, total_steps: int) -> TrainConfig:
         return self.train_cfg.replace(
@@ -352,7 +369,10 @@ class DeviceTrainer:
             return len(batch)
 
         def on_layer(tap: int, hidden: torch.Tensor) -> None:
-            frame = encode(plan.gather(hidden), self.codec)
+            rows = plan.gather(hidden)
+            if self.cfg.frame_noise:
+                rows = add_frame_noise(rows, self.cfg.frame_noise, self.noise_seed, step, tap)
+            frame = encode(rows, self.codec)
             self.bytes_encoded += len(frame)
             for part in chunk_frame(sid, step, tap, frame, chunk):
                 self.transport.send(part)
