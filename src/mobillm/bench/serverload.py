@@ -360,6 +360,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
     )
     for r in sorted(records, key=lambda r: (*key(r), r["max_batch"])):
         mode = "unbatched" if r["max_batch"] == 1 else f"batched ({r['max_batch']})"
+        if r["max_batch"] > 1 and r.get("wait_ms", 50.0) != 50.0:
+            mode += f", wait {r['wait_ms']:g} ms"
         if r["device"].startswith("cuda"):  # rows from before the option ran in float32
             mode += ", TF32" if r.get("tf32") else ", FP32"
         lines.append(

@@ -153,6 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--max-batch", type=int, default=0, help="round size (0 = all sessions)")
     s.add_argument(
+        "--wait-ms", type=float, default=50.0, help="how long a round waits for more steps"
+    )
+    s.add_argument(
         "--round-mb", type=int, default=4096, help="memory bound of one round (0 = none)"
     )
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = all)")
@@ -421,6 +424,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
                         device=args.device,
                         frames=frames,
                         path=args.path,
+                        wait_ms=args.wait_ms,
                         round_mb=args.round_mb,
                         tf32=args.tf32,
                     )
