@@ -35,7 +35,7 @@ def _trainer(bb, side, mgr, codec="int8", positions="loss", window=2, epochs=2, 
         InProcessTransport(mgr),
         CodecConfig(codec),
         TrainConfig(lr=lr),
-        DeviceConfig(positions=positions, window=window, epochs=epochs),
+        DeviceConfig(positions=positions, window=window, epochs=epochs, private_labels=False),
     )
 
 
@@ -170,7 +170,7 @@ def test_replayed_epochs_equal_restreamed_ones(tmp_path, make_tiny_backbone, pos
             InProcessTransport(mgr),
             CodecConfig("int8"),
             TrainConfig(lr=5e-3),
-            DeviceConfig(positions=positions, epochs=3, replay=replay),
+            DeviceConfig(positions=positions, epochs=3, replay=replay, private_labels=False),
         )
         summary = tr.train(data, 16)
         weights.append(tr.transport.download().weights)

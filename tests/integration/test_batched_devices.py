@@ -22,7 +22,8 @@ def _train_all(model, data, port, work, tag):
         out = work / f"{tag}-{i}"
         cmd = [
             sys.executable, "-m", "mobillm.cli.main", "train", "--model", str(model),
-            "--train-file", str(data), *TASK_FLAGS, "--learner", "ladder",  # stackable
+            "--train-file", str(data), *TASK_FLAGS, "--learner", "ladder",  # stackable:
+            "--standard-labels",  # a round cannot wait on a device's gradient
             "--batch-size", "8", "--dropout", "0.1",
             "--seed", str(i), "--lr", str(2e-3 * (1 + i % 3)), "--no-eval", "--threads", "1",
             "--server", f"127.0.0.1:{port}", "--out", str(out),

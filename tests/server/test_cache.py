@@ -29,7 +29,7 @@ def _run(bb, tmp_path, name, epochs=3, **server):
         InProcessTransport(mgr),
         CodecConfig("int8"),
         TrainConfig(lr=5e-3),
-        DeviceConfig(epochs=epochs),
+        DeviceConfig(epochs=epochs, private_labels=False),
     )
     summary = tr.train(data, 16, validation=val)
     weights = tr.transport.download().weights

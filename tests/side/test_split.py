@@ -76,7 +76,7 @@ def test_split_trains_downloads_and_runs_on_the_device(tmp_path, make_tiny_backb
         side,
         InProcessTransport(mgr),
         train=TrainConfig(lr=1e-2),
-        device=DeviceConfig(positions="valid", epochs=4),
+        device=DeviceConfig(positions="valid", epochs=4, private_labels=False),
     )
     summary = tr.train(data, 16)
     assert summary["device_forward_passes_per_sample"] == 1.0

@@ -78,7 +78,7 @@ def device_trainer():
             transport,
             CodecConfig("int8"),
             TrainConfig(lr=lr, seed=seed),
-            DeviceConfig(window=window, epochs=epochs, replay=replay),
+            DeviceConfig(window=window, epochs=epochs, replay=replay, private_labels=False),
         )
 
     return make

@@ -26,7 +26,9 @@ from mobillm.transport.messages import RemoteError, TrainConfig
 
 def _trainer(bb, transport, **device):
     side = build_side_config(bb, "classification", 2, ("bad", "good"), dropout=0.1)
-    cfg = DeviceConfig(**{"window": 2, "epochs": 3, "reconnect_seconds": 60, **device})
+    cfg = DeviceConfig(
+        **{"window": 2, "epochs": 3, "reconnect_seconds": 60, "private_labels": False, **device}
+    )
     return DeviceTrainer(bb, side, transport, CodecConfig("int8"), TrainConfig(lr=5e-3), cfg)
 
 

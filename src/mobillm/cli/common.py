@@ -287,12 +287,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "keeps the epoch that scores best on it, or the untrained model if none beats it "
         "(0 = off; default: %(default)s)",
     )
-    g.add_argument(
+    labels = g.add_mutually_exclusive_group()
+    labels.add_argument(
         "--private-labels",
-        action="store_true",
+        dest="private_labels",
+        action="store_const",
+        const=True,
+        default=None,
         help="keep labels, targets and verbalizers on the device: the server returns the "
         "side network's features and receives only the gradient of the loss (the device "
-        "drives cache epochs and keeps the best epoch itself)",
+        "drives cache epochs and keeps the best epoch itself). The default for "
+        "classification; for causal LM it runs the LM head on the device",
+    )
+    labels.add_argument(
+        "--standard-labels",
+        dest="private_labels",
+        action="store_const",
+        const=False,
+        help="send labels (or causal-LM targets) and verbalizer ids with the frames, as the "
+        "default does for causal LM: the server computes the loss (batching servers stack "
+        "only such sessions)",
     )
     g.add_argument(
         "--frame-noise",
@@ -385,9 +399,11 @@ class Progress:
         elif "val_loss" in m:
             val = f" | validation loss {m['val_loss']:.4f}"
         kept = f" | kept epoch {int(m['best_epoch'])}" if "best_epoch" in m else ""
+        # a private-label device reports its own epochs: no server time in them
+        server = f" | {m['seconds']:.1f}s on the server" if "seconds" in m else ""
         print(
             f"[{self.prefix}] epoch {m['epoch']} done: train loss {m['train_loss']:.4f}{val}"
-            f"{kept} | {m['seconds']:.1f}s on the server | {time.perf_counter() - self.t0:.0f}s",
+            f"{kept}{server} | {time.perf_counter() - self.t0:.0f}s",
             file=sys.stderr,
             flush=True,
         )

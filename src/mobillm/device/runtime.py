@@ -83,7 +83,10 @@ class DeviceConfig(Config):
     every run (the server keeps the best epoch, or the untrained network).
     ``reconnect_seconds``: how long the device keeps trying to reach a server it lost (0 = the
     first failure ends the run). ``private_labels``: labels, targets and verbalizer ids stay on
-    the device (see the module docstring). ``frame_noise``: Gaussian noise of this standard
+    the device (see the module docstring); None (the default) keeps them there for
+    classification, where it costs the device about 1% of its time, and sends causal-LM targets,
+    whose private mode would run the vocabulary-wide LM head on the device for every response
+    token. ``frame_noise``: Gaussian noise of this standard
     deviation, relative to each row's RMS, is added to every row before it is encoded
     (``device.noise``), seeded by ``frame_noise_seed`` (-1: a secret one drawn per session).
     """
@@ -97,9 +100,15 @@ class DeviceConfig(Config):
     log_every: int = 10
     length_group: int = 32
     reconnect_seconds: float = 300.0
-    private_labels: bool = False
+    private_labels: bool | None = None
     frame_noise: float = 0.0
     frame_noise_seed: int = -1
+
+    def labels_private(self, task: str) -> bool:
+        """Whether a run of ``task`` keeps its labels on the device."""
+        if self.private_labels is None:
+            return task == "classification"
+        return self.private_labels
 
     def validate(self) -> None:
         check(
@@ -116,11 +125,6 @@ class DeviceConfig(Config):
         check(self.log_every >= 1, "DeviceConfig.log_every must be >= 1")
         check(self.length_group >= 0, "DeviceConfig.length_group must be >= 0 (0 = off)")
         check(self.reconnect_seconds >= 0, "DeviceConfig.reconnect_seconds must be >= 0")
-        check(
-            not self.private_labels or self.window <= MAX_PRIVATE_WINDOW,
-            f"DeviceConfig.window must be <= {MAX_PRIVATE_WINDOW} with private labels (the "
-            "steps a server queues behind one that waits for its gradient)",
-        )
         check(
             math.isfinite(self.frame_noise) and self.frame_noise >= 0,
             f"DeviceConfig.frame_noise must be a finite number >= 0, got {self.frame_noise}",
@@ -247,6 +251,13 @@ class DeviceTrainer:
         self.train_cfg = train or TrainConfig()
         self.cfg = device or DeviceConfig()
         self.positions = side.positions if self.cfg.positions == "auto" else self.cfg.positions
+        self.private = self.cfg.labels_private(side.task)
+        check(
+            not self.private or self.cfg.window <= MAX_PRIVATE_WINDOW,
+            f"DeviceConfig.window must be <= {MAX_PRIVATE_WINDOW} with private labels (the "
+            "steps a server queues behind one that waits for its gradient; --standard-labels "
+            "lifts this)",
+        )
         self.records: list[StepRecord] = []
         self.epochs: list[EpochReport] = []
         self.bytes_encoded = 0
@@ -273,7 +284,7 @@ class DeviceTrainer:
     def _session_spec(self, total_steps: int) -> tuple[SessionSpec, dict[str, torch.Tensor]]:
         train = self._train_config(total_steps)
         return build_session(
-            self.backbone, self.side, self.codec, train, self.positions, self.cfg.private_labels
+            self.backbone, self.side, self.codec, train, self.positions, self.private
         )
 
     def _upload_head(self, head: dict[str, torch.Tensor]) -> None:
@@ -286,7 +297,7 @@ class DeviceTrainer:
         ``session`` (a crashed run's), attach to it and resume where the server stands."""
         self._total_steps = total_steps
         if session is not None:
-            if self.cfg.private_labels:
+            if self.private:
                 self._restore_labels(total_steps, session.session_id)
             self.info = self.transport.attach(session)
             return self.info
@@ -503,7 +514,7 @@ class DeviceTrainer:
         self.begin(total, progress, session)
         self._batches = batches
         self._steps_per_epoch = min(len(batches), total)
-        streamed = 1 if self.cfg.replay and not self.cfg.private_labels else self.cfg.epochs
+        streamed = 1 if self.cfg.replay and not self.private else self.cfg.epochs
         self._total = min(total, len(batches) * streamed)  # what progress counts: device steps
         assert self.info is not None
         return self.info
@@ -572,7 +583,7 @@ class DeviceTrainer:
         if validation is not None and len(validation):
             val = epoch_batches(validation.lengths, batch_size, seed, 0, 0)
         self._validation_samples = sum(len(idx) for idx in val)  # streamed once
-        private = self.cfg.private_labels
+        private = self.private
         plan = [PlannedStep(validation, idx, True) for idx in val]  # type: ignore[arg-type]
         if private and plan:
             plan[-1] = dataclasses.replace(plan[-1], score=0)
