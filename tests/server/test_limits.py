@@ -204,8 +204,11 @@ def test_head_cache_and_uploads_are_bounded(tmp_path, make_tiny_backbone):
     info = mgr.open(spec_a)
     mgr.upload_head(info.session_id, info.token, head_a[:100], last=False, first=True)
     assert mgr._uploading == 100
+    # the chunks go to the session's folder as they come, not to memory (a split head is GBs)
+    spool = mgr.store.upload_path(info.session_id)
+    assert spool.read_bytes() == head_a[:100]
     mgr.close(info.session_id, info.token)
-    assert mgr._uploading == 0
+    assert mgr._uploading == 0 and not spool.exists()
     # uploads in progress together are bounded server-wide
     big = [mgr.open(spec_a) for _ in range(4)]
     for i in big[:3]:

@@ -9,6 +9,7 @@ another norm epsilon are another head), least recently used out past a byte budg
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from mobillm.side.head import FrozenHead, tensors_sha256
@@ -23,8 +24,9 @@ def head_key(spec: SessionSpec) -> HeadKey:
     return spec.head_sha256, spec.head.to_json(indent=None)
 
 
-def parse_head(spec: SessionSpec, blob: bytes) -> Frozen:
-    """The head and top layers in ``blob``; INVALID_ARGUMENT unless they hash as promised."""
+def parse_head(spec: SessionSpec, blob: bytes | Path) -> Frozen:
+    """The head and top layers in ``blob`` (bytes, or a file of them); INVALID_ARGUMENT unless
+    they hash as promised."""
     try:
         tensors = weights_from_bytes(blob)
         layers = {k: v for k, v in tensors.items() if k.startswith("layers.")}

@@ -148,8 +148,7 @@ class Session:
     lock: threading.Lock
     client: str = ""
     trainer: Trainer | None = None
-    head_parts: list[bytes] = dataclasses.field(default_factory=list)
-    head_bytes: int = 0
+    head_bytes: int = 0  # of the upload spooled so far (SessionStore.upload_path)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
     closed: bool = False
     max_upload: int = 0  # what this session's head upload may take (priced at open)
@@ -302,8 +301,8 @@ class SessionManager:
                 self._room(sess.client)
                 frozen = self._heads.get(head_key(spec))
             if frozen is None:
-                blob = self.store.read_head(head_file_key(*head_key(spec)))
-                frozen = parse_head(spec, blob) if blob is not None else None
+                path = self.store.head_path(head_file_key(*head_key(spec)))
+                frozen = parse_head(spec, path) if path is not None else None
             if frozen is not None:  # else the device never finished its upload: it resends
                 self._start(sess, frozen)
                 state = self.store.read_state(session_id)
@@ -358,7 +357,6 @@ class SessionManager:
                     )
                 self._uploading += len(data)
             sess.head_bytes += len(data)
-            sess.head_parts.append(data)
             limit = sess.max_upload or self.cfg.max_head_bytes
             if sess.head_bytes > limit:
                 self._drop_upload(sess)
@@ -366,13 +364,17 @@ class SessionManager:
                     "RESOURCE_EXHAUSTED",
                     f"head upload over {limit} bytes, what this session's head can take",
                 )
+            spool = self.store.upload_path(session_id)
+            with open(spool, "ab") as f:
+                f.write(data)
             if not last:
                 return
-            blob = b"".join(sess.head_parts)
-            self._drop_upload(sess)
-            frozen = parse_head(sess.spec, blob)
-            self._start(sess, frozen)
-            self.store.write_head(head_file_key(*head_key(sess.spec)), blob)
+            try:
+                frozen = parse_head(sess.spec, spool)
+                self._start(sess, frozen)
+                self.store.keep_head(head_file_key(*head_key(sess.spec)), spool)
+            finally:
+                self._drop_upload(sess)
             with self._lock:  # only a head that built a trainer is shared
                 self._heads.put(head_key(sess.spec), frozen)
 
@@ -382,7 +384,8 @@ class SessionManager:
 
     def _drop_upload_locked(self, sess: Session) -> None:
         self._uploading -= sess.head_bytes
-        sess.head_parts, sess.head_bytes = [], 0
+        sess.head_bytes = 0
+        self.store.upload_path(sess.session_id).unlink(missing_ok=True)
 
     # --- training ---------------------------------------------------------------------------
     def _trainer(self, sess: Session) -> Trainer:

@@ -92,17 +92,25 @@ class SessionStore:
             _atomic_write(path, json.dumps(record, sort_keys=True).encode())
 
     # --- frozen heads -----------------------------------------------------------------------
-    def write_head(self, key: str, blob: bytes) -> None:
+    def upload_path(self, session_id: str) -> Path:
+        """Where a session's head upload is spooled as its chunks arrive: on disk, not in
+        memory (a split learner's head is gigabytes)."""
+        return self.folder(session_id) / "head.upload"
+
+    def keep_head(self, key: str, upload: Path) -> None:
+        """Keep a verified upload as the head ``key`` (moved, not copied); if the store has
+        it already, the upload is dropped."""
         self.heads.mkdir(parents=True, exist_ok=True)
         path = self.heads / f"{key}.safetensors"
         if not path.is_file():
-            _atomic_write(path, blob)
+            os.replace(upload, path)
         else:
+            upload.unlink(missing_ok=True)
             path.touch()  # in use again: the retention sweep keeps it
 
-    def read_head(self, key: str) -> bytes | None:
+    def head_path(self, key: str) -> Path | None:
         path = self.heads / f"{key}.safetensors"
-        return path.read_bytes() if path.is_file() else None
+        return path if path.is_file() else None
 
     # --- trainer state ----------------------------------------------------------------------
     def write_state(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load, load_file, save
 
 from mobillm.errors import MobiLLMError
 from mobillm.fingerprint import BackboneFingerprint
@@ -129,10 +129,12 @@ def safetensors_stream(
                 release(piece)
 
 
-def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
+def weights_from_bytes(blob: bytes | str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors payload, given as bytes or as the path of a file (read
+    through a memory map: no second copy of the bytes in memory)."""
     try:
-        return load(blob)
-    except (SafetensorError, ValueError) as e:
+        return load(blob) if isinstance(blob, bytes | bytearray) else load_file(str(blob))
+    except (SafetensorError, ValueError, OSError) as e:
         raise SideFileError(f"side weights are not valid safetensors: {e}") from None
 
 
