@@ -252,9 +252,13 @@ class SideNetwork(nn.Module):
         The same function, but the (rows, hidden) tensors, by far the largest a step touches,
         need no backward pass: the trainable norm weights get their gradients through the
         small folded ``(width, hidden)`` matrix, so a step reads and writes the taps about
-        half as often (what bounds a batched server's round on a GPU).
+        half as often (what bounds a batched server's round on a GPU). Folding costs work in
+        proportion to the weights, though, so a step of fewer rows than the side width (a few
+        last-token rows) runs the norm and the projection as they are.
         """
         norm, down = self.in_norms[tap], self.down[tap]
+        if h.shape[-2] < self.cfg.width:
+            return down(norm(h))
         xhat = F.layer_norm(h, norm.normalized_shape, eps=norm.eps)
         weight = down.weight * norm.weight
         return F.linear(xhat, weight, down.bias + down.weight @ norm.bias)
