@@ -164,7 +164,9 @@ def test_train_in_process_reports_the_session_then_evaluates(capsys, tmp_path, m
         *TASK_FLAGS, "--batch-size", "4", "--out", str(tmp_path / "side"),
     )  # fmt: skip
     assert res["before"]["samples"] == res["after"]["samples"] == 12
-    assert res["train"]["server_epochs"] == 3 and res["train"]["validation_steps"] == 1
+    # private labels (the classification default): the device scores the one validation step
+    # itself before training and after each of the 3 epochs, replaying it from the server's cache
+    assert res["train"]["server_epochs"] == 3 and res["train"]["validation_steps"] == 4
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
