@@ -49,6 +49,9 @@ def test_train_over_grpc_then_infer_alone(tmp_path, smollm2):
             [*CLI, "train", "--server", f"127.0.0.1:{port}", "--tls-ca", str(certs / "ca.pem"),
              "--api-key-file", str(key_file), "--data", "sst2", "--max-train-samples", "96",
              "--batch-size", "16",
+             # the server's checkpoint below is the whole model only when it holds the
+             # classifier (with private labels, the default, the device keeps it)
+             "--standard-labels",
              "--no-eval", "--out", str(out)],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
