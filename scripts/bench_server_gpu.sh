@@ -10,7 +10,8 @@
 # ("mobillm", or "python3 -m mobillm.cli.main" with PYTHONPATH=src). Results land in
 # OUT/results.jsonl and OUT/server.md (points already there are kept); each step goes on if
 # an earlier one failed. Unbatched GPU points take minutes each (one session per pool thread):
-# add them with --modes unbatched when the time is there.
+# add them with --modes unbatched when the time is there. Where a round's time goes (its CUDA
+# kernels, without the devices' host work): scripts/profile_batched_round.py --device cuda.
 set -uo pipefail
 OUT=${1:?usage: bench_server_gpu.sh OUT [MOBILLM]}
 MOBILLM=${2:-mobillm}
