@@ -60,7 +60,10 @@ class LearnerConfig(Config):
 
     ``kind="ladder"``: a side network over the tapped layers, ``hidden / reduction`` wide.
     ``kind="split"``: the device stops below the top ``split_layers`` layers (0 = half of
-    them) and the server runs those with LoRA of rank ``lora_rank``. ``kind="auto"`` (the
+    them) and the server runs those with LoRA of rank ``lora_rank``. ``kind="transformer"``:
+    a side transformer, narrow decoder layers over every token of the tapped layers (by
+    default every second layer of the top two thirds), started from the backbone's own
+    layers pruned to ``hidden / reduction``. ``kind="auto"`` (the
     default): split for classification, where it beat the ladder by 5 to 14 points on every
     backbone and data set measured (docs/results.md), on backbones split supports and
     without an attention mixer; the ladder otherwise (causal-LM tuning with split is not
@@ -297,9 +300,12 @@ class Device:
         }
         if learner.head_init:
             options["head_init"] = learner.head_init
-        if self._kind(dcfg, learner) == "split":
+        kind = self._kind(dcfg, learner)
+        if kind == "split":
             k = learner.split_layers or self.backbone.num_layers // 2
             options |= {"kind": "split", "split_layers": k, "lora_rank": learner.lora_rank}
+        elif kind == "transformer":
+            options["kind"] = "transformer"
         return build_side_config(
             self.backbone, dcfg.task, len(dcfg.labels), dcfg.verbalizers, **options
         )

@@ -46,6 +46,7 @@ class Job:
     epochs: int = 1  # race, MobiLLM: epochs, all after the first replayed from the server cache
     validation_fraction: float = 0.0  # race, MobiLLM: budget share streamed as validation split
     split_layers: int = 0  # MobiLLM: > 0 = split learner, the server runs the top K layers
+    learner: str = ""  # MobiLLM: "transformer" = the side transformer ("" = ladder or split)
     stream: bool = False  # MobiLLM: streamed weights on the device (one layer resident)
 
     @property
@@ -53,6 +54,7 @@ class Job:
         link = f" @{self.link_mbps:g}Mbit/s" if self.link_mbps else ""
         link += " +mixer" if self.mixer != "none" else ""
         link += f" +split {self.split_layers}" if self.split_layers else ""
+        link += f" +{self.learner}" if self.learner else ""
         link += " +stream" if self.stream else ""
         if self.epochs > 1 or self.validation_fraction:
             link += f" +cache {self.epochs} epochs, {self.validation_fraction:g} validation"

@@ -118,6 +118,7 @@ def plain_mobillm(races: list[dict[str, Any]]) -> dict[str, Any] | None:
             and not r["link_mbps"]
             and r.get("mixer", "none") == "none"
             and not r.get("split_layers")
+            and not r.get("learner")
         ),
         None,
     )

@@ -34,6 +34,8 @@ def _name(r: dict[str, Any]) -> str:
     extra = " + attention mixer" if r.get("mixer", "none") != "none" else ""
     if r.get("split_layers"):
         extra += f", split: server runs the top {r['split_layers']} layers with LoRA"
+    if r.get("learner") == "transformer":
+        extra += ", side transformer"
     if r.get("epochs", 1) > 1 or r.get("validation_fraction"):
         extra += (
             f", {r.get('epochs', 1)} epochs ({r.get('epochs', 1) - 1} from the server cache), "
@@ -47,6 +49,8 @@ def _short(r: dict[str, Any]) -> str:
     name = METHOD_NAMES[r["method"]].split(" (")[0]
     if r.get("split_layers"):
         name += f" split {r['split_layers']}"
+    if r.get("learner") == "transformer":
+        name += " side transformer"
     if r.get("epochs", 1) > 1:
         name += f" {r['epochs']} epochs"
     return name + (" + mixer" if r.get("mixer", "none") != "none" else "")

@@ -76,6 +76,8 @@ def _mobillm(
     options: dict[str, Any] = {"mixer": mixer}
     if job.get("split_layers"):
         options |= {"kind": "split", "split_layers": job["split_layers"]}
+    if job.get("learner"):
+        options["kind"] = job["learner"]
     side = build_side_config(backbone, "classification", len(verbalizers), verbalizers, **options)
     transport = GrpcTransport(job["server"], link=LinkConfig(mbps=job.get("link_mbps", 0.0)))
     trainer = DeviceTrainer(

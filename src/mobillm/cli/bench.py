@@ -106,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="lora,mobillm,mobillm+cache,side_local,mobillm+mixer",
         help="race methods; mobillm+mixer = MobiLLM with the attention mixer; mobillm+cache = "
         "epochs replayed from the server cache, best epoch kept on a validation split; "
-        "mobillm+split[K] = the split learner over the top K layers (with the cache)",
+        "mobillm+split[K] = the split learner over the top K layers (with the cache); "
+        "mobillm+transformer = the side transformer (with the cache)",
     )
     c.add_argument("--checkpoints", type=int, default=4)
     c.add_argument(
@@ -224,7 +225,8 @@ def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> li
         # "+split" and "+split16" run the split learner (with the cache's epochs)
         split = variant.startswith("split")
         split_layers = int(variant[5:] or args.split_layers) if split else 0
-        cache = variant == "cache" or split
+        learner = "transformer" if variant == "transformer" else ""
+        cache = variant == "cache" or split or bool(learner)
         # the link sweep is for the plain mode on SST-2; other rows run unthrottled
         multi = method == "mobillm" and not variant and data == "sst2"
         links = [float(x) for x in args.links.split(",")] if multi else [0.0]
@@ -245,6 +247,7 @@ def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> li
                     epochs=args.cache_epochs if cache else 1,
                     validation_fraction=args.validation_fraction if cache else 0.0,
                     split_layers=split_layers,
+                    learner=learner,
                 )
             )
     return jobs

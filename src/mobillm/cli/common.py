@@ -237,11 +237,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--learner",
         default="auto",
         choices=list(LEARNER_KINDS),
-        help="what the server trains: 'ladder' (a side network over tapped layers) or 'split' "
+        help="what the server trains: 'ladder' (a side network over tapped layers), 'split' "
         "(the device stops below the top --split-layers layers; the server runs them with "
-        "LoRA); 'auto': split for classification (5 to 14 points more accurate in every run "
-        "measured; the server does more work and the device uploads the top layers' weights "
-        "once), ladder for causal-LM tuning and where split does not apply (default: "
+        "LoRA) or 'transformer' (narrow decoder layers, pruned from the backbone's, over every "
+        "token of the tapped layers; --taps all means every second layer of the top two "
+        "thirds for it); 'auto': split for classification (5 to 14 points more accurate in "
+        "every run measured; the server does more work and the device uploads the top layers' "
+        "weights once), ladder for causal-LM tuning and where split does not apply (default: "
         "%(default)s)",
     )
     g.add_argument(

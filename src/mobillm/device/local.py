@@ -167,8 +167,8 @@ class LocalModel:
         gen = torch.Generator().manual_seed(seed)
         eos = tok.eos_token_id
         out: list[int] = []
-        if self.side.cfg.kind == "split":
-            return self._generate_split(ids, max_new_tokens, temperature, top_p, gen)
+        if self.side.cfg.kind != "ladder":
+            return self._generate_whole(ids, max_new_tokens, temperature, top_p, gen)
         cache = None
         cur, mask = ids, torch.ones_like(ids)
         for _ in range(max_new_tokens):
@@ -190,7 +190,7 @@ class LocalModel:
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
         return tok.decode(out, skip_special_tokens=True)
 
-    def _generate_split(
+    def _generate_whole(
         self,
         ids: torch.Tensor,
         max_new_tokens: int,
@@ -198,8 +198,8 @@ class LocalModel:
         top_p: float,
         gen: torch.Generator,
     ) -> str:
-        # The top layers run in the split learner, which keeps no KV cache: each new token
-        # re-reads the whole sequence (fine for the short replies side-tuning targets).
+        # Split layers and side transformers attend over tokens and keep no KV cache: each new
+        # token re-reads the whole sequence (fine for the short replies side-tuning targets).
         tok = self.backbone.tokenizer
         out: list[int] = []
         for _ in range(max_new_tokens):

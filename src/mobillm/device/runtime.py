@@ -39,7 +39,7 @@ from safetensors.torch import load, save, save_file
 
 from mobillm.backbone import Backbone, pages
 from mobillm.codec import CodecConfig, encode
-from mobillm.config import Config, check
+from mobillm.config import Config, ConfigError, check
 from mobillm.data import TokenizedDataset, collate, epoch_batches
 from mobillm.device.labels import LabelHead
 from mobillm.device.noise import add_frame_noise, draw_noise_seed
@@ -161,12 +161,33 @@ def build_side_config(
 
     ``kind="split", split_layers=K`` also puts the backbone in split mode (it taps the layer
     below the top K and stops there) and records the top layers' config for the server.
+    ``kind="transformer"`` records the side blocks' config, and where the backbone taps every
+    layer (the default) taps ``transformer.default_taps`` instead: a side transformer reads
+    every token of each tapped layer, so tapping them all would send ~3x the bytes.
     """
     head_init = options.pop("head_init", "verbalizer" if verbalizers else "random")
     ids = tuple(backbone.word_token_ids(verbalizers)) if head_init == "verbalizer" else ()
     if options.get("kind") == "split":
         backbone.set_split(options["split_layers"])
         options["layers_config"] = backbone.top_layers(options["split_layers"])[0]
+    if options.get("kind") == "transformer":
+        from mobillm.side import transformer
+        from mobillm.side.split import SPLIT_FAMILIES
+
+        if backbone.cfg.quant != "none":
+            raise ConfigError(
+                "the side transformer starts from the backbone's float weights, pruned: "
+                "use --learner ladder or split with --device-quant int8"
+            )
+        arch = backbone.model.config.model_type
+        if arch not in SPLIT_FAMILIES:
+            raise ConfigError(f"the side transformer supports {list(SPLIT_FAMILIES)}, not {arch!r}")
+        if len(backbone.taps) == backbone.num_layers:
+            backbone.set_taps(transformer.default_taps(backbone.num_layers))
+        reduction = options.get("reduction", SideConfig.reduction)
+        options["layers_config"] = transformer.side_layers_config(
+            backbone.model.config, backbone.taps, reduction
+        )
     return SideConfig(
         hidden_size=backbone.hidden_size,
         num_taps=len(backbone.taps),
@@ -198,6 +219,11 @@ def build_session(
         side = side.replace(head_init="random", verbalizer_ids=())
     if side.kind == "split":
         head = {**head, **backbone.top_layers(side.split_layers)[1]}
+    if side.kind == "transformer":
+        from mobillm.side.transformer import prune_layers
+
+        tapped = [backbone.layers[t].state_dict() for t in backbone.taps]
+        head = {**head, **prune_layers(backbone.model.config, tapped, side.reduction)}
     spec = SessionSpec(
         fingerprint=backbone.fingerprint,
         taps=backbone.taps,

@@ -21,6 +21,7 @@ import torch
 from mobillm.side.head import FrozenHead
 from mobillm.side.learner import build_learner
 from mobillm.side.split import build_layers
+from mobillm.side.transformer import KEEP
 from mobillm.transport.messages import RemoteError, SessionSpec
 
 # fp32 weight + gradient + AdamW's two moments
@@ -75,6 +76,12 @@ def price(spec: SessionSpec) -> Price:
             if int(getattr(config, "hidden_size", -1)) != side.hidden_size:
                 raise ValueError("layers_config's hidden_size differs from the side network's")
             layers = {f"layers.{k}": v for k, v in stack.state_dict().items()}
+        if side.kind == "transformer":
+            stack, _, config = build_layers(side.layers_config)
+            if int(getattr(config, "hidden_size", -1)) != side.width:
+                raise ValueError("layers_config's hidden_size differs from the side width")
+            layers = {f"layers.{k}": v for k, v in stack.state_dict().items()}
+            layers[KEEP] = torch.empty(side.width, dtype=torch.long, device="meta")
         with torch.device("meta"):
             private = spec.private_labels  # the device keeps the classifier
             net = build_learner(side, head, layers, cast=False, with_classifier=not private)
@@ -116,6 +123,24 @@ def step_bytes(spec: SessionSpec, rows_per_sample: torch.Tensor) -> int:
         # per layer: ~12 hidden-wide and 3 MLP-wide activations per padded row kept for backward,
         # plus the (B, heads, T, T) scores and the (B, 1, T, T) mask
         total += side.split_layers * 4 * (b * t * (12 * d + 3 * inner) + 2 * b * heads * t * t)
+        total += 4 * b * t * t
+    elif side.kind == "transformer":
+        cfg = json.loads(side.layers_config)
+        inner = int(cfg.get("intermediate_size", 4 * w))
+        heads = int(cfg.get("num_attention_heads", 1))
+        attn = heads * int(cfg.get("head_dim", 1))
+        b, t = counts.numel(), int(counts.max())
+        # per tap: the normalised tap and the ladder's rows, then a narrow decoder layer's
+        # activations per padded row (as for split layers), scores and mask
+        total += (
+            side.num_taps
+            * 4
+            * (
+                n * (2 * d + 4 * w)
+                + b * t * (12 * w + 4 * attn + 3 * inner)
+                + 2 * b * heads * t * t
+            )
+        )
         total += 4 * b * t * t
     else:
         inner = max(1, round(w * side.adapter_ratio))

@@ -10,7 +10,7 @@ TASKS = ("classification", "causal_lm")
 POOLINGS = ("last", "mean")
 HEAD_INITS = ("verbalizer", "random")
 MIXERS = ("none", "attention")
-KINDS = ("ladder", "split")
+KINDS = ("ladder", "split", "transformer")
 LEARNER_KINDS = ("auto", *KINDS)  # what a user may ask for: "auto" picks one of KINDS
 
 
@@ -30,6 +30,11 @@ class SideConfig(Config):
     and the server runs frozen copies of the top ``split_layers`` layers (built from
     ``layers_config``, the backbone's config cut to those layers) with LoRA of rank
     ``lora_rank`` on their query and value projections (``mobillm.side.split``).
+
+    ``kind="transformer"`` is a side transformer: one decoder layer of the backbone's family,
+    ``reduction`` times narrower, per tapped layer, over every real token, started from the
+    backbone's own layers pruned to that width (``mobillm.side.transformer``; ``layers_config``
+    is the narrow layers' config).
     """
 
     hidden_size: int = 0
@@ -76,6 +81,14 @@ class SideConfig(Config):
                 self.mixer == "none" and self.pooling == "last",
                 "a split learner runs attention itself: use mixer='none' and pooling='last'",
             )
+        if self.kind == "transformer":
+            check(
+                bool(self.layers_config), "SideConfig.layers_config is empty for kind='transformer'"
+            )
+            check(
+                self.mixer == "none" and self.pooling == "last",
+                "a side transformer runs attention itself: use mixer='none' and pooling='last'",
+            )
         if self.mixer == "attention":
             check(
                 self.task == "classification",
@@ -98,8 +111,9 @@ class SideConfig(Config):
     @property
     def positions(self) -> str:
         """The token rows this side network reads: every real token ("valid") when it mixes
-        tokens (split layers, the attention mixer, mean pooling), else only the loss rows."""
-        mixes = self.kind == "split" or self.mixer != "none" or self.pooling == "mean"
+        tokens (split layers, a side transformer, the attention mixer, mean pooling), else
+        only the loss rows."""
+        mixes = self.kind != "ladder" or self.mixer != "none" or self.pooling == "mean"
         return "valid" if mixes else "loss"
 
     @property

@@ -1,4 +1,4 @@
-"""The one place that turns a ``SideConfig`` into its learner: the ladder or the split layers.
+"""The one place that turns a ``SideConfig`` into its learner: ladder, split or side transformer.
 
 Device and server both build learners here, so a session's learner is the same class on both
 sides: the server trains it, the device runs the downloaded copy for inference alone.
@@ -12,8 +12,9 @@ from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.model import SideNetwork
 from mobillm.side.split import SplitLearner
+from mobillm.side.transformer import SideTransformer
 
-Learner = SideNetwork | SplitLearner
+Learner = SideNetwork | SplitLearner | SideTransformer
 
 
 def build_learner(
@@ -27,11 +28,15 @@ def build_learner(
 
     ``layers``: for ``kind="split"``, the top layers' frozen tensors named ``layers.{i}.*``
     (the upload on the server, the backbone's own tensors on the device, shared, not copied
-    when ``cast`` is off). ``with_classifier`` off: a private-label server's learner, whose
-    classifier the device keeps (``side.private``).
+    when ``cast`` is off); for ``kind="transformer"``, the pruned blocks to start from (the
+    upload; None builds fresh blocks, for weights about to be loaded). ``with_classifier``
+    off: a private-label server's learner, whose classifier the device keeps
+    (``side.private``).
     """
     if cfg.kind == "ladder":
         return SideNetwork(cfg, head, with_classifier)
+    if cfg.kind == "transformer":
+        return SideTransformer.build(cfg, head, layers, with_classifier)
     if not layers:
         raise ValueError("a split learner needs the top layers' weights")
     return SplitLearner.from_tensors(cfg, head, layers, cast, with_classifier)

@@ -59,6 +59,47 @@ def build_layers(config_json: str) -> tuple[nn.ModuleList, nn.Module, Any]:
     return base.layers, rotary, config
 
 
+class TokenLayout:
+    """Each sample's rows (its real tokens, in order) as a padded ``(B, T, width)`` batch, with
+    what a decoder layer needs to run causal attention over it: positions, rotary embeddings
+    and a mask under which a token sees its sample's earlier real tokens (padding sees only
+    itself, so no row is all masked)."""
+
+    def __init__(
+        self,
+        rows_per_sample: torch.Tensor,
+        rotary: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        counts = rows_per_sample.long().to(device)
+        b, t = counts.numel(), int(counts.max())
+        self.valid = torch.arange(t, device=device).unsqueeze(0) < counts.unsqueeze(1)  # (B, T)
+        self.pos = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
+        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        allowed = causal.unsqueeze(0) & self.valid.unsqueeze(1)  # (B, T, T): past real tokens
+        allowed |= torch.eye(t, dtype=torch.bool, device=device)  # padding sees itself
+        self.mask = torch.zeros(b, 1, t, t, dtype=dtype, device=device)
+        self.mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+        self.rotary = rotary
+        self._pe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(rows, w) -> (B, T, w)``, zeros where a sample has no token."""
+        b, t = self.valid.shape
+        x = rows.new_zeros(b, t, rows.shape[-1])
+        return x.index_put((self.valid,), rows)
+
+    def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One decoder layer over the padded batch."""
+        if self._pe is None:  # one head size for all layers of a stack: computed once
+            self._pe = self.rotary(x, self.pos)
+        out = layer(
+            x, attention_mask=self.mask, position_ids=self.pos, position_embeddings=self._pe
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+
 class SplitLearner(nn.Module):
     """Top-K frozen decoder layers + LoRA + the frozen head: ``(rows, d) -> (rows, out)``.
 
@@ -146,22 +187,11 @@ class SplitLearner(nn.Module):
         """Run the top K layers over each sample's tokens: features ``(rows, out_size)``."""
         h, rows_per_sample = state
         dtype = next(self.stack.parameters()).dtype
-        counts = rows_per_sample.long().to(h.device)
-        b, t = counts.numel(), int(counts.max())
-        valid = torch.arange(t, device=h.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, T)
-        x = h.new_zeros(b, t, h.shape[-1], dtype=dtype)
-        x[valid] = h.to(dtype)
-        pos = torch.arange(t, device=h.device).unsqueeze(0).expand(b, t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # (B, T, T): past real tokens
-        allowed |= torch.eye(t, dtype=torch.bool, device=h.device)  # padding sees itself
-        mask = torch.zeros(b, 1, t, t, dtype=dtype, device=h.device)
-        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-        pe = self.rotary(x, pos)
+        tokens = TokenLayout(rows_per_sample, self.rotary, dtype, h.device)
+        x = tokens.pad(h.to(dtype))
         for layer in self.stack.layers:
-            out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-            x = out[0] if isinstance(out, tuple) else out
-        return self.frozen.features(x[valid])
+            x = tokens.run(layer, x)
+        return self.frozen.features(x[tokens.valid])
 
     def logits(
         self,

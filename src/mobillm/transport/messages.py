@@ -116,6 +116,8 @@ class SessionSpec(Config):
                 self.taps[-1] == fp.num_layers - 1,
                 "SessionSpec.taps must include the last layer (the head reads it)",
             )
+        if self.side.kind == "transformer":
+            check(self.positions == "valid", "a side transformer needs positions='valid'")
         check(
             self.side.num_taps == len(self.taps),
             f"side network has {self.side.num_taps} taps, session taps {len(self.taps)} layers",
