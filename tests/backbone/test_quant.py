@@ -21,7 +21,9 @@ def test_int8_backbone(make_tiny_backbone):
         rel = ((a - b).norm() / a.norm()).item()
         assert 0 < rel < 0.25, rel  # quantized, and close (a tiny random model is hard on int8)
     assert quant.fingerprint.config_sha256 != plain.fingerprint.config_sha256
-    assert not any(type(m) is nn.Linear for m in quant.layers.modules())
+    # smoothed family: every linear int8 but the MLP's down projection (kept in float)
+    floats = {n for n, m in quant.layers.named_modules() if type(m) is nn.Linear}
+    assert floats == {f"{i}.mlp.down_proj" for i in range(3)}
 
 
 def test_int8_split_keeps_the_servers_layers(make_tiny_backbone):
@@ -29,5 +31,35 @@ def test_int8_split_keeps_the_servers_layers(make_tiny_backbone):
     bb.cfg = BackboneConfig(source="tiny-llama", quant="int8")
     bb.set_split(1)
     bb.run(torch.randint(3, 300, (1, 8)), torch.ones(1, 8, dtype=torch.long), lambda i, h: None)
-    assert not any(type(m) is nn.Linear for m in bb.layers[:2].modules())
-    assert any(type(m) is nn.Linear for m in bb.layers[2].modules())  # uploaded as they are
+    floats = {n for n, m in bb.layers.named_modules() if type(m) is nn.Linear}
+    assert {n for n in floats if not n.startswith("2.")} == {"0.mlp.down_proj", "1.mlp.down_proj"}
+    assert sum(n.startswith("2.") for n in floats) == 7  # uploaded as they are
+
+
+def test_smoothing_keeps_the_float_function(make_tiny_backbone):
+    """Smoothing alone (no quantization) folds factors into norms and projections: the same
+    hidden states in float; and the factors are not all one (something was moved)."""
+    from mobillm.backbone.quant import CALIBRATION_TEXT, smooth_layers
+
+    bb = make_tiny_backbone("qwen2", layers=3)  # grouped-query attention, value biases
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+
+    def states():
+        got: list[torch.Tensor] = []
+        bb.run(ids, mask, lambda i, h: got.append(h.clone()))
+        return got
+
+    before = states()
+    norm = bb.layers[0].input_layernorm.weight.clone()
+    calib = bb.tokenizer(CALIBRATION_TEXT, return_tensors="pt")["input_ids"]
+    base = bb.family.base(bb.model)
+    smooth_layers(
+        list(bb.layers),
+        bb.model.config,
+        calib,
+        lambda x: base(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False),
+    )
+    assert not torch.allclose(bb.layers[0].input_layernorm.weight, norm)
+    for a, b in zip(before, states(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

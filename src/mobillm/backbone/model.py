@@ -227,7 +227,9 @@ class Backbone:
     def fingerprint(self) -> BackboneFingerprint:
         cfg = {k: v for k, v in self.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
         if self.cfg.quant != "none":  # another backbone as far as its features go
-            cfg["mobillm_device_quant"] = self.cfg.quant
+            from mobillm.backbone.quant import RECIPE
+
+            cfg["mobillm_device_quant"] = f"{self.cfg.quant}-{RECIPE}"
         blob = json.dumps(cfg, sort_keys=True, default=str).encode()
         _, head = export_head(self.model)
         # read once for the hash and not needed while training: handed back piece by piece
@@ -261,19 +263,27 @@ class Backbone:
 
     def _quantize(self) -> None:
         """int8 weights for the linear layers of the layers the device runs (up to its last tap;
-        in split mode the top layers stay as they are: the server receives them)."""
-        import warnings
+        in split mode the top layers stay as they are: the server receives them), smoothed
+        first where the family allows (``mobillm.backbone.quant``)."""
+        from mobillm.backbone import quant
 
-        for layer in self.layers[: self.taps[-1] + 1]:
-            if getattr(layer, "_mobillm_quantized", False):
-                continue
-            with warnings.catch_warnings():
-                # PyTorch points eager quantization users to torchao; its kernels still serve
-                warnings.simplefilter("ignore")
-                torch.ao.quantization.quantize_dynamic(
-                    layer, {nn.Linear}, dtype=torch.qint8, inplace=True
-                )
-            layer._mobillm_quantized = True
+        todo = [m for m in self.layers[: self.taps[-1] + 1] if not getattr(m, "_mobillm_q", 0)]
+        if not todo:
+            return
+        if self.model.config.model_type in quant.SMOOTH_FAMILIES:
+            text = quant.CALIBRATION_TEXT
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
+            base = self.family.base(self.model)
+
+            def forward(x: torch.Tensor) -> object:
+                return base(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+
+            quant.smooth_layers(todo, self.model.config, ids, forward)
+            quant.quantize_layers(todo, quant.FLOAT_LINEARS)
+        else:
+            quant.quantize_layers(todo)
+        for m in todo:
+            m._mobillm_q = 1
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Per layer: prefetch the next layer's weights before it runs, release its own after;

@@ -1,0 +1,157 @@
+"""The int8 device backbone: SmoothQuant-style smoothing, then PyTorch's dynamic int8 linears.
+
+PyTorch's dynamic int8 linear layers (``torch.ao.quantization.quantize_dynamic``, fbgemm and
+qnnpack kernels) quantize each input with one scale per tensor. Decoder LMs carry a few input
+channels far larger than the rest, so one scale leaves the other channels a handful of
+levels: on SmolLM2-135M, quantizing every linear that way took SST-2 zero-shot from 0.79 to
+chance (0.52).
+
+Smoothing (Xiao et al., SmoothQuant, ICML 2023) moves that range into the weights, which int8
+handles per output channel: for a linear ``y = x W^T`` and a per-input-channel factor ``s``,
+``y = (x / s) (W s)^T``. The ``1 / s`` is folded into whatever produced ``x``: the RMSNorm's
+weight before the attention and MLP input projections, and the value projection's rows before
+the output projection (attention mixes rows, not channels). So the network computes the same
+function in float and only the quantization changes. ``s_j = max|x_j|^a / max|W_:j|^(1-a)``
+with ``a = ALPHA``, from activation maxima over ``CALIBRATION_TEXT``: a fixed public passage,
+so the quantized backbone, and its fingerprint, are the same on every run and device (which
+channels are outliers is a property of the model, not of the input).
+
+The MLP's down projection stays in float (``FLOAT_LINEARS``, why there). Measured on
+SmolLM2-135M, SST-2 zero-shot on 400 dev sentences: fp32 0.780; int8 with the down projection
+in float 0.700 unsmoothed, **0.780** smoothed; every linear int8 and smoothed 0.625.
+
+Smoothing applies to the families whose norms multiply by their weight and whose blocks are
+named like Llama's (``SMOOTH_FAMILIES``); other families have every linear quantized as is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+ALPHA = 0.5
+# Left in float: the MLP's down projection. Its inputs' outliers belong to a few tokens (the
+# "massive activations" at the first token) more than to channels, so no per-channel factor
+# tames one scale per tensor: quantized and smoothed (a = 0.5 to 0.9 for its factors), SST-2
+# zero-shot was 0.48 to 0.63; kept in float, 0.78 as fp32 (400 dev sentences, SmolLM2-135M).
+FLOAT_LINEARS = ("mlp.down_proj",)
+# part of the fingerprint: other factors, other features
+RECIPE = f"smoothquant-a{ALPHA}-float-down-v1"
+SMOOTH_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+CALIBRATION_TEXT = (
+    "The library opens at nine in the morning and closes at six in the evening. Visitors may "
+    "borrow up to five books at a time, and most loans last three weeks. Children's stories, "
+    "travel guides, cookbooks and history are on the ground floor; science, law and medicine "
+    "are upstairs. Last year the town council voted to extend the hours on Thursdays, after "
+    'a survey found that many people could not come before work. "We were surprised by how '
+    'many answers we got," said the head librarian. Reviews of the new reading room have been '
+    "mixed: some call it bright, quiet and welcoming, others find the chairs uncomfortable "
+    "and the lighting too harsh. The film club meets on the first Monday of every month; in "
+    "March it showed a black-and-white comedy from 1954, which was, by most accounts, "
+    "wonderful. Question: what time does the library close? Answer: at six in the evening.\n"
+    "def mean(values):\n    return sum(values) / len(values)\n"
+)
+
+
+def smooth_layers(
+    layers: Sequence[nn.Module],
+    config: object,
+    ids: torch.Tensor,
+    forward: Callable[[torch.Tensor], object],
+) -> None:
+    """Fold SmoothQuant factors into ``layers`` in place (the same function in float);
+    ``forward(ids)`` runs the model over ``ids``, the tokenized ``CALIBRATION_TEXT``."""
+
+    amax = _input_maxima(layers, lambda: forward(ids))
+    for layer in layers:
+        _smooth(layer, amax, config)
+
+
+def quantize_layers(layers: Sequence[nn.Module], keep_float: Sequence[str] = ()) -> None:
+    """int8 weights and dynamically quantized int8 inputs for the linears of ``layers``, but
+    those whose names end with one of ``keep_float``."""
+    for layer in layers:
+        names = {
+            n
+            for n, m in layer.named_modules()
+            if type(m) is nn.Linear and not n.endswith(tuple(keep_float))
+        }
+        with warnings.catch_warnings():
+            # PyTorch points eager quantization users to torchao; its kernels still serve
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(layer, names, dtype=torch.qint8, inplace=True)
+
+
+def _input_maxima(
+    layers: Sequence[nn.Module], forward: Callable[[], object]
+) -> dict[nn.Module, torch.Tensor]:
+    """Per linear layer, the largest absolute value each input channel took."""
+    amax: dict[nn.Module, torch.Tensor] = {}
+
+    def record(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().abs().flatten(0, -2).amax(0).float()
+        amax[m] = torch.maximum(amax[m], x) if m in amax else x
+
+    handles = [
+        m.register_forward_pre_hook(record)
+        for layer in layers
+        for m in layer.modules()
+        if type(m) is nn.Linear
+    ]
+    try:
+        with torch.inference_mode():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def _factors(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
+    w = torch.stack([lin.weight.detach().abs().amax(0).float() for lin in linears]).amax(0)
+    s = x.clamp(min=1e-5).pow(ALPHA) / w.clamp(min=1e-5).pow(1 - ALPHA)
+    return s.clamp(min=1e-5)
+
+
+def _scale_inputs(lin: nn.Linear, s: torch.Tensor) -> None:
+    lin.weight = nn.Parameter(lin.weight.detach() * s.to(lin.weight.dtype), requires_grad=False)
+
+
+def _scale_outputs(lin: nn.Linear, s: torch.Tensor) -> None:
+    s = s.to(lin.weight.dtype)
+    lin.weight = nn.Parameter(lin.weight.detach() / s.unsqueeze(1), requires_grad=False)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.detach() / s, requires_grad=False)
+
+
+def _scale_norm(norm: nn.Module, s: torch.Tensor) -> None:
+    w = norm.weight.detach()
+    norm.weight = nn.Parameter(w / s.to(w.dtype), requires_grad=False)
+
+
+def _smooth(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: object) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if all(m in amax for m in qkv):
+        s = _factors(amax[attn.q_proj], qkv)
+        _scale_norm(layer.input_layernorm, s)
+        for lin in qkv:
+            _scale_inputs(lin, s)
+    gate_up = [mlp.gate_proj, mlp.up_proj]
+    if all(m in amax for m in gate_up):
+        s = _factors(amax[mlp.gate_proj], gate_up)
+        _scale_norm(layer.post_attention_layernorm, s)
+        for lin in gate_up:
+            _scale_inputs(lin, s)
+    if attn.o_proj in amax:
+        # o_proj's input channel (head h, dim d) is v_proj's channel (h // group, d): one
+        # factor per value channel, the largest over the query heads that share it
+        heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = attn.o_proj.weight.shape[1] // heads
+        s = _factors(amax[attn.o_proj], [attn.o_proj]).view(kv, heads // kv, head_dim).amax(1)
+        _scale_outputs(attn.v_proj, s.flatten())
+        _scale_inputs(attn.o_proj, s.repeat_interleave(heads // kv, 0).flatten())
