@@ -106,6 +106,20 @@ def test_cost_verdicts_use_the_largest_setting_where_lora_fits():
     json.dumps(rs)  # results stay JSON-friendly
 
 
+def test_int8_device_rows_and_their_speed_verdict():
+    rs = [
+        _cost("mobillm", "qwen2.5-coder-1.5b", 1, 128, 3000, 1.0),
+        _cost("mobillm", "qwen2.5-coder-1.5b", 1, 128, 1500, 0.5, device_quant="int8"),
+        _cost("lora", "qwen2.5-coder-1.5b", 1, 128, 9000, 2.0),
+    ]
+    md, verdicts = cost_tables(rs)
+    assert "int8 device backbone" in md  # the smallest-memory table names it
+    int8 = [v for v in verdicts if "int8" in v]
+    assert len(int8) == 1 and "= 4.00 (target >= 3.5: **met**)" in int8[0]
+    rs[1]["seconds_per_sample"] = 1.0
+    assert any("= 2.00 (target >= 3.5: **not met**)" in v for v in cost_tables(rs)[1])
+
+
 def test_time_to_target():
     curve = [{"train_seconds": 10, "accuracy": 0.8}, {"train_seconds": 20, "accuracy": 0.86}]
     assert time_to(curve, 0.85) == 20 and time_to(curve, 0.9) is None

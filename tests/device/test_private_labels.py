@@ -99,15 +99,21 @@ def _no_labels_sent(sent):
     assert any(isinstance(m, Gradient) for m in sent)
 
 
-@pytest.mark.parametrize("kind", ["ladder", "split"])
+OPTS = {
+    "ladder": {},
+    "split": {"kind": "split", "split_layers": 1},
+    "transformer": {"kind": "transformer", "reduction": 4},  # hidden 32: width 8
+}
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
 def test_private_classification_trains_as_the_standard_mode(tmp_path, make_tiny_backbone, kind):
     runs = []
     for private in (False, True):
         bb = make_tiny_backbone("llama")
         data, cfg = _cls(bb.tokenizer, 64, 0)
         val, _ = _cls(bb.tokenizer, 16, 1)
-        opts = {"kind": "split", "split_layers": 1} if kind == "split" else {}
-        side = build_side_config(bb, "classification", 2, cfg.verbalizers, **opts)
+        side = build_side_config(bb, "classification", 2, cfg.verbalizers, **OPTS[kind])
         runs.append(_run(tmp_path, bb, side, data, val, private, f"{kind}-{private}"))
     _assert_same_run(*runs)
     _, summary, out, sent = runs[1]

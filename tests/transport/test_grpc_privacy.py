@@ -80,9 +80,12 @@ MODES = [
     ("classification", "ladder", "loss", True),
     ("classification", "ladder", "all", True),
     ("classification", "split", "valid", True),
+    ("classification", "transformer", "valid", True),
+    ("classification", "transformer", "valid", False),
     ("causal_lm", "ladder", "loss", False),
     ("causal_lm", "ladder", "loss", True),
     ("causal_lm", "ladder", "valid", True),
+    ("causal_lm", "transformer", "valid", True),
 ]
 
 
@@ -166,7 +169,7 @@ def test_what_the_server_receives(
     data, texts = _data(task, bb.tokenizer, 24, 0)
     val, val_texts = _data(task, bb.tokenizer, 8, 1)
     verbalizers = ("bad", "good") if task == "classification" else ()
-    opts = {"kind": "split", "split_layers": 1} if kind == "split" else {}
+    opts = {"kind": "split", "split_layers": 1} if kind == "split" else {"kind": kind}
     side = build_side_config(bb, task, 2, verbalizers, dropout=0.0, **opts)
     tr = DeviceTrainer(
         bb,
@@ -181,7 +184,8 @@ def test_what_the_server_receives(
     tr.transport.close()
 
     methods = [m for m, _ in capture.records]
-    assert set(methods) == set(REQUEST_TYPES) and methods.count("Train") > 3 * 3
+    # 4 steps (3 to train, 1 to validate), each a begin and at least one frame
+    assert set(methods) == set(REQUEST_TYPES) and methods.count("Train") >= 4 * 2
     ids = {n for seq in data.input_ids + val.input_ids for i in range(len(seq) - 2)
            for n in _id_needles(seq[i : i + 3])}  # fmt: skip
     texts = [t.encode() for t in texts + val_texts]

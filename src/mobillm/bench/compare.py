@@ -48,6 +48,7 @@ class Job:
     split_layers: int = 0  # MobiLLM: > 0 = split learner, the server runs the top K layers
     learner: str = ""  # MobiLLM: "transformer" = the side transformer ("" = ladder or split)
     stream: bool = False  # MobiLLM: streamed weights on the device (one layer resident)
+    device_quant: str = "none"  # MobiLLM: "int8" = the int8 device backbone
 
     @property
     def label(self) -> str:
@@ -56,6 +57,7 @@ class Job:
         link += f" +split {self.split_layers}" if self.split_layers else ""
         link += f" +{self.learner}" if self.learner else ""
         link += " +stream" if self.stream else ""
+        link += f" +{self.device_quant}" if self.device_quant != "none" else ""
         if self.epochs > 1 or self.validation_fraction:
             link += f" +cache {self.epochs} epochs, {self.validation_fraction:g} validation"
         size = (

@@ -12,6 +12,8 @@ from mobillm.bench.explain import full_dev
 
 TARGET_MEMORY = {"qwen2.5-coder-1.5b": 4.0, "smollm2-135m": 3.0}
 TARGET_SPEED = 2.3
+COST_NAMES = ("mobillm", "mobillm+stream", "mobillm+int8", "lora", "full", "side_local")
+TARGET_INT8_SPEED = {"qwen2.5-coder-1.5b": 3.5}  # s/sample LoRA / MobiLLM-int8 (issue 9)
 TARGET_STREAM_MEMORY = 10.0  # device memory LoRA / MobiLLM with streamed weights (issue 9)
 SMALLEST = (1, 128)  # the "smallest memory" setting: one training step at batch 1 x 128
 TARGET_TIME = 2.3
@@ -66,6 +68,7 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
     for r in results:
         if r["mode"] == "cost" and r.get("codec", "int8") == "int8":
             name = r["method"] + ("+stream" if r.get("stream") else "")
+            name += "+int8" if r.get("device_quant", "none") == "int8" else ""
             by[(r["model"], r["batch"], r["seq"])][name] = r
     lines, verdicts = [], []
     models = sorted({k[0] for k in by}, key=lambda m: (m != "smollm2-135m", m))
@@ -76,9 +79,10 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
             "| batch x seq | MobiLLM device | MobiLLM device, streamed weights | on-device LoRA "
             "| on-device full FT | on-device side-tuning | server | memory LoRA / MobiLLM "
             "| memory LoRA / MobiLLM streamed | s/sample MobiLLM | s/sample streamed "
-            "| s/sample LoRA | s/sample LoRA / MobiLLM |"
+            "| s/sample LoRA | s/sample LoRA / MobiLLM | MobiLLM int8 device "
+            "| s/sample int8 | s/sample LoRA / MobiLLM int8 |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         largest_fit = st_fit = None
         for k in keys:
             row = by[k]
@@ -91,6 +95,18 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 largest_fit = (k, mem_ratio, speed_ratio)
             ok_m, ok_lo = bool(m and _ok_result(m)), bool(lo and _ok_result(lo))
             ok_st = bool(st and _ok_result(st))
+            q8 = row.get("mobillm+int8")
+            ok_q8 = bool(q8 and _ok_result(q8))
+            q8_ratio = (
+                lo["seconds_per_sample"] / q8["seconds_per_sample"] if ok_q8 and ok_lo else None
+            )
+            if q8_ratio and model in TARGET_INT8_SPEED:
+                target = TARGET_INT8_SPEED[model]
+                verdicts.append(
+                    f"- {model} ({k[1]}x{k[2]}): seconds per sample, fp32 LoRA / MobiLLM with "
+                    f"the int8 device backbone = {q8_ratio:.2f} (target >= {target:g}: "
+                    f"{_ok(q8_ratio >= target)})"
+                )
             st_ratio = lo["peak_rss_mb"] / st["peak_rss_mb"] if ok_st and ok_lo else None
             if st_ratio and mem_ratio:  # judged where the like-for-like verdict is
                 st_fit = (k, st_ratio)
@@ -108,6 +124,9 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 f"{st['seconds_per_sample']:.3f}" if ok_st else "-",
                 f"{lo['seconds_per_sample']:.3f}" if ok_lo else "-",
                 f"**{speed_ratio:.2f}**" if speed_ratio else "-",
+                _mem(q8),
+                f"{q8['seconds_per_sample']:.3f}" if ok_q8 else "-",
+                f"**{q8_ratio:.2f}**" if q8_ratio else "-",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         if largest_fit:
@@ -128,8 +147,7 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
             )
         small = by.get((model, *SMALLEST))
         if small:
-            names = [n for n in ("mobillm", "mobillm+stream", "lora", "full", "side_local")
-                     if n in small]  # fmt: skip
+            names = [n for n in COST_NAMES if n in small]
             lines.append(
                 f"\nSmallest memory (peak RSS of one training step at batch "
                 f"{SMALLEST[0]}x{SMALLEST[1]}):\n"
@@ -142,7 +160,8 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
 def _cost_name(name: str) -> str:
     method, _, variant = name.partition("+")
-    return METHOD_NAMES[method] + (", streamed weights" if variant == "stream" else "")
+    extra = {"stream": ", streamed weights", "int8": ", int8 device backbone"}
+    return METHOD_NAMES[method] + extra.get(variant, "")
 
 
 def _mem(r: dict[str, Any] | None) -> str:

@@ -265,6 +265,7 @@ def main(argv: list[str]) -> int:
             source=job["model"],
             dtype=job.get("dtype", "float32"),
             stream=job.get("stream", False),
+            quant=job.get("device_quant", "none"),
         )
     )
     loaded_mb = peak_rss_mb()

@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--cost-methods",
         default="mobillm,mobillm+stream,lora,full,side_local",
-        help="mobillm+stream = MobiLLM with streamed device weights",
+        help="mobillm+stream = MobiLLM with streamed device weights; mobillm+int8 = with the "
+        "int8 device backbone (--device-quant int8)",
     )
     c.add_argument("--cost-steps", type=int, default=2, help="measured steps after a warm-up")
     c.add_argument(
@@ -199,6 +200,7 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
                         lr=lrs[method],
                         steps=args.cost_steps,
                         stream=variant == "stream",
+                        device_quant="int8" if variant == "int8" else "none",
                     )
                 )
     first = next((j for j in jobs if j.model == "smollm2-135m"), None)
