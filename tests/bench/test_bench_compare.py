@@ -68,8 +68,11 @@ def test_race_job_mobillm_and_report(tmp_path, tiny_dir):
         assert 0 <= r["full_dev_accuracy"] <= 1 and r["dev"] >= r["probe"] > 0
         results.append(r)
     assert results[1]["bytes_per_sample"] > 0
+    # the server's CPU time and optimizer steps, for its seconds per step
+    assert results[1]["server_cpu_seconds"] > 0 and results[1]["server_optimizer_steps"] == 4
     md, verdicts = race_tables(results)
     assert "LoRA" in md and any("Dev accuracy after the same budget" in v for v in verdicts)
+    assert "Cost per mode" in md and "server CPU s/step" in md
     text = write_doc(results, tmp_path, tmp_path / "bench.md", "mobillm bench compare --x")
     assert "accuracy_vs_time.png" in text and (tmp_path / "accuracy_vs_time.png").is_file()
 

@@ -76,8 +76,10 @@ class BackboneConfig(Config):
     memory pressure; for measuring).
     ``quant="int8"``: the linear layers the device runs use int8 weights and dynamically
     quantized int8 activations (PyTorch's own fbgemm/qnnpack kernels via
-    ``torch.ao.quantization.quantize_dynamic``); the side network trains on, and later infers
-    with, this quantized backbone's features, and the fingerprint says so.
+    ``torch.ao.quantization.quantize_dynamic``), smoothed first and with the MLP's down
+    projection left in float where the family allows (``mobillm.backbone.quant``); the side
+    network trains on, and later infers with, this quantized backbone's features, and the
+    fingerprint says so.
     """
 
     source: str = "smollm2-135m"

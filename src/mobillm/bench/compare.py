@@ -8,6 +8,7 @@ samples each child's memory and stops it above ``mem_limit_mb``, which is report
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -69,13 +70,14 @@ class Job:
 
 
 class _Watch(threading.Thread):
-    """Samples a process tree's RSS; kills the tree above the limit."""
+    """Samples a process's RSS and CPU time; kills it above the memory limit."""
 
     def __init__(self, pid: int, limit_mb: float) -> None:
         super().__init__(daemon=True)
         self.proc = psutil.Process(pid)
         self.limit_mb = limit_mb
         self.peak_mb = 0.0
+        self.cpu_seconds = 0.0  # user + system, as last sampled
         self.killed = False
         self._stop = threading.Event()
 
@@ -83,8 +85,10 @@ class _Watch(threading.Thread):
         while not self._stop.wait(0.1):
             try:
                 rss = self.proc.memory_info().rss / 2**20
+                cpu = self.proc.cpu_times()
             except psutil.Error:
                 return
+            self.cpu_seconds = cpu.user + cpu.system
             self.peak_mb = max(self.peak_mb, rss)
             if rss > self.limit_mb:
                 self.killed = True
@@ -128,11 +132,17 @@ def run_job(
     watch.stop()
     result: dict[str, Any] = dataclasses.asdict(job)
     if server is not None:
+        assert server_watch is not None
+        with contextlib.suppress(psutil.Error):  # the last word, before it is stopped
+            cpu = psutil.Process(server.pid).cpu_times()
+            server_watch.cpu_seconds = cpu.user + cpu.system
         server.terminate()
         server.wait(timeout=60)
         assert server_watch is not None
         server_watch.stop()
         result["server_peak_rss_mb"] = round(server_watch.peak_mb, 1)
+        # the whole server process's CPU time (one thread): its training, decoding and gRPC
+        result["server_cpu_seconds"] = round(server_watch.cpu_seconds, 2)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     if watch.killed:
         result.update(oom=True, peak_rss_mb=round(watch.peak_mb, 1), limit_mb=mem_limit_mb)

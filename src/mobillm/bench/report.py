@@ -244,8 +244,10 @@ def _race_table(races: list[dict[str, Any]]) -> tuple[str, list[str]]:
             gap = full_dev(lora) - full_dev(r)
             most = RACE_GAP.get(r.get("data", "sst2"), TARGET_ACC_GAP)
             if r.get("split_layers") or r.get("epochs", 1) > 1:
+                at = f" at {r['link_mbps']:g} Mbit/s" if r["link_mbps"] else ""
                 verdicts.append(
-                    f"- {_name(r)}: dev accuracy {full_dev(r):.4f} vs LoRA {full_dev(lora):.4f}, "
+                    f"- {_name(r)}{at}: dev accuracy {full_dev(r):.4f} vs LoRA "
+                    f"{full_dev(lora):.4f}, "
                     f"gap {100 * gap:.2f} points (target <= {100 * most:.1f}: "
                     f"{_ok(gap <= most)}); time to "
                     f"target {reach}"
@@ -276,7 +278,41 @@ def _race_table(races: list[dict[str, Any]]) -> tuple[str, list[str]]:
                     f"- At {r['link_mbps']:g} Mbit/s: time to target "
                     f"{reach}, LoRA / MobiLLM {ratio.strip('*')}"
                 )
-    return "\n".join(lines), verdicts
+    return "\n".join(lines) + "\n\n" + _cost_per_mode(races), verdicts
+
+
+def _cost_per_mode(races: list[dict[str, Any]]) -> str:
+    """What each mode cost, from the same runs: the device's seconds per sample (its forward
+    passes for MobiLLM, its training steps for the on-device methods), the device process's
+    peak RSS (its evaluations included), the server process's CPU seconds per optimizer step
+    (training, decoding and gRPC; one thread), bytes and forward passes per sample."""
+    lines = [
+        "Cost per mode (same runs):\n",
+        "| method | link | device s/sample | device peak RSS | server CPU s/step "
+        "| server peak RSS | bytes uploaded per sample | device forward passes per sample |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(races, key=lambda r: (r["method"] != "lora", r["method"], r["link_mbps"])):
+        mob = r["method"] == "mobillm"
+        if mob and r.get("streamed_samples"):
+            dev_s = f"{r['forward_seconds'] / r['streamed_samples']:.4f}"
+        elif not mob:
+            dev_s = f"{r['train_seconds'] / max(1, r['samples']):.4f}"
+        else:
+            dev_s = "-"
+        steps = r.get("server_optimizer_steps")
+        cpu = r.get("server_cpu_seconds")
+        server_s = f"{cpu / steps:.3f}" if mob and cpu and steps else "-"
+        link = (
+            ("unthrottled" if not r["link_mbps"] else f"{r['link_mbps']:g} Mbit/s") if mob else "-"
+        )
+        lines.append(
+            f"| {_name(r)} | {link} | {dev_s} | {r['peak_rss_mb']:.0f} MB | {server_s} | "
+            + (f"{r['server_peak_rss_mb']:.0f} MB" if mob and "server_peak_rss_mb" in r else "-")
+            + f" | {r.get('bytes_per_sample', 0):,.0f} | "
+            f"{r.get('device_forward_passes_per_sample', 1.0):g} |"
+        )
+    return "\n".join(lines)
 
 
 def _time_split(r: dict[str, Any], lora: dict[str, Any]) -> str:

@@ -240,8 +240,10 @@ def run_race(backbone: Backbone, job: dict[str, Any]) -> dict[str, Any]:
             kept_epoch=s.get("kept_epoch"),
             epochs_report=s.get("epochs", []),
             forward_seconds=s["forward_seconds"],
+            streamed_samples=s["samples"],
         )
-        trainer.transport.close()
+        closed = trainer.transport.close()
+        extra["server_optimizer_steps"] = closed.get("optimizer_steps", 0)
     return {
         "curve": curve,
         "final_accuracy": curve[-1]["accuracy"],

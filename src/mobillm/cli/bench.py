@@ -108,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="race methods; mobillm+mixer = MobiLLM with the attention mixer; mobillm+cache = "
         "epochs replayed from the server cache, best epoch kept on a validation split; "
         "mobillm+split[K] = the split learner over the top K layers (with the cache); "
-        "mobillm+transformer = the side transformer (with the cache)",
+        "mobillm+transformer = the side transformer (with the cache); a suffix @MBPS runs "
+        "that entry on a link of MBPS Mbit/s only (mobillm+split16@20)",
     )
     c.add_argument("--checkpoints", type=int, default=4)
     c.add_argument(
@@ -221,7 +222,8 @@ def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> li
     from mobillm.bench.compare import Job
 
     jobs = []
-    for name in args.race_methods.split(","):
+    for entry in args.race_methods.split(","):
+        name, _, at = entry.partition("@")  # "mobillm+split16@20": that link only
         method, _, variant = name.partition("+")
         mixer = "attention" if variant == "mixer" else "none"
         # "+split" and "+split16" run the split learner (with the cache's epochs)
@@ -232,6 +234,8 @@ def _race_jobs(args: argparse.Namespace, lrs: dict[str, float], data: str) -> li
         # the link sweep is for the plain mode on SST-2; other rows run unthrottled
         multi = method == "mobillm" and not variant and data == "sst2"
         links = [float(x) for x in args.links.split(",")] if multi else [0.0]
+        if at:
+            links = [float(at)]
         for mbps in links:
             jobs.append(
                 Job(
