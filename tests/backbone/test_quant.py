@@ -39,7 +39,7 @@ def test_int8_split_keeps_the_servers_layers(make_tiny_backbone):
 def test_smoothing_keeps_the_float_function(make_tiny_backbone):
     """Smoothing alone (no quantization) folds factors into norms and projections: the same
     hidden states in float; and the factors are not all one (something was moved)."""
-    from mobillm.backbone.quant import CALIBRATION_TEXT, smooth_layers
+    from mobillm.backbone.quant import CALIBRATION_TEXT, calibrate, smooth_layer
 
     bb = make_tiny_backbone("qwen2", layers=3)  # grouped-query attention, value biases
     ids = torch.randint(3, 300, (2, 12))
@@ -54,12 +54,13 @@ def test_smoothing_keeps_the_float_function(make_tiny_backbone):
     norm = bb.layers[0].input_layernorm.weight.clone()
     calib = bb.tokenizer(CALIBRATION_TEXT, return_tensors="pt")["input_ids"]
     base = bb.family.base(bb.model)
-    smooth_layers(
+    amax = calibrate(
         list(bb.layers),
-        bb.model.config,
         calib,
         lambda x: base(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False),
     )
+    for layer in bb.layers:
+        smooth_layer(layer, amax, bb.model.config)
     assert not torch.allclose(bb.layers[0].input_layernorm.weight, norm)
     for a, b in zip(before, states(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

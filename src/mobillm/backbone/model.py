@@ -272,7 +272,12 @@ class Backbone:
         todo = [m for m in self.layers[: self.taps[-1] + 1] if not getattr(m, "_mobillm_q", 0)]
         if not todo:
             return
-        if self.model.config.model_type in quant.SMOOTH_FAMILIES:
+        smooth = self.model.config.model_type in quant.SMOOTH_FAMILIES
+        stream = self.cfg.stream
+        # the float weights' pages: handed back once their layer is quantized (streamed)
+        floats = [pages.regions(m.parameters()) for m in todo] if stream else []
+        amax: dict[nn.Module, torch.Tensor] = {}
+        if smooth:
             text = quant.CALIBRATION_TEXT
             ids = self.tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
             base = self.family.base(self.model)
@@ -280,12 +285,23 @@ class Backbone:
             def forward(x: torch.Tensor) -> object:
                 return base(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
 
-            quant.smooth_layers(todo, self.model.config, ids, forward)
-            quant.quantize_layers(todo, quant.FLOAT_LINEARS)
-        else:
-            quant.quantize_layers(todo)
-        for m in todo:
-            m._mobillm_q = 1
+            handles = self._stream_hooks() if stream else []  # one float layer resident
+            try:
+                amax = quant.calibrate(todo, ids, forward)
+            finally:
+                for h in handles:
+                    h.remove()
+        # one layer at a time: its smoothed float copy lives only until it is quantized
+        for i, layer in enumerate(todo):
+            if smooth:
+                quant.smooth_layer(layer, amax, self.model.config)
+                quant.quantize_layers([layer], quant.FLOAT_LINEARS)
+            else:
+                quant.quantize_layers([layer])
+            layer._mobillm_q = 1
+            if stream:
+                pages.release_regions(floats[i], self.cfg.cold)
+        self._regions = None  # the layers' weights changed: looked up again when streaming
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Per layer: prefetch the next layer's weights before it runs, release its own after;

@@ -56,18 +56,20 @@ CALIBRATION_TEXT = (
 )
 
 
-def smooth_layers(
-    layers: Sequence[nn.Module],
-    config: object,
-    ids: torch.Tensor,
-    forward: Callable[[torch.Tensor], object],
-) -> None:
-    """Fold SmoothQuant factors into ``layers`` in place (the same function in float);
-    ``forward(ids)`` runs the model over ``ids``, the tokenized ``CALIBRATION_TEXT``."""
+def calibrate(
+    layers: Sequence[nn.Module], ids: torch.Tensor, forward: Callable[[torch.Tensor], object]
+) -> dict[nn.Module, torch.Tensor]:
+    """Per linear layer of ``layers``, the largest absolute value each input channel took
+    while ``forward(ids)`` ran the model over ``ids`` (the tokenized ``CALIBRATION_TEXT``)."""
+    return _input_maxima(layers, lambda: forward(ids))
 
-    amax = _input_maxima(layers, lambda: forward(ids))
-    for layer in layers:
-        _smooth(layer, amax, config)
+
+def smooth_layer(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: object) -> None:
+    """Fold SmoothQuant factors into ``layer`` in place: the same function in float. Its
+    entries leave ``amax``, which would otherwise keep the replaced modules' weights alive."""
+    _smooth(layer, amax, config)
+    for m in layer.modules():
+        amax.pop(m, None)
 
 
 def quantize_layers(layers: Sequence[nn.Module], keep_float: Sequence[str] = ()) -> None:

@@ -67,8 +67,10 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
     by: dict[tuple[str, int, int], dict[str, dict]] = defaultdict(dict)
     for r in results:
         if r["mode"] == "cost" and r.get("codec", "int8") == "int8":
-            name = r["method"] + ("+stream" if r.get("stream") else "")
-            name += "+int8" if r.get("device_quant", "none") == "int8" else ""
+            if r.get("device_quant", "none") == "int8":
+                name = r["method"] + "+int8"
+            else:
+                name = r["method"] + ("+stream" if r.get("stream") else "")
             by[(r["model"], r["batch"], r["seq"])][name] = r
     lines, verdicts = [], []
     models = sorted({k[0] for k in by}, key=lambda m: (m != "smollm2-135m", m))
@@ -160,7 +162,7 @@ def cost_tables(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
 def _cost_name(name: str) -> str:
     method, _, variant = name.partition("+")
-    extra = {"stream": ", streamed weights", "int8": ", int8 device backbone"}
+    extra = {"stream": ", streamed weights", "int8": ", int8 device backbone (streamed)"}
     return METHOD_NAMES[method] + extra.get(variant, "")
 
 

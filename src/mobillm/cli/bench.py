@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cost-methods",
         default="mobillm,mobillm+stream,lora,full,side_local",
         help="mobillm+stream = MobiLLM with streamed device weights; mobillm+int8 = with the "
-        "int8 device backbone (--device-quant int8)",
+        "int8 device backbone (--device-quant int8, streamed weights as by default)",
     )
     c.add_argument("--cost-steps", type=int, default=2, help="measured steps after a warm-up")
     c.add_argument(
@@ -200,7 +200,8 @@ def compare_jobs(args: argparse.Namespace) -> list[Any]:
                         seq=s,
                         lr=lrs[method],
                         steps=args.cost_steps,
-                        stream=variant == "stream",
+                        # the int8 backbone streams its float weights while quantizing
+                        stream=variant in ("stream", "int8"),
                         device_quant="int8" if variant == "int8" else "none",
                     )
                 )
