@@ -100,7 +100,73 @@ class TokenLayout:
         return out[0] if isinstance(out, tuple) else out
 
 
-class SplitLearner(nn.Module):
+def check_shapes(
+    want: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], what: str
+) -> None:
+    """ValueError unless ``tensors`` has exactly the names and shapes in ``want``."""
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        raise ValueError(
+            f"{what} do not match the config: missing {missing[:3]}, extra {extra[:3]}, "
+            f"wrong shapes {bad[:3]}"
+        )
+
+
+class TokenLearner(nn.Module):
+    """What the learners that run attention over every token share (split layers, the side
+    transformer): a sample's classifier reads its last row, nothing draws random numbers while
+    training, and what trains is what the device downloads."""
+
+    cfg: SideConfig
+    frozen: FrozenHead
+    classifier: nn.Linear | None
+
+    def seed_dropout(self, seed: int) -> None:
+        """No dropout (LoRA's is off too): nothing to seed."""
+
+    # The learner interface the trainer and LocalModel share with SideNetwork.
+    def start(self) -> None:
+        return None
+
+    def logits(
+        self,
+        feats: torch.Tensor,
+        pool_rows: torch.Tensor | None = None,
+        row_sample: torch.Tensor | None = None,
+        num_samples: int = 0,
+    ) -> torch.Tensor:
+        """Classification: the pool rows' logits (B, labels); causal LM: (rows, vocab)."""
+        if self.cfg.task != "classification":
+            return self.frozen.logits_from_features(feats)
+        if self.classifier is None:
+            raise ValueError("this learner's classifier is kept by the device")
+        return self.classifier(self.pooled(feats, pool_rows))
+
+    def pooled(
+        self,
+        feats: torch.Tensor,
+        pool_rows: torch.Tensor | None = None,
+        row_sample: torch.Tensor | None = None,
+        num_samples: int = 0,
+    ) -> torch.Tensor:
+        """The features the classifier reads: the pool rows' ``(B, out_size)``."""
+        if pool_rows is None:
+            raise ValueError("classification needs pool_rows")
+        return feats[pool_rows]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights: what the device downloads (LoRA or the side transformer, and
+        the classifier; a few MB)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class SplitLearner(TokenLearner):
     """Top-K frozen decoder layers + LoRA + the frozen head: ``(rows, d) -> (rows, out)``.
 
     ``layers`` are the K decoder layers (the backbone's own on the device, rebuilt from the
@@ -152,24 +218,10 @@ class SplitLearner(nn.Module):
         """
         layers, rotary, _ = build_layers(cfg.layers_config)
         want = {f"layers.{k}": tuple(v.shape) for k, v in layers.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if want != got:
-            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-            bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-            raise ValueError(
-                f"uploaded layers do not match the config: missing {missing[:3]}, "
-                f"extra {extra[:3]}, wrong shapes {bad[:3]}"
-            )
+        check_shapes(want, tensors, "uploaded layers")
         state = {k.removeprefix("layers."): v.float() if cast else v for k, v in tensors.items()}
         layers.load_state_dict(state, assign=True)
         return cls(cfg, head, layers, rotary, with_classifier)
-
-    def seed_dropout(self, seed: int) -> None:
-        """No dropout here (LoRA dropout is off): nothing draws random numbers while training."""
-
-    # The learner interface the trainer and LocalModel share with SideNetwork.
-    def start(self) -> None:
-        return None
 
     def step(
         self,
@@ -192,37 +244,3 @@ class SplitLearner(nn.Module):
         for layer in self.stack.layers:
             x = tokens.run(layer, x)
         return self.frozen.features(x[tokens.valid])
-
-    def logits(
-        self,
-        feats: torch.Tensor,
-        pool_rows: torch.Tensor | None = None,
-        row_sample: torch.Tensor | None = None,
-        num_samples: int = 0,
-    ) -> torch.Tensor:
-        """Classification: the pool rows' logits (B, labels); causal LM: (rows, vocab)."""
-        if self.cfg.task != "classification":
-            return self.frozen.logits_from_features(feats)
-        if self.classifier is None:
-            raise ValueError("this learner's classifier is kept by the device")
-        return self.classifier(self.pooled(feats, pool_rows))
-
-    def pooled(
-        self,
-        feats: torch.Tensor,
-        pool_rows: torch.Tensor | None = None,
-        row_sample: torch.Tensor | None = None,
-        num_samples: int = 0,
-    ) -> torch.Tensor:
-        """The features the classifier reads: the pool rows' ``(B, out_size)``."""
-        if pool_rows is None:
-            raise ValueError("classification needs pool_rows")
-        return feats[pool_rows]
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """LoRA weights and the classifier: what the device downloads (a few MB)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

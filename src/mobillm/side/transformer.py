@@ -45,7 +45,7 @@ from torch import nn
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.model import task_classifier
-from mobillm.side.split import TokenLayout, build_layers
+from mobillm.side.split import TokenLayout, TokenLearner, build_layers, check_shapes
 
 KEEP = "layers.keep"  # the kept residual dimensions, uploaded with the pruned blocks
 
@@ -169,7 +169,7 @@ def _head_rows(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (kept.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
 
 
-class SideTransformer(nn.Module):
+class SideTransformer(TokenLearner):
     """Gated ladder of reduced-width decoder layers + the frozen head; see the module
     docstring. Same layer-by-layer interface as ``SideNetwork``."""
 
@@ -221,14 +221,7 @@ class SideTransformer(nn.Module):
             state = {k.removeprefix("layers."): _fresh(k, s) for k, s in want.items() if k != KEEP}
             keep = None
         else:
-            got = {k: tuple(v.shape) for k, v in tensors.items()}
-            if want != got:
-                missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-                bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-                raise ValueError(
-                    f"pruned blocks do not match the config: missing {missing[:3]}, "
-                    f"extra {extra[:3]}, wrong shapes {bad[:3]}"
-                )
+            check_shapes(want, tensors, "pruned blocks")
             keep = tensors[KEEP]
             if not keep.is_meta and (
                 keep.dtype.is_floating_point
@@ -243,12 +236,6 @@ class SideTransformer(nn.Module):
             }
         blocks.load_state_dict(state, assign=True)
         return cls(cfg, head, blocks, rotary, keep, with_classifier)
-
-    def seed_dropout(self, seed: int) -> None:
-        """No dropout: nothing draws random numbers while training."""
-
-    def start(self) -> None:
-        return None
 
     def step(
         self,
@@ -273,39 +260,6 @@ class SideTransformer(nn.Module):
     def finish(self, state: tuple[torch.Tensor, TokenLayout], h_last: torch.Tensor) -> torch.Tensor:
         """Head features ``(rows, out_size)`` from the last block and the last layer's rows."""
         return self.frozen.features(h_last.to(self.up.weight.dtype) + self.up(state[0]))
-
-    def logits(
-        self,
-        feats: torch.Tensor,
-        pool_rows: torch.Tensor | None = None,
-        row_sample: torch.Tensor | None = None,
-        num_samples: int = 0,
-    ) -> torch.Tensor:
-        """Classification: the pool rows' logits (B, labels); causal LM: (rows, vocab)."""
-        if self.cfg.task != "classification":
-            return self.frozen.logits_from_features(feats)
-        if self.classifier is None:
-            raise ValueError("this learner's classifier is kept by the device")
-        return self.classifier(self.pooled(feats, pool_rows))
-
-    def pooled(
-        self,
-        feats: torch.Tensor,
-        pool_rows: torch.Tensor | None = None,
-        row_sample: torch.Tensor | None = None,
-        num_samples: int = 0,
-    ) -> torch.Tensor:
-        """The features the classifier reads: the pool rows' ``(B, out_size)``."""
-        if pool_rows is None:
-            raise ValueError("classification needs pool_rows")
-        return feats[pool_rows]
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen head: blocks, ladder and classifier (a few MB)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 def _fresh(name: str, shape: tuple[int, ...]) -> torch.Tensor:
