@@ -128,3 +128,15 @@ def test_server_prices_a_side_transformer_from_its_config(make_tiny_backbone):
     wide = json.loads(side.layers_config) | {"intermediate_size": 1 << 16}
     spec_wide = spec.replace(side=side.replace(layers_config=json.dumps(wide)))
     assert price(spec_wide).side_bytes > 50 * small  # a client cannot hide a huge block
+
+
+def test_untrained_causal_side_transformer_generates_as_the_backbone(make_tiny_backbone):
+    """Causal-LM tuning: a side transformer keeps no KV cache and re-reads the sequence per
+    token; untrained, it continues a prompt exactly as the frozen backbone (the ladder) does."""
+    bb = make_tiny_backbone("qwen2", layers=4)
+    ladder = build_side_config(bb, "causal_lm", 0, ())
+    want = LocalModel.untrained(bb, ladder).generate("a movie good", max_new_tokens=6)
+    assert want  # the tiny model says something (no end-of-sequence first)
+    side = build_side_config(bb, "causal_lm", 0, (), kind="transformer")
+    assert bb.taps == default_taps(4)
+    assert LocalModel.untrained(bb, side).generate("a movie good", max_new_tokens=6) == want
