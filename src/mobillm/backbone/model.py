@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -301,6 +302,11 @@ class Backbone:
             layer._mobillm_q = 1
             if stream:
                 pages.release_regions(floats[i], self.cfg.cold)
+            # the replaced float modules sit in reference cycles, and glibc keeps what they
+            # free: collected and trimmed layer by layer, or most of them stay resident
+            # (Qwen2.5-Coder-1.5B, 28 layers quantized: 5.1 GB; collected 2.2 GB; both 1.7 GB)
+            gc.collect()
+            pages.trim_heap()
         self._regions = None  # the layers' weights changed: looked up again when streaming
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:

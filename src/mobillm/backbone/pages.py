@@ -61,6 +61,27 @@ def _madvise() -> ctypes._CFuncPtr | None:
 _MADVISE = _madvise()
 
 
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    try:
+        fn = ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system. glibc keeps freed blocks of a few MB in its
+    heap (its threshold for mapping blocks of their own rises as big ones are freed), so
+    replacing a model's weights piece by piece would keep much of what was freed resident."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Region:
     """Whole pages ``[start, start + length)`` behind one tensor; ``path``/``offset`` name the
