@@ -56,8 +56,7 @@ def test_smoothing_keeps_the_float_function(make_tiny_backbone):
     base = bb.family.base(bb.model)
     amax = calibrate(
         list(bb.layers),
-        calib,
-        lambda x: base(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False),
+        lambda: base(input_ids=calib, attention_mask=torch.ones_like(calib), use_cache=False),
     )
     for layer in bb.layers:
         smooth_layer(layer, amax, bb.model.config)

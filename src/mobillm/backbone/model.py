@@ -283,12 +283,12 @@ class Backbone:
             ids = self.tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
             base = self.family.base(self.model)
 
-            def forward(x: torch.Tensor) -> object:
-                return base(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+            def forward() -> object:
+                return base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
             handles = self._stream_hooks() if stream else []  # one float layer resident
             try:
-                amax = quant.calibrate(todo, ids, forward)
+                amax = quant.calibrate(todo, forward)
             finally:
                 for h in handles:
                     h.remove()
@@ -296,9 +296,7 @@ class Backbone:
         for i, layer in enumerate(todo):
             if smooth:
                 quant.smooth_layer(layer, amax, self.model.config)
-                quant.quantize_layers([layer], quant.FLOAT_LINEARS)
-            else:
-                quant.quantize_layers([layer])
+            quant.quantize_layers([layer], quant.FLOAT_LINEARS if smooth else ())
             layer._mobillm_q = 1
             if stream:
                 pages.release_regions(floats[i], self.cfg.cold)

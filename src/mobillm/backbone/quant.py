@@ -56,22 +56,6 @@ CALIBRATION_TEXT = (
 )
 
 
-def calibrate(
-    layers: Sequence[nn.Module], ids: torch.Tensor, forward: Callable[[torch.Tensor], object]
-) -> dict[nn.Module, torch.Tensor]:
-    """Per linear layer of ``layers``, the largest absolute value each input channel took
-    while ``forward(ids)`` ran the model over ``ids`` (the tokenized ``CALIBRATION_TEXT``)."""
-    return _input_maxima(layers, lambda: forward(ids))
-
-
-def smooth_layer(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: object) -> None:
-    """Fold SmoothQuant factors into ``layer`` in place: the same function in float. Its
-    entries leave ``amax``, which would otherwise keep the replaced modules' weights alive."""
-    _smooth(layer, amax, config)
-    for m in layer.modules():
-        amax.pop(m, None)
-
-
 def quantize_layers(layers: Sequence[nn.Module], keep_float: Sequence[str] = ()) -> None:
     """int8 weights and dynamically quantized int8 inputs for the linears of ``layers``, but
     those whose names end with one of ``keep_float``."""
@@ -87,10 +71,11 @@ def quantize_layers(layers: Sequence[nn.Module], keep_float: Sequence[str] = ())
             torch.ao.quantization.quantize_dynamic(layer, names, dtype=torch.qint8, inplace=True)
 
 
-def _input_maxima(
+def calibrate(
     layers: Sequence[nn.Module], forward: Callable[[], object]
 ) -> dict[nn.Module, torch.Tensor]:
-    """Per linear layer, the largest absolute value each input channel took."""
+    """Per linear layer of ``layers``, the largest absolute value each input channel took
+    while ``forward()`` ran the model (over the tokenized ``CALIBRATION_TEXT``)."""
     amax: dict[nn.Module, torch.Tensor] = {}
 
     def record(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -134,7 +119,9 @@ def _scale_norm(norm: nn.Module, s: torch.Tensor) -> None:
     norm.weight = nn.Parameter(w / s.to(w.dtype), requires_grad=False)
 
 
-def _smooth(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: object) -> None:
+def smooth_layer(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: object) -> None:
+    """Fold SmoothQuant factors into ``layer`` in place: the same function in float. Its
+    entries leave ``amax``, which would otherwise keep the replaced modules' weights alive."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
     if all(m in amax for m in qkv):
@@ -157,3 +144,5 @@ def _smooth(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: objec
         s = _factors(amax[attn.o_proj], [attn.o_proj]).view(kv, heads // kv, head_dim).amax(1)
         _scale_outputs(attn.v_proj, s.flatten())
         _scale_inputs(attn.o_proj, s.repeat_interleave(heads // kv, 0).flatten())
+    for m in layer.modules():
+        amax.pop(m, None)

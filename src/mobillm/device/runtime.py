@@ -224,6 +224,8 @@ def build_session(
 
         tapped = [backbone.layers[t].state_dict() for t in backbone.taps]
         head = {**head, **prune_layers(backbone.model.config, tapped, side.reduction)}
+        if backbone.cfg.stream:  # the pruned copies are what is kept
+            pages.release(t for w in tapped for t in w.values())
     spec = SessionSpec(
         fingerprint=backbone.fingerprint,
         taps=backbone.taps,

@@ -71,17 +71,14 @@ def price(spec: SessionSpec) -> Price:
     try:
         head = _meta_head(spec)
         layers = None
-        if side.kind == "split":
+        if side.kind != "ladder":  # split layers run at the backbone's width, blocks at r
             stack, _, config = build_layers(side.layers_config)
-            if int(getattr(config, "hidden_size", -1)) != side.hidden_size:
-                raise ValueError("layers_config's hidden_size differs from the side network's")
+            width = side.hidden_size if side.kind == "split" else side.width
+            if int(getattr(config, "hidden_size", -1)) != width:
+                raise ValueError(f"layers_config's hidden_size differs from {width}")
             layers = {f"layers.{k}": v for k, v in stack.state_dict().items()}
-        if side.kind == "transformer":
-            stack, _, config = build_layers(side.layers_config)
-            if int(getattr(config, "hidden_size", -1)) != side.width:
-                raise ValueError("layers_config's hidden_size differs from the side width")
-            layers = {f"layers.{k}": v for k, v in stack.state_dict().items()}
-            layers[KEEP] = torch.empty(side.width, dtype=torch.long, device="meta")
+            if side.kind == "transformer":
+                layers[KEEP] = torch.empty(side.width, dtype=torch.long, device="meta")
         with torch.device("meta"):
             private = spec.private_labels  # the device keeps the classifier
             net = build_learner(side, head, layers, cast=False, with_classifier=not private)
