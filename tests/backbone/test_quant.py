@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from mobillm.backbone import BackboneConfig
+from mobillm.backbone.quant import Int8Linear
 
 
 def test_int8_backbone(make_tiny_backbone):
@@ -24,6 +25,7 @@ def test_int8_backbone(make_tiny_backbone):
     # smoothed family: every linear int8 but the MLP's down projection (kept in float)
     floats = {n for n, m in quant.layers.named_modules() if type(m) is nn.Linear}
     assert floats == {f"{i}.mlp.down_proj" for i in range(3)}
+    assert sum(type(m) is Int8Linear for m in quant.layers.modules()) == 3 * 6
 
 
 def test_int8_split_keeps_the_servers_layers(make_tiny_backbone):
@@ -63,3 +65,18 @@ def test_smoothing_keeps_the_float_function(make_tiny_backbone):
     assert not torch.allclose(bb.layers[0].input_layernorm.weight, norm)
     for a, b in zip(before, states(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_linear_scales_each_token_alone():
+    """One loud token must not coarsen the others (one scale per tensor would), and the
+    result stays close to the float layer's."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = Int8Linear(lin)
+    quiet = torch.randn(3, 64)
+    loud = torch.cat([quiet, 1000 * torch.randn(1, 64)])
+    torch.testing.assert_close(q(loud)[:3], q(quiet), rtol=0, atol=0)
+    want = lin(quiet).detach()
+    rel = ((q(quiet) - want).norm() / want.norm()).item()
+    assert 0 < rel < 0.02, rel
+    assert q(torch.randn(2, 5, 64)).shape == (2, 5, 48)

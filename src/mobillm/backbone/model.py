@@ -75,10 +75,10 @@ class BackboneConfig(Config):
     memory. ``cold``: streamed pages are also dropped
     from the page cache, so every step reads the weights from storage again (a device under
     memory pressure; for measuring).
-    ``quant="int8"``: the linear layers the device runs use int8 weights and dynamically
-    quantized int8 activations (PyTorch's own fbgemm/qnnpack kernels via
-    ``torch.ao.quantization.quantize_dynamic``), smoothed first and with the MLP's down
-    projection left in float where the family allows (``mobillm.backbone.quant``); the side
+    ``quant="int8"``: the linear layers the device runs use int8 weights (one scale per output
+    channel) and int8 activations quantized per token on each call (PyTorch's integer matmul),
+    smoothed first and with the MLP's down projection left in float where the family allows
+    (``mobillm.backbone.quant``); the side
     network trains on, and later infers with, this quantized backbone's features, and the
     fingerprint says so.
     """
