@@ -114,9 +114,10 @@ def test_run_attack_end_to_end_with_labels(sst2_dir, bos_tokenizer):
         probe_epochs=3,
         label_samples=64,
         label_epochs=1,
+        label_epsilons=(0.0, 0.5),
     )
     result = run_attack(bb, DataConfig(preset="sst2"), cfg)
-    rows = {(r["mode"], r.get("layer")): r for r in result["rows"]}
+    rows = {(r["mode"], r.get("layer")): r for r in result["rows"] if not r.get("label_epsilon")}
     assert set(rows) == {
         ("tokens", 0),
         ("tokens", 2),
@@ -134,6 +135,14 @@ def test_run_attack_end_to_end_with_labels(sst2_dir, bos_tokenizer):
     assert labels["cosine_up_to_sign"] == 1.0
     # one epoch from the verbalizer start: the guessed classifier is close to the real one
     assert labels["expected_gradient"] >= 0.95
+    assert labels["labels_kept"] == 1.0 and labels["expected_gradient_sent"] >= 0.95
+    # randomized response at eps 0.5 keeps 62% of the labels: the attack still reads the
+    # labels the device trained on, and so no more of the true ones than were kept
+    (rr,) = [r for r in result["rows"] if r.get("label_epsilon") == 0.5]
+    assert rr["gradients"] == labels["gradients"]
+    assert 0.45 < rr["labels_kept"] < 0.8
+    assert rr["expected_gradient_sent"] >= 0.9
+    assert rr["expected_gradient"] <= rr["labels_kept"] + 0.1
 
 
 def test_cli_writes_json_jsonl_png_and_page(sst2_dir, model_dir, tmp_path, capsys):

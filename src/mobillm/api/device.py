@@ -213,6 +213,7 @@ class Device:
             "codec": (codec or CodecConfig()).scheme,
             "frame_noise": streaming.frame_noise,
             "frame_noise_seed": noise_seed_asked,
+            "label_epsilon": streaming.label_epsilon,
             "side": side.to_dict(),
         }
         transport = _transport(server, connect, link, out)

@@ -24,7 +24,8 @@ class AttackConfig(Config):
     token inverter's and the bag-of-words probe's map, "linear" or "mlp"; ``epochs`` and
     ``probe_epochs`` their training passes. ``threshold``: the bag-of-words probe claims a
     token when its probability is at least this. ``label_samples``: training samples of the
-    private-label session attacked (0 = skip), trained for ``label_epochs``.
+    private-label session attacked (0 = skip), trained for ``label_epochs``, once per
+    ``label_epsilons`` entry (``DeviceConfig.label_epsilon``: randomized response; 0 = none).
     """
 
     layers: tuple[int, ...] = DEFAULT_LAYERS
@@ -39,6 +40,7 @@ class AttackConfig(Config):
     threshold: float = 0.5
     label_samples: int = 512
     label_epochs: int = 2
+    label_epsilons: tuple[float, ...] = (0.0,)
     batch_size: int = 16
     seed: int = 0
 
@@ -61,4 +63,9 @@ class AttackConfig(Config):
         check(0 < self.threshold < 1, "AttackConfig.threshold must be in (0, 1)")
         check(self.label_samples >= 0, "AttackConfig.label_samples must be >= 0 (0 = skip)")
         check(self.label_epochs >= 1, "AttackConfig.label_epochs must be >= 1")
+        check(
+            bool(self.label_epsilons)
+            and all(math.isfinite(e) and e >= 0 for e in self.label_epsilons),
+            f"AttackConfig.label_epsilons must be finite numbers >= 0, got {self.label_epsilons}",
+        )
         check(self.batch_size >= 1, "AttackConfig.batch_size must be >= 1")

@@ -216,9 +216,12 @@ def _headline(result: dict[str, Any]) -> str:
             f"(layer {st['bag_layer']}) |"
         )
     for r in s["labels"]:
+        eps = r.get("label_epsilon", 0.0)
+        rr = f", labels randomized at epsilon {eps:g}" if eps else ""
         lines.append(
             f"\nPrivate labels ({r['gradients']} per-sample gradients of a {r['learner']} "
-            f"session): the expected-gradient attack recovers {_pct(r.get('expected_gradient'))}"
+            f"session{rr}): the expected-gradient attack recovers "
+            f"{_pct(r.get('expected_gradient'))}"
             f" of the labels, the cosine attack {_pct(r['cosine_majority'])} with the sign "
             f"set by the majority class ({_pct(r['cosine_up_to_sign'])} up to the sign)."
         )

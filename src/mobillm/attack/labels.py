@@ -15,7 +15,7 @@ al. 2021, "Label Leakage and Protection in Two-party Split Learning"). Two attac
   ``g_i``. No sign is left open.
 
 ``record_private_session`` runs a real private-label session in process and keeps what the
-server saw (features and gradients) beside the labels the harness held aside.
+server saw (features and gradients) beside the true labels, which the harness holds aside.
 """
 
 from __future__ import annotations
@@ -34,14 +34,17 @@ from mobillm.transport.messages import Features, Gradient
 class StepSeen:
     """One trained step as the server saw it, with the truth the attacker is scored against.
 
-    ``features`` and ``grad`` (B, out_size); ``labels`` (B,) held aside by the harness;
-    ``replay``: a cache epoch's replay of an earlier step (its samples were seen before).
+    ``features`` and ``grad`` (B, out_size); ``labels`` (B,) the samples' true labels, held
+    aside by the harness; ``sent`` (B,) the labels the device trained with (the true ones, or
+    their randomized response); ``replay``: a cache epoch's replay of an earlier step (its
+    samples were seen before).
     """
 
     step: int
     features: torch.Tensor
     grad: torch.Tensor
     labels: torch.Tensor
+    sent: torch.Tensor
     replay: bool
 
 
@@ -87,22 +90,14 @@ def record_private_session(
         raise ValueError("record_private_session needs DeviceConfig(private_labels=True)")
     transport = _Recorder(SessionManager(ServerConfig(workdir=workdir)))
     trainer = DeviceTrainer(backbone, side, transport, codec, train_cfg, device_cfg)
-    trainer.start(data, batch_size, seed=seed)
-    assert trainer.labels is not None
-    truth: dict[int, torch.Tensor] = {}
-    expect = trainer.labels.expect
-
-    def held_aside(step: int, target: torch.Tensor, validation: bool) -> None:
-        truth[step] = target.detach().clone()  # the harness's copy; nothing is sent
-        expect(step, target, validation)
-
-    trainer.labels.expect = held_aside  # type: ignore[method-assign]
     summary = trainer.train(data, batch_size, seed=seed, validation=validation)
     transport.close()
-    steps = [
-        StepSeen(s, transport.features[s], g, truth[s], s in transport.replays)
-        for s, g in sorted(transport.grads.items())
-    ]
+    steps = []
+    for s, g in sorted(transport.grads.items()):
+        item = trainer.plan[s]  # its data: the labels the device trained with
+        sent = torch.tensor([item.data.labels[i] for i in item.idx])
+        truth = torch.tensor([data.labels[i] for i in item.idx])
+        steps.append(StepSeen(s, transport.features[s], g, truth, sent, s in transport.replays))
     return steps, summary
 
 

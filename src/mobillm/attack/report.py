@@ -65,11 +65,14 @@ def bag_table(rows: list[dict[str, Any]], codec: str, noise: float, threshold: f
 
 
 def label_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: the label attacks on a private-label session's gradients."""
+    """Markdown: the label attacks on private-label sessions' gradients, one row per label
+    epsilon; recovery is against the true labels, and against the labels sent (trained on)."""
     out = [
-        "| learner | gradients (samples x steps) | share of label 1 | cosine, sign by majority "
-        "| cosine, up to the sign | expected gradient (all / first half / second half) |",
-        "|---|---|---|---|---|---|",
+        "| learner | label epsilon (randomized response) | labels kept | gradients (samples x "
+        "steps) | share of label 1 | cosine, sign by majority | cosine, up to the sign | "
+        "expected gradient (all / first half / second half) | expected gradient, against the "
+        "labels trained on |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["mode"] != "labels":
@@ -82,10 +85,13 @@ def label_table(rows: list[dict[str, Any]]) -> str:
                 "expected_gradient_second_half",
             )
         )
+        eps = r.get("label_epsilon", 0.0)
         out.append(
-            f"| {r['learner']} | {r['gradients']} ({r['steps']} steps, {r['replayed_steps']} "
-            f"replayed) | {_f(r['label_1_share'])} | {_f(r['cosine_majority'])} | "
-            f"{_f(r['cosine_up_to_sign'])} | {exp} |"
+            f"| {r['learner']} | {'none' if not eps else f'{eps:g}'} | "
+            f"{_f(r.get('labels_kept', 1.0))} | {r['gradients']} ({r['steps']} steps, "
+            f"{r['replayed_steps']} replayed) | {_f(r['label_1_share'])} | "
+            f"{_f(r['cosine_majority'])} | {_f(r['cosine_up_to_sign'])} | {exp} | "
+            f"{_f(r.get('expected_gradient_sent', r.get('expected_gradient')))} |"
         )
     return "\n".join(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from typing import Any
@@ -71,13 +72,18 @@ def run_attack(
     del pub_rows, priv_rows
     backbone.set_taps(tuple(range(n)))  # the label session's ladder taps every layer
     if cfg.label_samples:
-        say(f"[attack] private-label session on {cfg.label_samples} samples")
-        result["rows"].append(label_row(backbone, base, cfg))
+        for eps in cfg.label_epsilons:
+            say(f"[attack] private-label session on {cfg.label_samples} samples, label eps {eps:g}")
+            result["rows"].append(label_row(backbone, base, cfg, eps))
     return result
 
 
-def label_row(backbone: Backbone, data: DataConfig, cfg: AttackConfig) -> dict[str, Any]:
-    """Run a real private-label session (ladder, in process) and attack its gradients."""
+def label_row(
+    backbone: Backbone, data: DataConfig, cfg: AttackConfig, epsilon: float = 0.0
+) -> dict[str, Any]:
+    """Run a real private-label session (ladder, in process; its labels randomized at
+    ``epsilon`` when > 0) and attack its gradients. Recovery is scored against the true labels;
+    ``*_sent`` against the labels the device trained with (the randomized ones)."""
     from mobillm.device.runtime import DeviceConfig, build_side_config
 
     t0 = time.perf_counter()
@@ -88,7 +94,7 @@ def label_row(backbone: Backbone, data: DataConfig, cfg: AttackConfig) -> dict[s
     train = tokenize_examples(examples[n_val:], tok, dcfg)
     val = tokenize_examples(examples[:n_val], tok, dcfg)
     side = build_side_config(backbone, "classification", len(dcfg.labels), dcfg.verbalizers)
-    device = DeviceConfig(epochs=cfg.label_epochs, private_labels=True)
+    device = DeviceConfig(epochs=cfg.label_epochs, private_labels=True, label_epsilon=epsilon)
     codec = CodecConfig(scheme=cfg.codecs[0], group_size=cfg.group_size)
     with tempfile.TemporaryDirectory(prefix="mobillm-attack-") as work:
         steps, summary = record_private_session(
@@ -105,6 +111,9 @@ def label_row(backbone: Backbone, data: DataConfig, cfg: AttackConfig) -> dict[s
     positive = sum(ex.label == 1 for ex in public) / max(1, len(public))
     cos = cosine_attack(steps, prior_positive=positive)
     exp = expected_gradient_attack(steps, w0, None if b0 is None else b0.float())
+    as_sent = [dataclasses.replace(s, labels=s.sent) for s in steps]
+    exp_sent = expected_gradient_attack(as_sent, w0, None if b0 is None else b0.float())
+    sent = torch.cat([s.sent for s in steps]) if steps else torch.zeros(0)
     return {
         "mode": "labels",
         "positions": "loss",
@@ -114,7 +123,10 @@ def label_row(backbone: Backbone, data: DataConfig, cfg: AttackConfig) -> dict[s
         "steps": len(steps),
         "gradients": len(labels),
         "replayed_steps": sum(s.replay for s in steps),
+        "label_epsilon": epsilon,
         "label_1_share": float(labels.float().mean()) if len(labels) else float("nan"),
+        "labels_kept": float((sent == labels).float().mean()) if len(labels) else float("nan"),
+        "expected_gradient_sent": exp_sent["recovery"],
         "cosine_majority": cos["recovery_majority"],
         "cosine_up_to_sign": cos["recovery_up_to_sign"],
         **{f"expected_gradient{k.removeprefix('recovery')}": v for k, v in exp.items()},

@@ -95,6 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="training samples of the attacked private-label session (0 = skip)",
     )
     g.add_argument("--label-epochs", type=int, default=d.label_epochs)
+    g.add_argument(
+        "--label-epsilons",
+        type=_floats,
+        default=d.label_epsilons,
+        help="one private-label session per value: randomized response on its labels at this "
+        "epsilon (0 = none) (default: 0)",
+    )
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--seed", type=int, default=d.seed)
     o = p.add_argument_group("output")
@@ -137,6 +144,7 @@ def _config(args: argparse.Namespace) -> AttackConfig:
         threshold=args.threshold,
         label_samples=args.label_samples,
         label_epochs=args.label_epochs,
+        label_epsilons=args.label_epsilons,
         batch_size=args.batch_size,
         seed=args.seed,
     )
@@ -183,6 +191,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["mobillm", "attack", "--model", args.model, "--data", args.data]
     parts += ["--layers", _csv(args.layers), "--codecs", _csv(args.codecs)]
     parts += ["--frame-noise", _csv(args.frame_noise)]
+    parts += ["--label-epsilons", _csv(args.label_epsilons)]
     for flag in (
         "public_samples",
         "private_samples",

@@ -322,8 +322,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--frame-noise-seed",
         type=_count,
         default=None,
-        help="seed of the frame noise (default: a secret random one per session; a server "
-        "that knows it can subtract the noise, so set it only to reproduce a measurement)",
+        help="seed of the device's privacy noise, the frame noise and the randomized labels "
+        "(default: a secret random one per session; a server that knows it can undo the "
+        "noise, so set it only to reproduce a measurement)",
+    )
+    g.add_argument(
+        "--label-epsilon",
+        type=_non_negative,
+        default=DeviceConfig.label_epsilon,
+        help="classification: randomized response on the training labels at this epsilon "
+        "before anything is computed from them, so each label is epsilon-differentially "
+        "private against the server, which otherwise reads it back even in private-label mode "
+        "(see docs/privacy.md) (default: %(default)s = off)",
     )
     g.add_argument("--max-steps", type=_count, default=0, help="stop after this many steps")
     g.add_argument("--window", type=_positive, default=2, help="steps in flight (default: 2)")

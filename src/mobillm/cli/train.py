@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         private_labels=args.private_labels,
         frame_noise=args.frame_noise,
         frame_noise_seed=-1 if args.frame_noise_seed is None else args.frame_noise_seed,
+        label_epsilon=args.label_epsilon,
     )
     connect = ConnectConfig(
         tls_ca=args.tls_ca,

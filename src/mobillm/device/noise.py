@@ -1,4 +1,5 @@
-"""Calibrated Gaussian noise on the rows a device sends: a mitigation against inversion.
+"""The device's privacy noise: Gaussian noise on the rows it sends (against inversion) and
+randomized response on the labels it trains with (label differential privacy).
 
 The server knows the public backbone, so from hidden states it can recover input tokens
 (``mobillm attack`` measures how well). ``add_frame_noise`` adds to each row ``x`` Gaussian noise
@@ -10,14 +11,29 @@ device restarted with ``mobillm train --resume``) sends the same bytes, which th
 bit-exact resume depends on. The seed must stay on the device: a server that knew it could
 regenerate the noise and subtract it. So a device draws it at random per session
 (``draw_noise_seed``) unless told one, and keeps it beside its session for a resume.
+
+Labels: in private-label mode the server still reads every label back from the gradients it
+receives (``mobillm attack``: 100% on SST-2), and in the standard mode it receives them.
+``randomized_labels`` applies randomized response (Warner 1965; as label differential privacy,
+Ghazi et al., NeurIPS 2021) before any of that: each training label is kept with probability
+``e^eps / (e^eps + K - 1)``, else replaced by one of the other ``K - 1`` classes at random,
+once per sample (the same noisy label in every epoch and cache replay, so repeating a sample
+does not average its noise away). Whatever the server computes from then on is a function of
+the noisy labels, so each label is ``eps``-differentially private against it, whatever it
+does. The flips are symmetric, so the class that is most likely under the noisy labels is the
+one most likely under the true ones: training needs no correction, only more samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import secrets
 
 import torch
+
+from mobillm.data.tokenization import TokenizedDataset
 
 
 def draw_noise_seed() -> int:
@@ -28,7 +44,11 @@ def draw_noise_seed() -> int:
 def noise_generator(seed: int, step: int, tap: int) -> torch.Generator:
     """A CPU generator seeded from ``(seed, step, tap)`` through sha256, so neighbouring steps
     and taps get unrelated streams."""
-    digest = hashlib.sha256(f"mobillm-frame-noise:{seed}:{step}:{tap}".encode()).digest()
+    return _generator(f"mobillm-frame-noise:{seed}:{step}:{tap}")
+
+
+def _generator(key: str) -> torch.Generator:
+    digest = hashlib.sha256(key.encode()).digest()
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return gen
@@ -50,3 +70,32 @@ def add_frame_noise(
     z = torch.randn(x.shape, generator=noise_generator(seed, step, tap), dtype=torch.float32)
     rms = x.pow(2).mean(-1, keepdim=True).sqrt()
     return x + (scale * rms) * z.to(x.device)
+
+
+def keep_probability(epsilon: float, classes: int) -> float:
+    """The chance that randomized response at ``epsilon`` keeps a label of ``classes``."""
+    return 1.0 / (1.0 + (classes - 1) * math.exp(-epsilon))
+
+
+def randomized_labels(
+    data: TokenizedDataset, epsilon: float, classes: int, seed: int, split: str = "train"
+) -> TokenizedDataset:
+    """``data`` with each label kept with probability ``keep_probability(epsilon, classes)``,
+    else replaced by another class uniformly. Deterministic in ``(seed, split, sample
+    index)``."""
+    if data.labels is None:
+        raise ValueError("randomized labels need a classification data set")
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"label epsilon must be a finite number > 0, got {epsilon}")
+    keep = keep_probability(epsilon, classes)
+    labels = []
+    for i, y in enumerate(data.labels):
+        u = torch.rand(
+            2, generator=_generator(f"mobillm-label-rr:{seed}:{split}:{i}"), dtype=torch.float64
+        )
+        if u[0] < keep:
+            labels.append(y)
+        else:  # one of the other classes, uniformly
+            other = min(int(u[1] * (classes - 1)), classes - 2)
+            labels.append(other + (other >= y))
+    return dataclasses.replace(data, labels=labels)

@@ -42,7 +42,7 @@ from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, ConfigError, check
 from mobillm.data import TokenizedDataset, collate, epoch_batches
 from mobillm.device.labels import LabelHead
-from mobillm.device.noise import add_frame_noise, draw_noise_seed
+from mobillm.device.noise import add_frame_noise, draw_noise_seed, randomized_labels
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead, tensors_sha256
@@ -89,6 +89,11 @@ class DeviceConfig(Config):
     token. ``frame_noise``: Gaussian noise of this standard
     deviation, relative to each row's RMS, is added to every row before it is encoded
     (``device.noise``), seeded by ``frame_noise_seed`` (-1: a secret one drawn per session).
+    ``label_epsilon`` (classification; 0 = off): the training labels go through randomized
+    response at this epsilon before anything is computed from them, so each is
+    epsilon-label-differentially private against the server (``device.noise``; the same
+    secret seed). With private labels the validation labels never leave the device and stay
+    as they are; with standard labels they are randomized too.
     """
 
     positions: str = "auto"
@@ -103,6 +108,7 @@ class DeviceConfig(Config):
     private_labels: bool | None = None
     frame_noise: float = 0.0
     frame_noise_seed: int = -1
+    label_epsilon: float = 0.0
 
     def labels_private(self, task: str) -> bool:
         """Whether a run of ``task`` keeps its labels on the device."""
@@ -132,6 +138,11 @@ class DeviceConfig(Config):
         check(
             -1 <= self.frame_noise_seed < 2**63,
             "DeviceConfig.frame_noise_seed must be in [0, 2**63), or -1 for a secret random one",
+        )
+        check(
+            math.isfinite(self.label_epsilon) and self.label_epsilon >= 0,
+            f"DeviceConfig.label_epsilon must be a finite number >= 0 (0 = off), got "
+            f"{self.label_epsilon}",
         )
 
 
@@ -286,6 +297,11 @@ class DeviceTrainer:
             "steps a server queues behind one that waits for its gradient; --standard-labels "
             "lifts this)",
         )
+        check(
+            not self.cfg.label_epsilon or side.task == "classification",
+            "DeviceConfig.label_epsilon randomizes class labels: it applies to classification "
+            "only (causal-LM targets are the text itself)",
+        )
         self.records: list[StepRecord] = []
         self.epochs: list[EpochReport] = []
         self.bytes_encoded = 0
@@ -300,7 +316,7 @@ class DeviceTrainer:
         self._planned: list[PlannedStep] = []
         self._markers: list[tuple[int, int]] = []  # (plan index, epoch) of validation passes
         self._validation_samples = 0
-        # the frame noise's seed never leaves the device (the server could subtract the noise)
+        # the noise seed (frames, labels) never leaves the device: the server could undo the noise
         seed = self.cfg.frame_noise_seed
         self.noise_seed = seed if seed >= 0 else draw_noise_seed()
 
@@ -564,6 +580,10 @@ class DeviceTrainer:
         steps in flight and ends there, with no further epochs (``summary()["stopped"]``).
         Returns a summary dict.
         """
+        if self.cfg.label_epsilon:
+            data = self._randomized(data, "train")
+            if validation is not None and not self.private:  # it would reach the server
+                validation = self._randomized(validation, "validation")
         if self.info is None:
             self.start(data, batch_size, seed, progress)
         plan = self._planned = self._plan(data, batch_size, seed, validation)
@@ -593,6 +613,15 @@ class DeviceTrainer:
                     raise
                 self._recover(e)
         return self.summary()
+
+    @property
+    def plan(self) -> list[PlannedStep]:
+        """Every step of the run, in order, as ``train`` planned it (empty before)."""
+        return self._planned
+
+    def _randomized(self, data: TokenizedDataset, split: str) -> TokenizedDataset:
+        eps, classes = self.cfg.label_epsilon, self.side.num_labels
+        return randomized_labels(data, eps, classes, self.noise_seed, split)
 
     def _plan(
         self,
