@@ -35,3 +35,33 @@ def test_chunked_dequantization_equals_the_whole(monkeypatch):
     chunked = convert._dequantize(big, gguf.dequantize)
     whole = gguf.dequantize(big.data, big.tensor_type)
     assert chunked.dtype == np.float32 and np.array_equal(chunked, whole)
+
+
+def test_streamed_rows_convert_to_the_same_file(monkeypatch, tmp_path):
+    """With a small chunk, the embedding goes to disk a chunk at a time (the processor leaves
+    it as is) and the attention projections whole (Llama's processor permutes them and
+    refuses a slice): the weights equal the cached whole-tensor conversion's."""
+    pytest.importorskip("gguf")
+    from mobillm.backbone.loader import gguf_to_folder
+
+    _, path = resolve_source("smollm2-135m")
+    want = load_file(gguf_to_folder(path) / "model.safetensors")
+    streamed: list[str] = []
+    stream = convert._stream_rows
+
+    def spy(tensor, *args):
+        done = stream(tensor, *args)
+        if done is not None:
+            streamed.append(tensor.name)
+        return done
+
+    monkeypatch.setattr(convert, "_ROWS", 333)
+    monkeypatch.setattr(convert, "_stream_rows", spy)
+    out = tmp_path / "m"
+    out.mkdir()
+    convert.convert_gguf(path, out)
+    got = load_file(out / "model.safetensors")
+    assert "token_embd.weight" in streamed
+    assert not any(".attn_q." in n or ".attn_k." in n for n in streamed)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

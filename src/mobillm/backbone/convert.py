@@ -7,8 +7,10 @@ training it needs, so a small device failed before it started. Here each tensor 
 dequantized, renamed and reordered by transformers' own GGUF tensor processors (the same name
 map and fix-ups as ``from_pretrained(gguf_file=...)``), written to a scratch file and freed;
 the safetensors file is then assembled from those files by copying. Large tensors are
-dequantized a few thousand rows at a time. The peak is about the largest single tensor in
-float32 plus the GGUF's own memory map.
+dequantized a few thousand rows at a time, and those the processor leaves as they are (the
+embedding, the LM head) go to their scratch file a chunk at a time, never whole in memory.
+The peak is about the largest tensor the processor changes (a projection) in float32 plus
+the GGUF's own memory map.
 """
 
 from __future__ import annotations
@@ -89,22 +91,27 @@ def convert_gguf(path: Path, out: Path) -> None:
     written: list[tuple[str, tuple[int, ...], Path]] = []
     release = pages.releaser()
     for i, tensor in enumerate(reader.tensors):
-        result = processor.process(
-            weights=_dequantize(tensor, dequantize),
-            name=tensor.name,
-            tensor_key_mapping=names,
-            parsed_parameters={"config": processor_config, "tensors": {}},
-        )
-        if result.name not in names:
-            continue
-        name = names[result.name]
-        arr = np.ascontiguousarray(result.weights, dtype=np.float32)
-        if name in expected and tuple(arr.shape) != expected[name]:
-            raise ValueError(f"{name}: GGUF gives shape {arr.shape}, the model {expected[name]}")
         part = scratch / f"{i}.bin"
-        arr.tofile(part)
-        written.append((name, tuple(arr.shape), part))
-        del arr, result
+        done = _stream_rows(tensor, dequantize, processor, processor_config, names, part)
+        if done is not None:  # written a few rows at a time
+            name, shape = names[done[0]], done[1]
+        else:
+            result = processor.process(
+                weights=_dequantize(tensor, dequantize),
+                name=tensor.name,
+                tensor_key_mapping=names,
+                parsed_parameters={"config": processor_config, "tensors": {}},
+            )
+            if result.name not in names:
+                continue
+            name = names[result.name]
+            arr = np.ascontiguousarray(result.weights, dtype=np.float32)
+            shape = tuple(arr.shape)
+            arr.tofile(part)
+            del arr, result
+        if name in expected and shape != expected[name]:
+            raise ValueError(f"{name}: GGUF gives shape {shape}, the model {expected[name]}")
+        written.append((name, shape, part))
         # the GGUF is memory-mapped: the quantized bytes just read would stay resident (1 GB
         # for the 1.5B model) unless handed back
         with warnings.catch_warnings():
@@ -129,6 +136,47 @@ def _dequantize(tensor: Any, dequantize: Any) -> np.ndarray:
     for i in range(_ROWS, data.shape[0], _ROWS):
         out[i : i + _ROWS] = dequantize(data[i : i + _ROWS], tensor.tensor_type)
     return out
+
+
+def _stream_rows(
+    tensor: Any,
+    dequantize: Any,
+    processor: Any,
+    processor_config: dict[str, Any],
+    names: Any,
+    part: Path,
+) -> tuple[str, tuple[int, ...]] | None:
+    """Write a large tensor that the processor passes through unchanged straight to ``part``,
+    ``_ROWS`` rows at a time, so that not even one float32 copy of it is held (a 150k-token
+    embedding is 0.9 GB; whole, with the processor's and numpy's copies, the 1.5B model's first
+    load peaked at 2.2 GB). Returns (the processor's name, the shape), or None when the
+    tensor is small or the processor changes it (then it is converted whole)."""
+    data = tensor.data
+    if data.ndim < 2 or data.shape[0] <= _ROWS:
+        return None
+    first = dequantize(data[:_ROWS], tensor.tensor_type)
+    try:  # a processor that reshapes by the whole tensor's size may refuse a slice
+        result = processor.process(
+            weights=first,
+            name=tensor.name,
+            tensor_key_mapping=names,
+            parsed_parameters={"config": processor_config, "tensors": {}},
+        )
+    except (ValueError, RuntimeError):
+        return None
+    same = result.weights is first or (
+        isinstance(result.weights, np.ndarray)
+        and result.weights.shape == first.shape
+        and np.array_equal(result.weights, first)
+    )
+    if result.name not in names or not same:
+        return None
+    with part.open("wb") as f:
+        f.write(np.ascontiguousarray(first, dtype=np.float32).tobytes())
+        for i in range(_ROWS, data.shape[0], _ROWS):
+            rows = dequantize(data[i : i + _ROWS], tensor.tensor_type)
+            f.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+    return result.name, (data.shape[0], *first.shape[1:])
 
 
 def _assemble(parts: list[tuple[str, tuple[int, ...], Path]], target: Path) -> None:
