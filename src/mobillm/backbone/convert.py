@@ -15,6 +15,7 @@ the GGUF's own memory map.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -33,6 +34,7 @@ from mobillm.backbone import pages
 _COPY = 1 << 24
 _ROWS = 4096  # rows of a quantized tensor dequantized at once
 _PROCESSOR = "gguf_processor_config.json"  # passed from the child, deleted after
+_TENSORS = "gguf_tensors.json"  # likewise: each tensor's name, type, shape and offset
 
 
 def _metadata_in_child(path: Path, out: Path) -> None:
@@ -58,12 +60,28 @@ def _metadata(path: Path, out: Path) -> None:
     gc.collect()
     processor = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
     (out / _PROCESSOR).write_text(json.dumps(processor))
+    gc.collect()
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    tensors = [
+        {
+            "name": t.name,
+            "type": int(t.tensor_type),
+            "dtype": t.data.dtype.str,
+            "shape": list(t.data.shape),
+            "offset": int(t.data_offset),
+        }
+        for t in reader.tensors
+    ]
+    (out / _TENSORS).write_text(json.dumps({"architecture": arch, "tensors": tensors}))
 
 
 def convert_gguf(path: Path, out: Path) -> None:
     """Write ``path``'s model into the empty folder ``out`` (config, tokenizer, weights)."""
     from accelerate import init_empty_weights
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -79,8 +97,12 @@ def convert_gguf(path: Path, out: Path) -> None:
     config = AutoConfig.from_pretrained(out)
     processor_config = json.loads((out / _PROCESSOR).read_text())
     (out / _PROCESSOR).unlink()
-    reader = GGUFReader(str(path))
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    # The tensors are located from the child's table, not by a GGUFReader here: its parse
+    # of the metadata (every vocabulary entry an array) peaked at 1.2 GB for the 1.5B model.
+    table = json.loads((out / _TENSORS).read_text())
+    (out / _TENSORS).unlink()
+    arch = table["architecture"]
+    tensors = _tensors(path, table["tensors"])
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=processor_config)
     with init_empty_weights():
         shapes = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -90,7 +112,7 @@ def convert_gguf(path: Path, out: Path) -> None:
     scratch.mkdir()
     written: list[tuple[str, tuple[int, ...], Path]] = []
     release = pages.releaser()
-    for i, tensor in enumerate(reader.tensors):
+    for i, tensor in enumerate(tensors):
         part = scratch / f"{i}.bin"
         done = _stream_rows(tensor, dequantize, processor, processor_config, names, part)
         if done is not None:  # written a few rows at a time
@@ -121,6 +143,29 @@ def convert_gguf(path: Path, out: Path) -> None:
     shutil.rmtree(scratch)
     config.architectures = [type(shapes).__name__]
     config.save_pretrained(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """What the conversion reads of a GGUF tensor (as ``gguf.ReaderTensor`` names it)."""
+
+    name: str
+    tensor_type: Any
+    data: np.ndarray  # a view of the memory-mapped file
+
+
+def _tensors(path: Path, table: list[dict[str, Any]]) -> list[_Tensor]:
+    from gguf import GGMLQuantizationType
+
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    return [
+        _Tensor(
+            t["name"],
+            GGMLQuantizationType(t["type"]),
+            np.ndarray(tuple(t["shape"]), np.dtype(t["dtype"]), buffer=mm, offset=t["offset"]),
+        )
+        for t in table
+    ]
 
 
 def _dequantize(tensor: Any, dequantize: Any) -> np.ndarray:
