@@ -80,3 +80,41 @@ def test_int8_linear_scales_each_token_alone():
     rel = ((q(quiet) - want).norm() / want.norm()).item()
     assert 0 < rel < 0.02, rel
     assert q(torch.randn(2, 5, 64)).shape == (2, 5, 48)
+
+
+def test_int8_layers_are_cached_and_mapped_back(model_dir, monkeypatch, tmp_path):
+    """A model loaded from a folder: its quantized layers are written to the cache and mapped
+    back from there (file pages, which streaming can hand back); a second load maps them
+    without calibrating again and computes exactly the same states."""
+    from mobillm.backbone import Backbone, pages, quant
+
+    monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "cache"))
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+
+    def states(bb):
+        got: list[torch.Tensor] = []
+        bb.run(ids, mask, lambda i, h: got.append(h.clone()))
+        return got
+
+    first = Backbone.load(BackboneConfig(source=model_dir, quant="int8"))
+    want = states(first)
+    files = sorted((tmp_path / "cache" / "int8").glob("*/layer-*.safetensors"))
+    assert [f.name for f in files] == [f"layer-{i}.safetensors" for i in range(first.num_layers)]
+    maps = pages._mappings()
+
+    def mapped_from(t):
+        m = next(m for m in maps if m.start <= t.data_ptr() < m.end)
+        return m.path
+
+    q = first.layers[0].self_attn.q_proj
+    assert isinstance(q, Int8Linear) and mapped_from(q.qweight) == str(files[0])
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(quant, "calibrate", no_calibration)
+    again = Backbone.load(BackboneConfig(source=model_dir, quant="int8"))
+    for a, b in zip(want, states(again), strict=True):
+        assert torch.equal(a, b)
+    assert again.fingerprint == first.fingerprint

@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -267,18 +268,35 @@ class Backbone:
     def _quantize(self) -> None:
         """int8 weights for the linear layers of the layers the device runs (up to its last tap;
         in split mode the top layers stay as they are: the server receives them), smoothed
-        first where the family allows (``mobillm.backbone.quant``)."""
+        first where the family allows (``mobillm.backbone.quant``).
+
+        Each quantized layer is written to a cache folder keyed by the model's files and the
+        recipe (``_int8_cache``) and mapped back from there, so its pages are file pages that
+        streaming hands back like the float weights', and a later run maps it instead of
+        calibrating and quantizing again."""
         from mobillm.backbone import quant
 
-        todo = [m for m in self.layers[: self.taps[-1] + 1] if not getattr(m, "_mobillm_q", 0)]
+        todo = [
+            (i, m)
+            for i, m in enumerate(self.layers[: self.taps[-1] + 1])
+            if not getattr(m, "_mobillm_q", 0)
+        ]
         if not todo:
             return
         smooth = self.model.config.model_type in quant.SMOOTH_FAMILIES
+        keep = quant.FLOAT_LINEARS if smooth else ()
         stream = self.cfg.stream
+        cache = self._int8_cache()
         # the float weights' pages: handed back once their layer is quantized (streamed)
-        floats = [pages.regions(m.parameters()) for m in todo] if stream else []
+        floats = {i: pages.regions(m.parameters()) for i, m in todo} if stream else {}
+        cached = set()
+        if cache is not None:
+            for i, layer in todo:
+                file = cache / f"layer-{i}.safetensors"
+                if file.is_file() and quant.load_layer(layer, keep, file):
+                    cached.add(i)
         amax: dict[nn.Module, torch.Tensor] = {}
-        if smooth:
+        if smooth and len(cached) < len(todo):
             text = quant.CALIBRATION_TEXT
             ids = self.tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
             base = self.family.base(self.model)
@@ -288,15 +306,21 @@ class Backbone:
 
             handles = self._stream_hooks() if stream else []  # one float layer resident
             try:
-                amax = quant.calibrate(todo, forward)
+                amax = quant.calibrate([m for _, m in todo], forward)
             finally:
                 for h in handles:
                     h.remove()
         # one layer at a time: its smoothed float copy lives only until it is quantized
-        for i, layer in enumerate(todo):
-            if smooth:
-                quant.smooth_layer(layer, amax, self.model.config)
-            quant.quantize_layers([layer], quant.FLOAT_LINEARS if smooth else ())
+        for i, layer in todo:
+            if i not in cached:
+                names = quant.saved_names(layer, keep)
+                if smooth:
+                    quant.smooth_layer(layer, amax, self.model.config)
+                quant.quantize_layers([layer], keep)
+                if cache is not None:
+                    file = cache / f"layer-{i}.safetensors"
+                    quant.save_layer(layer, names, file)
+                    quant.map_layer(layer, file)
             layer._mobillm_q = 1
             if stream:
                 pages.release_regions(floats[i], self.cfg.cold)
@@ -307,13 +331,33 @@ class Backbone:
             pages.trim_heap()
         self._regions = None  # the layers' weights changed: looked up again when streaming
 
+    def _int8_cache(self) -> Path | None:
+        """Where this model's quantized layers are kept: a folder named by the recipe and the
+        model's weight files (path, size, modification time), so that other weights or
+        another recipe never read them. None for a model not loaded from a local folder."""
+        from mobillm.backbone.loader import cache_root
+        from mobillm.backbone.quant import RECIPE
+
+        where = Path(str(getattr(self.model.config, "_name_or_path", "") or ""))
+        files = sorted(where.glob("*.safetensors")) if where.is_dir() else []
+        if not files:
+            return None
+        h = hashlib.sha256(RECIPE.encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        folder = cache_root() / "int8" / h.hexdigest()[:24]
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Per layer: prefetch the next layer's weights before it runs, release its own after;
         the embedding's pages once the batch's rows are copied out."""
         if self._regions is None:  # where each layer's weights live: looked up once
             embed = self.model.get_input_embeddings().parameters()
             self._regions = [pages.regions(embed)] + [
-                pages.regions(layer.parameters()) for layer in self.layers
+                # buffers too: an int8 layer's weights are buffers (``quant.Int8Linear``)
+                pages.regions([*layer.parameters(), *layer.buffers()]) for layer in self.layers
             ]
         embed_pages, *weights = self._regions
         cold = self.cfg.cold

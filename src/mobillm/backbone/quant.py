@@ -35,9 +35,13 @@ named like Llama's (``SMOOTH_FAMILIES``); other families have every linear quant
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 ALPHA = 0.5
@@ -77,6 +81,18 @@ class Int8Linear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
+    @classmethod
+    def shell(cls, in_features: int, out_features: int, bias: bool) -> Int8Linear:
+        """An ``Int8Linear`` of that shape whose tensors are still to be assigned
+        (``load_layer``)."""
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.in_features, out.out_features = in_features, out_features
+        out.register_buffer("qweight", torch.empty(0, dtype=torch.int8))
+        out.register_buffer("scale", torch.empty(0))
+        out.register_buffer("bias", torch.empty(0) if bias else None)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
         step = rows.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
@@ -94,15 +110,81 @@ def quantize_layers(layers: Sequence[nn.Module], keep_float: Sequence[str] = ())
     """``Int8Linear`` for the linears of ``layers``, but those whose names end with one of
     ``keep_float``."""
     for layer in layers:
-        names = [
-            n
-            for n, m in layer.named_modules()
-            if type(m) is nn.Linear and not n.endswith(tuple(keep_float))
-        ]
-        for name in names:
+        for name in _targets(layer, keep_float):
             parent, _, child = name.rpartition(".")
             owner = layer.get_submodule(parent) if parent else layer
             setattr(owner, child, Int8Linear(getattr(owner, child)))
+
+
+def _targets(layer: nn.Module, keep_float: Sequence[str]) -> list[str]:
+    return [
+        n
+        for n, m in layer.named_modules()
+        if type(m) is nn.Linear and not n.endswith(tuple(keep_float))
+    ]
+
+
+def saved_names(layer: nn.Module, keep_float: Sequence[str]) -> set[str]:
+    """The tensors ``save_layer`` writes for the float ``layer``: every int8 linear's weights,
+    scales and bias, and the rest of its state but the float linears (unchanged, read from
+    the model's own file)."""
+    targets = _targets(layer, keep_float)
+    floats = [n for n, m in layer.named_modules() if type(m) is nn.Linear and n not in targets]
+    out = set()
+    for name in layer.state_dict():
+        owner = name.rpartition(".")[0]
+        if owner in floats:
+            continue
+        if owner in targets:
+            out.add(f"{owner}.qweight")
+            out.add(f"{owner}.scale")
+            if name.endswith(".bias"):
+                out.add(name)
+        else:
+            out.add(name)
+    return out
+
+
+def save_layer(layer: nn.Module, names: set[str], path: Path) -> None:
+    """Write the quantized ``layer``'s ``names`` (``saved_names`` of it, taken before it was
+    quantized) to ``path``, atomically."""
+    state = layer.state_dict()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({n: state[n].contiguous() for n in sorted(names)}, str(tmp), {"recipe": RECIPE})
+    os.replace(tmp, path)
+
+
+def load_layer(layer: nn.Module, keep_float: Sequence[str], path: Path) -> bool:
+    """Make the float ``layer`` the quantized one saved in ``path`` (``map_layer``). False,
+    and ``layer`` untouched, if the file holds another set of tensors or another recipe."""
+    with safe_open(str(path), framework="pt") as f:
+        if set(f.keys()) != saved_names(layer, keep_float):
+            return False
+        if (f.metadata() or {}).get("recipe") != RECIPE:
+            return False
+    for name in _targets(layer, keep_float):
+        parent, _, child = name.rpartition(".")
+        owner = layer.get_submodule(parent) if parent else layer
+        lin = getattr(owner, child)
+        setattr(
+            owner, child, Int8Linear.shell(lin.in_features, lin.out_features, lin.bias is not None)
+        )
+    map_layer(layer, path)
+    return True
+
+
+def map_layer(layer: nn.Module, path: Path) -> None:
+    """Point each of ``layer``'s tensors saved in ``path`` at the file's memory map: file pages,
+    which streaming hands back like the float weights' (anonymous memory it cannot)."""
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            parent, _, attr = name.rpartition(".")
+            owner = layer.get_submodule(parent) if parent else layer
+            t = f.get_tensor(name)
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+            else:
+                owner._buffers[attr] = t
 
 
 def calibrate(
