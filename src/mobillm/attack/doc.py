@@ -182,6 +182,10 @@ METHOD = """\
   head's rows of the preset's verbalizers, " negative"/" positive") and picks per sample the
   label whose expected gradient `W0^T (softmax(W0 f) - e_y)` is closest in cosine to the one
   received; no sign is left open. Every training step is scored, cache-epoch replays included.
+  With a label epsilon (`--label-epsilons`, the device's `--label-epsilon`) the session's
+  training labels went through randomized response on the device first: recovery is scored
+  against the true labels, and the last column against the randomized ones the device
+  trained on (what the gradients carry).
 """
 
 
