@@ -167,3 +167,11 @@ def test_bad_server_argument_is_one_clear_error(device, tmp_path):
         device.train(CONFIG, config=CONFIG, out=tmp_path / "r")
     with pytest.raises(ConfigError, match="cannot resume"):
         device.train(reviews(8), config=CONFIG, out=tmp_path / "none", resume=True)
+    # a run started with randomized labels resumes with the same epsilon, or not at all
+    started = tmp_path / "eps"
+    started.mkdir()
+    session = {"session_id": "s", "token": "t", "need_head": False}
+    record = {"session": session, "label_epsilon": 1.0}
+    (started / "session.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="label epsilon 0: the run was started with 1"):
+        device.train(reviews(8), config=CONFIG, out=started, resume=True)

@@ -41,7 +41,7 @@ def test_int8_split_keeps_the_servers_layers(make_tiny_backbone):
 def test_smoothing_keeps_the_float_function(make_tiny_backbone):
     """Smoothing alone (no quantization) folds factors into norms and projections: the same
     hidden states in float; and the factors are not all one (something was moved)."""
-    from mobillm.backbone.quant import CALIBRATION_TEXT, calibrate, smooth_layer
+    from mobillm.backbone.quant import CALIBRATION_TEXT, calibrate, layer_amax, smooth_layer
 
     bb = make_tiny_backbone("qwen2", layers=3)  # grouped-query attention, value biases
     ids = torch.randint(3, 300, (2, 12))
@@ -60,8 +60,8 @@ def test_smoothing_keeps_the_float_function(make_tiny_backbone):
         list(bb.layers),
         lambda: base(input_ids=calib, attention_mask=torch.ones_like(calib), use_cache=False),
     )
-    for layer in bb.layers:
-        smooth_layer(layer, amax, bb.model.config)
+    for i, layer in enumerate(bb.layers):
+        smooth_layer(layer, layer_amax(amax, i), bb.model.config)
     assert not torch.allclose(bb.layers[0].input_layernorm.weight, norm)
     for a, b in zip(before, states(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -118,3 +118,39 @@ def test_int8_layers_are_cached_and_mapped_back(model_dir, monkeypatch, tmp_path
     for a, b in zip(want, states(again), strict=True):
         assert torch.equal(a, b)
     assert again.fingerprint == first.fingerprint
+
+
+def test_int8_layers_quantized_later_match_a_fresh_run(model_dir, monkeypatch, tmp_path):
+    """A split run caches the lower layers only; a later run with every layer maps those and
+    quantizes the rest with the kept calibration: the same states as one fresh quantization
+    of every layer (in another cache)."""
+    from mobillm.backbone import Backbone
+
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+
+    def states(bb):
+        got: list[torch.Tensor] = []
+        bb.run(ids, mask, lambda i, h: got.append(h.clone()))
+        return got
+
+    monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "a"))
+    split = Backbone.load(BackboneConfig(source=model_dir, quant="int8"))
+    split.set_split(1)
+    split.run(ids, mask, lambda i, h: None)
+    cached = sorted(p.name for p in (tmp_path / "a" / "int8").glob("*/*.safetensors"))
+    n = split.num_layers
+    assert cached == ["calibration.safetensors"] + [f"layer-{i}.safetensors" for i in range(n - 1)]
+    later = states(Backbone.load(BackboneConfig(source=model_dir, quant="int8")))
+    monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "b"))
+    fresh = states(Backbone.load(BackboneConfig(source=model_dir, quant="int8")))
+    for a, b in zip(later, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_model_not_from_a_folder_is_not_cached(make_tiny_backbone, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stray.safetensors").write_bytes(b"")  # a cwd with weights must not key it
+    (tmp_path / "config.json").write_text("{}")
+    bb = make_tiny_backbone("llama")
+    assert bb._int8_cache() is None

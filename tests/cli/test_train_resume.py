@@ -78,11 +78,13 @@ def test_killed_device_resumes_bit_exact(tmp_path, model_dir, where):
     assert not (tmp_path / "run" / "session.json").exists()  # closed: nothing to resume
 
 
-def test_resumed_run_keeps_its_secret_frame_noise(tmp_path, model_dir):
+def test_resumed_run_keeps_its_secret_frame_noise(tmp_path, model_dir, monkeypatch):
     """A run with frame noise and no --frame-noise-seed draws a secret seed; the resumed run
-    reads it back from session.json and ends as an uninterrupted run with that seed."""
+    reads it back from session.json and ends as an uninterrupted run with that seed. Its
+    labels are randomized too, with the device's kept secret: the same draws again."""
+    monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "cache"))  # where the secret is kept
     data = write_reviews(tmp_path / "train.tsv", 40)
-    extra = ["--link-rtt-ms", "150", "--frame-noise", "0.5"]
+    extra = ["--link-rtt-ms", "150", "--frame-noise", "0.5", "--label-epsilon", "1"]
     _kill_after(_train(model_dir, data, tmp_path / "run", *extra), step=8)
     seed = json.loads((tmp_path / "run" / "session.json").read_text())["frame_noise_seed"]
     assert isinstance(seed, int) and seed >= 0

@@ -188,11 +188,23 @@ class Device:
         out = Path(out)
         session = None
         noise_seed_asked = streaming.frame_noise_seed  # -1 (secret) is not to be recorded
+        label_seed_asked = streaming.label_seed
         if resume:
-            session, noise_seed = _read_session(out)
+            session, record = _read_session(out)
+            noise_seed = record.get("frame_noise_seed")
             if noise_seed is not None and streaming.frame_noise_seed < 0:
                 # the crashed run's secret noise seed: resent steps carry the same bytes
                 streaming = streaming.replace(frame_noise_seed=noise_seed)
+            eps = float(record.get("label_epsilon", 0.0))
+            if eps != streaming.label_epsilon:
+                # other labels for the steps resent: the server would hold two draws of them
+                raise ConfigError(
+                    f"cannot resume {out} with label epsilon {streaming.label_epsilon:g}: the "
+                    f"run was started with {eps:g} (--label-epsilon)"
+                )
+            label_seed = record.get("label_seed", -1)
+            if label_seed >= 0 and streaming.label_seed < 0:
+                streaming = streaming.replace(label_seed=label_seed)
         dcfg, train_ex, val_ex, eval_ex = self._examples(
             data, eval_data, config, streaming.validation_fraction
         )
@@ -214,6 +226,7 @@ class Device:
             "frame_noise": streaming.frame_noise,
             "frame_noise_seed": noise_seed_asked,
             "label_epsilon": streaming.label_epsilon,
+            "label_seed": label_seed_asked,
             "side": side.to_dict(),
         }
         transport = _transport(server, connect, link, out)
@@ -227,7 +240,9 @@ class Device:
             train, dcfg.batch_size, seed=dcfg.seed, progress=callback, session=session
         )
         if session is None:
-            _write_session(out, info, trainer.noise_seed)
+            _write_session(
+                out, info, trainer.noise_seed, streaming.label_epsilon, trainer.label_seed
+            )
         if callback is not None:
             callback({"session": info.session_id, "server": info.server or "the server"})
         before = out / "before.json"
@@ -477,17 +492,24 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _write_session(out: Path, info: SessionInfo, noise_seed: int) -> None:
-    """What a resumed run needs: the session, with its token, and the frame noise's secret
-    seed (so the file is 0600)."""
+def _write_session(
+    out: Path, info: SessionInfo, noise_seed: int, label_epsilon: float, label_seed: int
+) -> None:
+    """What a resumed run needs: the session, with its token, the frame noise's secret seed and
+    the labels' randomization (so the file is 0600)."""
     path = out / SESSION_FILE
     out.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
-    record = {"session": dataclasses.asdict(info), "frame_noise_seed": noise_seed}
+    record = {
+        "session": dataclasses.asdict(info),
+        "frame_noise_seed": noise_seed,
+        "label_epsilon": label_epsilon,
+        "label_seed": label_seed,
+    }
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _read_session(out: Path) -> tuple[SessionInfo, int | None]:
+def _read_session(out: Path) -> tuple[SessionInfo, dict[str, Any]]:
     path = out / SESSION_FILE
     if not path.is_file():
         raise ConfigError(
@@ -495,7 +517,7 @@ def _read_session(out: Path) -> tuple[SessionInfo, int | None]:
             "opened a session)"
         )
     record = json.loads(path.read_text())
-    return SessionInfo(**record["session"]), record.get("frame_noise_seed")
+    return SessionInfo(**record["session"]), record
 
 
 def _transport(

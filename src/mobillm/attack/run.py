@@ -94,7 +94,10 @@ def label_row(
     train = tokenize_examples(examples[n_val:], tok, dcfg)
     val = tokenize_examples(examples[:n_val], tok, dcfg)
     side = build_side_config(backbone, "classification", len(dcfg.labels), dcfg.verbalizers)
-    device = DeviceConfig(epochs=cfg.label_epochs, private_labels=True, label_epsilon=epsilon)
+    # a fixed label seed: the measurement can be repeated (a real device keeps its own secret)
+    device = DeviceConfig(
+        epochs=cfg.label_epochs, private_labels=True, label_epsilon=epsilon, label_seed=cfg.seed
+    )
     codec = CodecConfig(scheme=cfg.codecs[0], group_size=cfg.group_size)
     with tempfile.TemporaryDirectory(prefix="mobillm-attack-") as work:
         steps, summary = record_private_session(

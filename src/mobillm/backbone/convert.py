@@ -200,28 +200,33 @@ def _stream_rows(
     if data.ndim < 2 or data.shape[0] <= _ROWS:
         return None
     first = dequantize(data[:_ROWS], tensor.tensor_type)
-    try:  # a processor that reshapes by the whole tensor's size may refuse a slice
-        result = processor.process(
-            weights=first,
-            name=tensor.name,
-            tensor_key_mapping=names,
-            parsed_parameters={"config": processor_config, "tensors": {}},
+    last = dequantize(data[-_ROWS:], tensor.tensor_type)
+    name = None
+    for chunk in (first, last):  # both ends: a processor keyed on rows would differ at one
+        try:  # a processor that reshapes by the whole tensor's size may refuse a slice
+            result = processor.process(
+                weights=chunk,
+                name=tensor.name,
+                tensor_key_mapping=names,
+                parsed_parameters={"config": processor_config, "tensors": {}},
+            )
+        except Exception:  # any refusal: then it is converted whole, as the library would
+            return None
+        same = result.weights is chunk or (
+            isinstance(result.weights, np.ndarray)
+            and result.weights.shape == chunk.shape
+            and np.array_equal(result.weights, chunk)
         )
-    except (ValueError, RuntimeError):
-        return None
-    same = result.weights is first or (
-        isinstance(result.weights, np.ndarray)
-        and result.weights.shape == first.shape
-        and np.array_equal(result.weights, first)
-    )
-    if result.name not in names or not same:
-        return None
+        if result.name not in names or not same:
+            return None
+        name = result.name
+    del last
     with part.open("wb") as f:
         f.write(np.ascontiguousarray(first, dtype=np.float32).tobytes())
         for i in range(_ROWS, data.shape[0], _ROWS):
             rows = dequantize(data[i : i + _ROWS], tensor.tensor_type)
             f.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
-    return result.name, (data.shape[0], *first.shape[1:])
+    return name, (data.shape[0], *first.shape[1:])
 
 
 def _assemble(parts: list[tuple[str, tuple[int, ...], Path]], target: Path) -> None:

@@ -6,11 +6,15 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mobillm.backbone import pages
@@ -20,6 +24,8 @@ from mobillm.config import Config, check
 from mobillm.errors import ConfigError
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.head import HeadSpec, tensors_sha256
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTS = ("none", "int8")
@@ -162,6 +168,7 @@ class Backbone:
         self.taps = resolve_taps(cfg.taps, len(self.layers))
         self.split_layers = 0  # top layers the server runs (split mode): the device stops below
         self._regions: list[list[pages.Region]] | None = None  # streamed weights' pages
+        self._amax: dict[str, torch.Tensor] | None = None  # int8: smoothing maxima, per layer
 
     @classmethod
     def load(cls, cfg: BackboneConfig) -> Backbone:
@@ -273,7 +280,9 @@ class Backbone:
         Each quantized layer is written to a cache folder keyed by the model's files and the
         recipe (``_int8_cache``) and mapped back from there, so its pages are file pages that
         streaming hands back like the float weights', and a later run maps it instead of
-        calibrating and quantizing again."""
+        quantizing again. The smoothing factors come from one calibration of the whole float
+        model, kept beside the cached layers: a layer quantized later (more taps, an
+        interrupted first run) is smoothed as a fresh run would smooth it."""
         from mobillm.backbone import quant
 
         todo = [
@@ -287,40 +296,33 @@ class Backbone:
         keep = quant.FLOAT_LINEARS if smooth else ()
         stream = self.cfg.stream
         cache = self._int8_cache()
+        files = {i: cache / f"layer-{i}.safetensors" for i, _ in todo} if cache else {}
         # the float weights' pages: handed back once their layer is quantized (streamed)
         floats = {i: pages.regions(m.parameters()) for i, m in todo} if stream else {}
+        missing = [i for i, _ in todo if not (i in files and files[i].is_file())]
+        if smooth and missing and self._amax is None:
+            self._amax = self._calibration(cache)
         cached = set()
-        if cache is not None:
-            for i, layer in todo:
-                file = cache / f"layer-{i}.safetensors"
-                if file.is_file() and quant.load_layer(layer, keep, file):
-                    cached.add(i)
-        amax: dict[nn.Module, torch.Tensor] = {}
-        if smooth and len(cached) < len(todo):
-            text = quant.CALIBRATION_TEXT
-            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
-            base = self.family.base(self.model)
-
-            def forward() -> object:
-                return base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-
-            handles = self._stream_hooks() if stream else []  # one float layer resident
-            try:
-                amax = quant.calibrate([m for _, m in todo], forward)
-            finally:
-                for h in handles:
-                    h.remove()
+        for i, layer in todo:
+            if i in files and i not in missing and quant.load_layer(layer, keep, files[i]):
+                cached.add(i)
+        self._regions = None  # replaced weights: looked up again when streaming
         # one layer at a time: its smoothed float copy lives only until it is quantized
         for i, layer in todo:
             if i not in cached:
-                names = quant.saved_names(layer, keep)
+                if smooth and self._amax is None:  # a cached file was unusable after all
+                    self._amax = self._calibration(cache)
+                names = quant.saved_shapes(layer, keep)
                 if smooth:
-                    quant.smooth_layer(layer, amax, self.model.config)
+                    assert self._amax is not None
+                    quant.smooth_layer(layer, quant.layer_amax(self._amax, i), self.model.config)
                 quant.quantize_layers([layer], keep)
-                if cache is not None:
-                    file = cache / f"layer-{i}.safetensors"
-                    quant.save_layer(layer, names, file)
-                    quant.map_layer(layer, file)
+                if i in files:
+                    try:
+                        quant.save_layer(layer, names, files[i])
+                        quant.map_layer(layer, files[i])
+                    except OSError as e:  # a cache is an optimisation: keep it in memory
+                        log.warning("int8 layer %d not cached (%s): kept in memory", i, e)
             layer._mobillm_q = 1
             if stream:
                 pages.release_regions(floats[i], self.cfg.cold)
@@ -329,25 +331,75 @@ class Backbone:
             # (Qwen2.5-Coder-1.5B, 28 layers quantized: 5.1 GB; collected 2.2 GB; both 1.7 GB)
             gc.collect()
             pages.trim_heap()
-        self._regions = None  # the layers' weights changed: looked up again when streaming
+        self._regions = None
+
+    def _calibration(self, cache: Path | None) -> dict[str, torch.Tensor]:
+        """The smoothing maxima of every layer (``quant.calibrate``) from the float model, or
+        as kept in ``cache`` by the run that quantized its first layers."""
+        from mobillm.backbone import quant
+
+        file = cache / "calibration.safetensors" if cache is not None else None
+        if file is not None and file.is_file():
+            try:
+                return load_file(str(file))
+            except (OSError, SafetensorError):
+                pass
+        if any(getattr(m, "_mobillm_q", 0) for m in self.layers):
+            raise ConfigError(
+                "int8: layers were quantized before any calibration was kept; load the "
+                "backbone again to quantize more layers"
+            )
+        text = quant.CALIBRATION_TEXT
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
+        base = self.family.base(self.model)
+
+        def forward() -> object:
+            return base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+        handles = self._stream_hooks() if self.cfg.stream else []  # one float layer resident
+        try:
+            amax = quant.calibrate(list(self.layers), forward)
+        finally:
+            for h in handles:
+                h.remove()
+        if file is not None:
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            try:
+                save_file(amax, str(tmp))
+                os.replace(tmp, file)
+            except OSError as e:
+                log.warning("int8 calibration not cached (%s)", e)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return amax
 
     def _int8_cache(self) -> Path | None:
-        """Where this model's quantized layers are kept: a folder named by the recipe and the
-        model's weight files (path, size, modification time), so that other weights or
-        another recipe never read them. None for a model not loaded from a local folder."""
+        """Where this model's quantized layers are kept: a folder named by the recipe, the
+        calibration text, the model's config and its weight files (path, size, modification
+        time), so that other weights or another recipe never read them. None for a model not
+        loaded from a local folder, or when the folder cannot be made (then nothing is cached).
+        Folders of weights since changed are not removed."""
         from mobillm.backbone.loader import cache_root
-        from mobillm.backbone.quant import RECIPE
+        from mobillm.backbone.quant import CALIBRATION_TEXT, RECIPE
 
-        where = Path(str(getattr(self.model.config, "_name_or_path", "") or ""))
-        files = sorted(where.glob("*.safetensors")) if where.is_dir() else []
+        name = str(getattr(self.model.config, "_name_or_path", "") or "")
+        where = Path(name) if name else None
+        if where is None or not (where / "config.json").is_file():
+            return None
+        files = sorted(where.glob("*.safetensors"))
         if not files:
             return None
-        h = hashlib.sha256(RECIPE.encode())
+        h = hashlib.sha256(f"{RECIPE}|{CALIBRATION_TEXT}|".encode())
+        h.update((where / "config.json").read_bytes())
         for f in files:
             st = f.stat()
             h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         folder = cache_root() / "int8" / h.hexdigest()[:24]
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("int8 layers not cached: %s", e)
+            return None
         return folder
 
     def _stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -357,7 +409,8 @@ class Backbone:
             embed = self.model.get_input_embeddings().parameters()
             self._regions = [pages.regions(embed)] + [
                 # buffers too: an int8 layer's weights are buffers (``quant.Int8Linear``)
-                pages.regions([*layer.parameters(), *layer.buffers()]) for layer in self.layers
+                pages.regions([*layer.parameters(), *layer.buffers()])
+                for layer in self.layers
             ]
         embed_pages, *weights = self._regions
         cold = self.cfg.cold

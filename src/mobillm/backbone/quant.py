@@ -36,11 +36,11 @@ named like Llama's (``SMOOTH_FAMILIES``); other families have every linear quant
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -71,6 +71,10 @@ CALIBRATION_TEXT = (
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` as int8: weights per output channel, inputs per row."""
 
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()
@@ -96,8 +100,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
         step = rows.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
-        q = torch.round(rows / step).to(torch.int8)
-        y = torch._int_mm(q, self.qweight.t()).float().mul_(step * self.scale)
+        q = rows.div(step).round_().to(torch.int8)
+        y = torch._int_mm(q, self.qweight.t()).float().mul_(step).mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -124,51 +128,59 @@ def _targets(layer: nn.Module, keep_float: Sequence[str]) -> list[str]:
     ]
 
 
-def saved_names(layer: nn.Module, keep_float: Sequence[str]) -> set[str]:
-    """The tensors ``save_layer`` writes for the float ``layer``: every int8 linear's weights,
-    scales and bias, and the rest of its state but the float linears (unchanged, read from
-    the model's own file)."""
+def saved_shapes(layer: nn.Module, keep_float: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The tensors ``save_layer`` writes for the float ``layer``, and their shapes: every int8
+    linear's weights, scales and bias, and the rest of its state but the float linears
+    (unchanged, read from the model's own file)."""
     targets = _targets(layer, keep_float)
     floats = [n for n, m in layer.named_modules() if type(m) is nn.Linear and n not in targets]
-    out = set()
-    for name in layer.state_dict():
+    out: dict[str, tuple[int, ...]] = {}
+    for name, t in layer.state_dict().items():
         owner = name.rpartition(".")[0]
         if owner in floats:
             continue
         if owner in targets:
-            out.add(f"{owner}.qweight")
-            out.add(f"{owner}.scale")
+            lin = layer.get_submodule(owner)
+            out[f"{owner}.qweight"] = (lin.out_features, lin.in_features)
+            out[f"{owner}.scale"] = (lin.out_features,)
             if name.endswith(".bias"):
-                out.add(name)
+                out[name] = (lin.out_features,)
         else:
-            out.add(name)
+            out[name] = tuple(t.shape)
     return out
 
 
-def save_layer(layer: nn.Module, names: set[str], path: Path) -> None:
-    """Write the quantized ``layer``'s ``names`` (``saved_names`` of it, taken before it was
+def save_layer(layer: nn.Module, names: Iterable[str], path: Path) -> None:
+    """Write the quantized ``layer``'s ``names`` (``saved_shapes`` of it, taken before it was
     quantized) to ``path``, atomically."""
     state = layer.state_dict()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({n: state[n].contiguous() for n in sorted(names)}, str(tmp), {"recipe": RECIPE})
-    os.replace(tmp, path)
+    try:
+        save_file({n: state[n].contiguous() for n in sorted(names)}, str(tmp), {"recipe": RECIPE})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_layer(layer: nn.Module, keep_float: Sequence[str], path: Path) -> bool:
     """Make the float ``layer`` the quantized one saved in ``path`` (``map_layer``). False,
-    and ``layer`` untouched, if the file holds another set of tensors or another recipe."""
-    with safe_open(str(path), framework="pt") as f:
-        if set(f.keys()) != saved_names(layer, keep_float):
-            return False
-        if (f.metadata() or {}).get("recipe") != RECIPE:
-            return False
+    and ``layer`` untouched, if the file is unreadable or holds other tensors, other shapes or
+    another recipe."""
+    want = saved_shapes(layer, keep_float)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != set(want) or (f.metadata() or {}).get("recipe") != RECIPE:
+                return False
+            if any(tuple(f.get_slice(n).get_shape()) != shape for n, shape in want.items()):
+                return False
+    except (OSError, SafetensorError):
+        return False
     for name in _targets(layer, keep_float):
         parent, _, child = name.rpartition(".")
         owner = layer.get_submodule(parent) if parent else layer
         lin = getattr(owner, child)
-        setattr(
-            owner, child, Int8Linear.shell(lin.in_features, lin.out_features, lin.bias is not None)
-        )
+        shell = Int8Linear.shell(lin.in_features, lin.out_features, lin.bias is not None)
+        setattr(owner, child, shell)
     map_layer(layer, path)
     return True
 
@@ -189,21 +201,24 @@ def map_layer(layer: nn.Module, path: Path) -> None:
 
 def calibrate(
     layers: Sequence[nn.Module], forward: Callable[[], object]
-) -> dict[nn.Module, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Per linear layer of ``layers``, the largest absolute value each input channel took
-    while ``forward()`` ran the model (over the tokenized ``CALIBRATION_TEXT``)."""
-    amax: dict[nn.Module, torch.Tensor] = {}
+    while ``forward()`` ran the model (over the tokenized ``CALIBRATION_TEXT``), keyed
+    ``"{index in layers}.{name in the layer}"`` (``layer_amax`` picks one layer's)."""
+    names = {
+        m: f"{i}.{n}"
+        for i, layer in enumerate(layers)
+        for n, m in layer.named_modules()
+        if type(m) is nn.Linear
+    }
+    amax: dict[str, torch.Tensor] = {}
 
     def record(m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].detach().abs().flatten(0, -2).amax(0).float()
-        amax[m] = torch.maximum(amax[m], x) if m in amax else x
+        key = names[m]
+        amax[key] = torch.maximum(amax[key], x) if key in amax else x
 
-    handles = [
-        m.register_forward_pre_hook(record)
-        for layer in layers
-        for m in layer.modules()
-        if type(m) is nn.Linear
-    ]
+    handles = [m.register_forward_pre_hook(record) for m in names]
     try:
         with torch.inference_mode():
             forward()
@@ -211,6 +226,12 @@ def calibrate(
         for h in handles:
             h.remove()
     return amax
+
+
+def layer_amax(amax: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Layer ``index``'s entries of ``calibrate``'s maxima, keyed by linear name."""
+    prefix = f"{index}."
+    return {k.removeprefix(prefix): v for k, v in amax.items() if k.startswith(prefix)}
 
 
 def _factors(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
@@ -235,30 +256,31 @@ def _scale_norm(norm: nn.Module, s: torch.Tensor) -> None:
     norm.weight = nn.Parameter(w / s.to(w.dtype), requires_grad=False)
 
 
-def smooth_layer(layer: nn.Module, amax: dict[nn.Module, torch.Tensor], config: object) -> None:
-    """Fold SmoothQuant factors into ``layer`` in place: the same function in float. Its
-    entries leave ``amax``, which would otherwise keep the replaced modules' weights alive."""
+def smooth_layer(layer: nn.Module, amax: dict[str, torch.Tensor], config: object) -> None:
+    """Fold SmoothQuant factors into ``layer`` in place: the same function in float. ``amax``:
+    the layer's input maxima by linear name (``layer_amax``)."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    if all(m in amax for m in qkv):
-        s = _factors(amax[attn.q_proj], qkv)
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    if all(n in amax for n in qkv):
+        lins = [attn.q_proj, attn.k_proj, attn.v_proj]
+        s = _factors(amax[qkv[0]], lins)
         _scale_norm(layer.input_layernorm, s)
-        for lin in qkv:
+        for lin in lins:
             _scale_inputs(lin, s)
-    gate_up = [mlp.gate_proj, mlp.up_proj]
-    if all(m in amax for m in gate_up):
-        s = _factors(amax[mlp.gate_proj], gate_up)
+    gate_up = ("mlp.gate_proj", "mlp.up_proj")
+    if all(n in amax for n in gate_up):
+        lins = [mlp.gate_proj, mlp.up_proj]
+        s = _factors(amax[gate_up[0]], lins)
         _scale_norm(layer.post_attention_layernorm, s)
-        for lin in gate_up:
+        for lin in lins:
             _scale_inputs(lin, s)
-    if attn.o_proj in amax:
+    if "self_attn.o_proj" in amax:
         # o_proj's input channel (head h, dim d) is v_proj's channel (h // group, d): one
         # factor per value channel, the largest over the query heads that share it
         heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
         kv = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = attn.o_proj.weight.shape[1] // heads
-        s = _factors(amax[attn.o_proj], [attn.o_proj]).view(kv, heads // kv, head_dim).amax(1)
+        x = amax["self_attn.o_proj"]
+        s = _factors(x, [attn.o_proj]).view(kv, heads // kv, head_dim).amax(1)
         _scale_outputs(attn.v_proj, s.flatten())
         _scale_inputs(attn.o_proj, s.repeat_interleave(heads // kv, 0).flatten())
-    for m in layer.modules():
-        amax.pop(m, None)

@@ -335,6 +335,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "private against the server, which otherwise reads it back even in private-label mode "
         "(see docs/privacy.md) (default: %(default)s = off)",
     )
+    g.add_argument(
+        "--label-seed",
+        type=_count,
+        default=None,
+        help="seed of the randomized labels (default: a secret this device keeps for all its "
+        "runs, so a text gets the same noisy label in each; set it only to reproduce a "
+        "measurement)",
+    )
     g.add_argument("--max-steps", type=_count, default=0, help="stop after this many steps")
     g.add_argument("--window", type=_positive, default=2, help="steps in flight (default: 2)")
     g.add_argument(

@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         frame_noise=args.frame_noise,
         frame_noise_seed=-1 if args.frame_noise_seed is None else args.frame_noise_seed,
         label_epsilon=args.label_epsilon,
+        label_seed=-1 if args.label_seed is None else args.label_seed,
     )
     connect = ConnectConfig(
         tls_ca=args.tls_ca,

@@ -17,18 +17,22 @@ receives (``mobillm attack``: 100% on SST-2), and in the standard mode it receiv
 ``randomized_labels`` applies randomized response (Warner 1965; as label differential privacy,
 Ghazi et al., NeurIPS 2021) before any of that: each training label is kept with probability
 ``e^eps / (e^eps + K - 1)``, else replaced by one of the other ``K - 1`` classes at random,
-once per sample (the same noisy label in every epoch and cache replay, so repeating a sample
-does not average its noise away). Whatever the server computes from then on is a function of
-the noisy labels, so each label is ``eps``-differentially private against it, whatever it
-does. The flips are symmetric, so the class that is most likely under the noisy labels is the
-one most likely under the true ones: training needs no correction, only more samples.
+once per text (the same noisy label in every epoch, cache replay, resume and session on this
+device, so repeating a sample does not average its noise away: the draw is keyed by the
+sample's token ids and a secret the device keeps, ``device_label_secret``). Whatever the
+server computes from then on is a function of the noisy labels, so each label is
+``eps``-differentially private against it, whatever it does. The flips are symmetric, so the
+class that is most likely under the noisy labels is the one most likely under the true ones:
+training needs no correction, only more samples.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import math
+import os
 import secrets
 
 import torch
@@ -77,22 +81,49 @@ def keep_probability(epsilon: float, classes: int) -> float:
     return 1.0 / (1.0 + (classes - 1) * math.exp(-epsilon))
 
 
+def device_label_secret() -> int:
+    """This device's secret for randomizing labels: drawn once and kept in the cache folder
+    (mode 0600), so the same text gets the same noisy label in every run and session here."""
+    from mobillm.backbone.loader import cache_root
+
+    path = cache_root() / "label-secret"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".label-secret.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, str(draw_noise_seed()).encode())
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # the first process to get here sets it
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return int(path.read_text())
+
+
 def randomized_labels(
-    data: TokenizedDataset, epsilon: float, classes: int, seed: int, split: str = "train"
+    data: TokenizedDataset, epsilon: float, classes: int, seed: int
 ) -> TokenizedDataset:
     """``data`` with each label kept with probability ``keep_probability(epsilon, classes)``,
-    else replaced by another class uniformly. Deterministic in ``(seed, split, sample
-    index)``."""
+    else replaced by another class uniformly. Deterministic in ``seed`` and each sample's
+    token ids: a text seen twice (in one set, in training and validation, in another session
+    with the same seed) gets the same noisy label, so repeating it reveals nothing more."""
     if data.labels is None:
         raise ValueError("randomized labels need a classification data set")
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"label epsilon must be a finite number > 0, got {epsilon}")
     keep = keep_probability(epsilon, classes)
     labels = []
-    for i, y in enumerate(data.labels):
-        u = torch.rand(
-            2, generator=_generator(f"mobillm-label-rr:{seed}:{split}:{i}"), dtype=torch.float64
-        )
+    for ids, y in zip(data.input_ids, data.labels, strict=True):
+        text = hashlib.sha256(array.array("q", ids).tobytes()).hexdigest()
+        gen = _generator(f"mobillm-label-rr:{seed}:{text}")
+        u = torch.rand(2, generator=gen, dtype=torch.float64)
         if u[0] < keep:
             labels.append(y)
         else:  # one of the other classes, uniformly

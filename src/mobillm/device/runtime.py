@@ -42,7 +42,12 @@ from mobillm.codec import CodecConfig, encode
 from mobillm.config import Config, ConfigError, check
 from mobillm.data import TokenizedDataset, collate, epoch_batches
 from mobillm.device.labels import LabelHead
-from mobillm.device.noise import add_frame_noise, draw_noise_seed, randomized_labels
+from mobillm.device.noise import (
+    add_frame_noise,
+    device_label_secret,
+    draw_noise_seed,
+    randomized_labels,
+)
 from mobillm.device.rows import plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead, tensors_sha256
@@ -91,9 +96,10 @@ class DeviceConfig(Config):
     (``device.noise``), seeded by ``frame_noise_seed`` (-1: a secret one drawn per session).
     ``label_epsilon`` (classification; 0 = off): the training labels go through randomized
     response at this epsilon before anything is computed from them, so each is
-    epsilon-label-differentially private against the server (``device.noise``; the same
-    secret seed). With private labels the validation labels never leave the device and stay
-    as they are; with standard labels they are randomized too.
+    epsilon-label-differentially private against the server (``device.noise``), keyed by
+    ``label_seed`` (-1: a secret this device keeps for all its runs, so a text gets the same
+    noisy label in every session). With private labels the validation labels are not sent and
+    stay as they are; with standard labels they are randomized too.
     """
 
     positions: str = "auto"
@@ -109,6 +115,7 @@ class DeviceConfig(Config):
     frame_noise: float = 0.0
     frame_noise_seed: int = -1
     label_epsilon: float = 0.0
+    label_seed: int = -1
 
     def labels_private(self, task: str) -> bool:
         """Whether a run of ``task`` keeps its labels on the device."""
@@ -143,6 +150,10 @@ class DeviceConfig(Config):
             math.isfinite(self.label_epsilon) and self.label_epsilon >= 0,
             f"DeviceConfig.label_epsilon must be a finite number >= 0 (0 = off), got "
             f"{self.label_epsilon}",
+        )
+        check(
+            -1 <= self.label_seed < 2**63,
+            "DeviceConfig.label_seed must be in [0, 2**63), or -1 for the device's own secret",
         )
 
 
@@ -319,6 +330,10 @@ class DeviceTrainer:
         # the noise seed (frames, labels) never leaves the device: the server could undo the noise
         seed = self.cfg.frame_noise_seed
         self.noise_seed = seed if seed >= 0 else draw_noise_seed()
+        self.label_seed = self.cfg.label_seed
+        if self.cfg.label_epsilon and self.label_seed < 0:
+            self.label_seed = device_label_secret()
+        self._labels_randomized = False  # train() randomizes them; step() refuses otherwise
 
     def _train_config(self, total_steps: int) -> TrainConfig:
         return self.train_cfg.replace(
@@ -459,6 +474,11 @@ class DeviceTrainer:
         A ``validation`` batch is scored by the server, never trained on. ``replay_of``
         (private labels): the server runs that cached step again; no forward pass here.
         """
+        check(
+            not self.cfg.label_epsilon or self._labels_randomized,
+            "DeviceConfig.label_epsilon: the labels are randomized by train(); drive the run "
+            "with train(), not step()",
+        )
         sent_at = time.perf_counter()
         step = self._next_step
         samples = self._send_step(step, batch, validation, replay_of)
@@ -581,9 +601,10 @@ class DeviceTrainer:
         Returns a summary dict.
         """
         if self.cfg.label_epsilon:
-            data = self._randomized(data, "train")
+            data = self._randomized(data)
             if validation is not None and not self.private:  # it would reach the server
-                validation = self._randomized(validation, "validation")
+                validation = self._randomized(validation)
+            self._labels_randomized = True
         if self.info is None:
             self.start(data, batch_size, seed, progress)
         plan = self._planned = self._plan(data, batch_size, seed, validation)
@@ -619,9 +640,9 @@ class DeviceTrainer:
         """Every step of the run, in order, as ``train`` planned it (empty before)."""
         return self._planned
 
-    def _randomized(self, data: TokenizedDataset, split: str) -> TokenizedDataset:
+    def _randomized(self, data: TokenizedDataset) -> TokenizedDataset:
         eps, classes = self.cfg.label_epsilon, self.side.num_labels
-        return randomized_labels(data, eps, classes, self.noise_seed, split)
+        return randomized_labels(data, eps, classes, self.label_seed)
 
     def _plan(
         self,
