@@ -169,6 +169,21 @@ def test_cli_writes_json_jsonl_png_and_page(sst2_dir, model_dir, tmp_path, capsy
     again = ["attack", "--from-json", str(out / "results.json"), "--out", str(out)]
     assert main([*again, "--write-doc", str(doc)]) == 0
     assert main([*again, "--accuracy", f"x={tmp_path}"]) == 2
+    # two measurements merge into one page: other settings are added, a repeated one refused
+    more = tmp_path / "more"
+    extra = [
+        "attack", "--model", model_dir, "--layers", "0,1", "--codecs", "fp16",
+        "--frame-noise", "0", "--public-samples", "60", "--private-samples", "20",
+        "--epochs", "1", "--probe-epochs", "1", "--label-samples", "0", "--out", str(more),
+    ]  # fmt: skip
+    assert main(extra) == 0
+    both = f"{out / 'results.json'},{more / 'results.json'}"
+    merged = tmp_path / "merged"
+    assert main(["attack", "--from-json", both, "--out", str(merged), "--write-doc", str(doc)]) == 0
+    rows = json.loads((merged / "results.json").read_text())["rows"]
+    assert len(rows) == 16 + 4 and "fp16" in doc.read_text()
+    twice = f"{out / 'results.json'},{out / 'results.json'}"
+    assert main(["attack", "--from-json", twice, "--out", str(merged)]) == 2
 
 
 def test_attack_config_is_checked_and_round_trips():

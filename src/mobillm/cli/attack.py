@@ -109,8 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--from-json",
         default="",
-        metavar="RESULTS",
-        help="measure nothing: rebuild the PNG and the doc from this results.json",
+        metavar="RESULTS[,RESULTS...]",
+        help="measure nothing: rebuild the PNG and the doc from this results.json (several, "
+        "comma-separated, are merged: runs of other codecs or noise levels on the same model, "
+        "data and text)",
     )
     o.add_argument(
         "--accuracy",
@@ -155,10 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     if args.from_json:
-        path = Path(args.from_json)
-        if not path.is_file():
-            raise ConfigError(f"--from-json {path}: no such file")
-        result = json.loads(path.read_text())
+        result = _merged([Path(x) for x in args.from_json.split(",") if x])
     else:
         result = _measure(args)
     if args.accuracy:
@@ -208,6 +207,42 @@ def _command(args: argparse.Namespace) -> str:
     if "int4" in args.codecs or "nf4" in args.codecs:
         parts += ["--group-size", str(args.group_size)]
     return shlex.join(parts)
+
+
+# what must agree for two measurements to share one page
+_SAME = ("model", "data", "backbone_layers", "public_samples", "private_samples")
+
+
+def _merged(paths: list[Path]) -> dict[str, Any]:
+    """One result from several ``results.json``: the first's, with the others' rows and
+    commands added. Refused where they measured other text or a setting twice."""
+    results = []
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"--from-json {path}: no such file")
+        results.append(json.loads(path.read_text()))
+    if not results:
+        raise ConfigError("--from-json needs a results.json")
+    out = dict(results[0])
+    out["rows"] = list(out["rows"])
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        setting = (r.get("mode"), r.get("codec"), r.get("frame_noise"), r.get("layer"))
+        return (*setting, r.get("label_epsilon"))
+
+    seen = {key(r) for r in out["rows"]}
+    for path, other in zip(paths[1:], results[1:], strict=True):
+        differ = [k for k in _SAME if other.get(k) != out.get(k)]
+        if differ:
+            raise ConfigError(f"--from-json {path}: measured another {', '.join(differ)}")
+        for r in other["rows"]:
+            if key(r) in seen:
+                raise ConfigError(f"--from-json {path}: measures {key(r)} again")
+            seen.add(key(r))
+            out["rows"].append(r)
+        out["command"] = f"{out.get('command', '')}\n{other.get('command', '')}"
+        out["seconds"] = round(float(out.get("seconds", 0)) + float(other.get("seconds", 0)), 1)
+    return out
 
 
 def _doc_command(args: argparse.Namespace) -> str:
