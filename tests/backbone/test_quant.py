@@ -1,5 +1,7 @@
 """An int8 device backbone: close to fp32, a fingerprint of its own, the server's layers intact."""
 
+import functools
+
 import torch
 from torch import nn
 
@@ -82,6 +84,12 @@ def test_int8_linear_scales_each_token_alone():
     assert q(torch.randn(2, 5, 64)).shape == (2, 5, 48)
 
 
+def _states(bb, ids, mask):
+    got: list[torch.Tensor] = []
+    bb.run(ids, mask, lambda i, h: got.append(h.clone()))
+    return got
+
+
 def test_int8_layers_are_cached_and_mapped_back(model_dir, monkeypatch, tmp_path):
     """A model loaded from a folder: its quantized layers are written to the cache and mapped
     back from there (file pages, which streaming can hand back); a second load maps them
@@ -91,11 +99,7 @@ def test_int8_layers_are_cached_and_mapped_back(model_dir, monkeypatch, tmp_path
     monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "cache"))
     ids = torch.randint(3, 300, (2, 12))
     mask = torch.ones_like(ids)
-
-    def states(bb):
-        got: list[torch.Tensor] = []
-        bb.run(ids, mask, lambda i, h: got.append(h.clone()))
-        return got
+    states = functools.partial(_states, ids=ids, mask=mask)
 
     first = Backbone.load(BackboneConfig(source=model_dir, quant="int8"))
     want = states(first)
@@ -128,11 +132,7 @@ def test_int8_layers_quantized_later_match_a_fresh_run(model_dir, monkeypatch, t
 
     ids = torch.randint(3, 300, (2, 12))
     mask = torch.ones_like(ids)
-
-    def states(bb):
-        got: list[torch.Tensor] = []
-        bb.run(ids, mask, lambda i, h: got.append(h.clone()))
-        return got
+    states = functools.partial(_states, ids=ids, mask=mask)
 
     monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "a"))
     split = Backbone.load(BackboneConfig(source=model_dir, quant="int8"))
