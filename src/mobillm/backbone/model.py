@@ -7,14 +7,13 @@ import gc
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mobillm.backbone import pages
@@ -300,17 +299,18 @@ class Backbone:
         # the float weights' pages: handed back once their layer is quantized (streamed)
         floats = {i: pages.regions(m.parameters()) for i, m in todo} if stream else {}
         missing = [i for i, _ in todo if not (i in files and files[i].is_file())]
-        if smooth and missing and self._amax is None:
+        kept = cache is not None and (cache / "calibration.safetensors").is_file()
+        # calibrated while every layer is float: a cached file may still prove unusable below
+        if smooth and self._amax is None and (missing or not kept):
             self._amax = self._calibration(cache)
         cached = set()
         for i, layer in todo:
             if i in files and i not in missing and quant.load_layer(layer, keep, files[i]):
                 cached.add(i)
-        self._regions = None  # replaced weights: looked up again when streaming
         # one layer at a time: its smoothed float copy lives only until it is quantized
         for i, layer in todo:
             if i not in cached:
-                if smooth and self._amax is None:  # a cached file was unusable after all
+                if smooth and self._amax is None:  # kept beside the cache: read, not measured
                     self._amax = self._calibration(cache)
                 names = quant.saved_shapes(layer, keep)
                 if smooth:
@@ -363,14 +363,10 @@ class Backbone:
             for h in handles:
                 h.remove()
         if file is not None:
-            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
             try:
-                save_file(amax, str(tmp))
-                os.replace(tmp, file)
+                quant.save_atomic(amax, file)
             except OSError as e:
                 log.warning("int8 calibration not cached (%s)", e)
-            finally:
-                tmp.unlink(missing_ok=True)
         return amax
 
     def _int8_cache(self) -> Path | None:

@@ -154,9 +154,17 @@ def save_layer(layer: nn.Module, names: Iterable[str], path: Path) -> None:
     """Write the quantized ``layer``'s ``names`` (``saved_shapes`` of it, taken before it was
     quantized) to ``path``, atomically."""
     state = layer.state_dict()
+    save_atomic({n: state[n].contiguous() for n in sorted(names)}, path, {"recipe": RECIPE})
+
+
+def save_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``tensors`` to the safetensors file ``path``, whole or not at all (another process may
+    be reading or writing the same cache file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({n: state[n].contiguous() for n in sorted(names)}, str(tmp), {"recipe": RECIPE})
+        save_file(tensors, str(tmp), metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

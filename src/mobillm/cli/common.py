@@ -322,9 +322,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--frame-noise-seed",
         type=_count,
         default=None,
-        help="seed of the device's privacy noise, the frame noise and the randomized labels "
-        "(default: a secret random one per session; a server that knows it can undo the "
-        "noise, so set it only to reproduce a measurement)",
+        help="seed of the frame noise (default: a secret random one per session; a server "
+        "that knows it can subtract the noise, so set it only to reproduce a measurement)",
     )
     g.add_argument(
         "--label-epsilon",

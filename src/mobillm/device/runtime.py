@@ -327,7 +327,7 @@ class DeviceTrainer:
         self._planned: list[PlannedStep] = []
         self._markers: list[tuple[int, int]] = []  # (plan index, epoch) of validation passes
         self._validation_samples = 0
-        # the noise seed (frames, labels) never leaves the device: the server could undo the noise
+        # the frame noise's seed never leaves the device (the server could subtract the noise)
         seed = self.cfg.frame_noise_seed
         self.noise_seed = seed if seed >= 0 else draw_noise_seed()
         self.label_seed = self.cfg.label_seed
