@@ -135,6 +135,9 @@ def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling):
     finally:
         batcher.close()
     assert max(a.metrics["batch"] for row in got for a in row) == 3  # they did share rounds
+    if pooling == "mean":  # rounds of clipped (grad_clip 1) and unclipped sessions together
+        norms = [a.metrics["grad_norm"] for row in got for a in row]
+        assert min(norms) < 1.0 < max(norms)
     for i in range(3):
         assert [a.loss for a in got[i]] == pytest.approx(
             [a.loss for a in ref[i]], rel=1e-4, abs=1e-5

@@ -452,7 +452,8 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
             f"max_batch={cfg.max_batch} on {cfg.device}"
         )
         rec = measure_in_process(cfg, out, args.threads)
-        rec |= {"command": command.strip(), "machine": machine}
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        rec |= {"command": command.strip(), "machine": machine, "measured": day}
         done = [r for r in done if {k: r.get(k) for k in want} != want] + [rec]
         store.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
         common.say(

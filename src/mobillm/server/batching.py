@@ -9,11 +9,12 @@ head, same label smoothing), and trains each group at once:
 * each session's trainable parameters and AdamW moments live in three flat vectors
   (``FlatState``; the module's parameters and the optimizer's state are views of them), so
   checkpoints, downloads, validation and the cache epochs work on them unchanged;
-* a round stacks the sessions' flat weight vectors into one ``[R, N]`` leaf and runs
-  ``torch.func.vmap`` over ``functional_call`` of the same learner code the per-session
-  trainer runs, on rows padded to the round's longest step (padding carries no loss; the
-  ladder is position-wise); the gradient comes back as one ``[R, N]`` tensor, so the host
-  work per session is a few operations, not one per parameter;
+* a round stacks the sessions' flat weight vectors into one ``[R, N]`` buffer, takes each
+  parameter's ``[R, *shape]`` view of it as a leaf, and runs ``torch.func.vmap`` over
+  ``functional_call`` of the same learner code the per-session trainer runs, on rows padded
+  to the round's longest step (padding carries no loss; the ladder is position-wise); the
+  gradients are clipped as they are gathered into one ``[R, N]`` tensor, so the optimizer's
+  host work per session is a few operations, not one per parameter;
 * dropout masks are drawn when a step opens, from the session's own generator, all at once
   (``SideNetwork.draw_dropout``), alone or batched: a session's draws are the same whoever
   shares its round;
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import queue
 import threading
 import time
@@ -65,6 +67,7 @@ class Trainer(Protocol):
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the per-session trainer uses
 EPS = 1e-8
 ACTIVE_S = 10.0  # a session that submitted within this long is waited for (up to wait_ms)
+IDLE_S = 5.0  # a batcher with no step for this long gives its round buffers back
 _GROUPS = 8  # learner templates kept (one per distinct shape); a rebuilt one costs one init
 # Learners are built under this lock with the global RNG forked and seeded: concurrent builds
 # (sessions opening, the batcher's templates) must not interleave their draws.
@@ -193,8 +196,8 @@ class _Group:
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
         # decayed parameters come first in the flat vector: this many of its elements
         self.split = sum(p.numel() for k, p in named if decays(k, p))
-        self.sizes = [n for _, n, _ in self.layout]
-        self.numel = sum(n for _, n, _ in self.layout)
+        self.offsets = list(itertools.accumulate((n for _, n, _ in self.layout), initial=0))
+        self.numel = self.offsets.pop()
         for _, p in named:  # every round supplies the weights: the template keeps none
             p.data = p.data.new_empty(0)
         self.vocab = 0 if net.classifier is not None else net.frozen.spec.vocab_rows
@@ -204,23 +207,26 @@ class _Group:
         self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
 
     def round_cost(self, item: Ready) -> int:
-        """Bytes a step adds to a round, roughly: stacked weights and gradients, its taps
-        stacked and normalised (kept for the backward pass), dropout masks, LM-head logits."""
+        """Bytes a step adds to a round, roughly: stacked weights, gradients as the backward
+        pass makes them and gathered, its taps stacked and normalised (kept for the backward
+        pass), dropout masks, LM-head logits."""
         rows, hidden = item.hidden[0].shape
         taps = len(item.hidden)
-        return 4 * (2 * self.numel + rows * (3 * hidden * taps + 2 * self.vocab))
+        return 4 * (3 * self.numel + rows * (3 * hidden * taps + 2 * self.vocab))
 
-    @staticmethod
-    def leaves(trainers: list[Trainer]) -> torch.Tensor:
-        """The sessions' flat weight vectors stacked, ``[R, N]``: the round's one leaf. Its
-        gradient comes back as one contiguous ``[R, N]`` tensor, so clipping and AdamW touch
-        a handful of tensors per session, not one per parameter."""
-        return torch.stack([t.flat.p for t in trainers]).requires_grad_()  # type: ignore[union-attr]
+    def leaves(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """The round's leaves, one ``[R, *shape]`` per parameter, views of the sessions' flat
+        weight vectors stacked in ``weights`` ``[R, N]``. Per-parameter leaves take their
+        gradients as the backward pass makes them: one flat leaf would have them reshaped
+        and concatenated, two more passes over the largest tensors of a round."""
+        r = weights.shape[0]
+        return [
+            weights[:, o : o + n].view(r, *shape).detach().requires_grad_()
+            for o, (_, n, shape) in zip(self.offsets, self.layout, strict=True)
+        ]
 
-    def _one(self, flat, hidden, masks, pool, target):
-        # one split, not a slice per parameter: the split's backward is one concatenation
-        parts = flat.split(self.sizes)
-        named = {n: x.view(shape) for (n, _, shape), x in zip(self.layout, parts, strict=True)}
+    def _one(self, weights, hidden, masks, pool, target):
+        named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
         return functional_call(self.objective, named, (hidden, masks, pool, target))
 
 
@@ -247,6 +253,7 @@ class Batcher:
         self.cfg = cfg or BatchConfig()
         self._queue: queue.Queue[Ready | None] = queue.Queue()
         self._groups: collections.OrderedDict[Any, _Group] = collections.OrderedDict()
+        self._buffers: dict[str, torch.Tensor] = {}  # a round's stacked weights and gradients
         self.rounds = 0
         self.session_steps = 0
         # trainer -> (when it attached or last submitted a step, its group): who rounds wait for
@@ -313,7 +320,11 @@ class Batcher:
         that stepped lately is in, or ``wait_ms`` passed (a slow or departed device waits for a
         later round; it does not hold this one back). False once the batcher is closing."""
         if not held:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                self._buffers.clear()
+                first = self._queue.get()
             if first is None:
                 return False
             held.append(first)
@@ -410,11 +421,24 @@ class Batcher:
         self._groups.move_to_end(key)
         return group
 
+    def _buffer(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """A ``(rows, cols)`` float32 buffer kept from round to round while steps keep coming.
+        On a CPU a fresh tensor of a Qwen-sized round's weights (hundreds of MB) is mapped and
+        faulted in page by page each time (glibc returns blocks over 32 MB to the kernel on
+        free), which took longer than the round's matmuls."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.device != device or buf.numel() < rows * cols:
+            self._buffers.pop(name, None)  # the old one goes before the new one comes
+            buf = self._buffers[name] = torch.empty(rows * cols, device=device)
+        return buf[: rows * cols].view(rows, cols)
+
     def _round(self, key: Any, items: list[Ready]) -> None:
         g = self._group(key, items[0].trainer)
         dev = items[0].trainer.device
         rows = max(i.hidden[0].shape[0] for i in items)
-        leaves = g.leaves([i.trainer for i in items])
+        weights = self._buffer("weights", len(items), g.numel, dev)
+        torch.stack([i.trainer.flat.p for i in items], out=weights)  # type: ignore[union-attr]
+        leaves = g.leaves(weights)
         hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
         # each session's masks, drawn when its step opened, padded: (R, calls, rows, width)
         none = torch.zeros(0, rows, g.width, device=dev)
@@ -440,15 +464,20 @@ class Batcher:
             pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
         run = g.batched if classify else g.batched_lm
         loss, logits = run(leaves, hidden, masks, pool, target)
-        # contiguous: PyTorch's fused AdamW reads a strided gradient wrongly on CPU
-        (grad,) = torch.autograd.grad(loss.sum(), [leaves])
-        grad = grad.contiguous()
-        norms = grad.norm(dim=1)
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        norms = _session_norms(grads)
         ok = torch.isfinite(loss) & torch.isfinite(norms)
-        # each session's gradient clipping (clip_grads_with_norm_'s coefficient)
+        # each session's gradient clipping (clip_grads_with_norm_'s coefficient), applied as
+        # the gradients are gathered into one contiguous [R, N] tensor: clipping and AdamW then
+        # touch a few tensors per session (and PyTorch's fused AdamW reads a strided gradient
+        # wrongly on CPU)
         clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
         coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
-        grad.mul_(coef.unsqueeze(1))
+        grad = self._buffer("grads", len(items), g.numel, dev)
+        for o, part in zip(g.offsets, grads, strict=True):
+            scale = coef.view(-1, *[1] * (part.dim() - 1))
+            torch.mul(part, scale, out=grad[:, o : o + part[0].numel()].view_as(part))
+        del grads
         losses, oks, norm_list = loss.detach().tolist(), ok.tolist(), norms.tolist()
         if classify:
             hits = ((logits.argmax(-1) == target) & (target != IGNORE)).sum(-1).tolist()
@@ -526,6 +555,16 @@ def _adamw(
             lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=EPS,
             amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
         )  # fmt: skip
+
+
+def _session_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Each session's gradient norm from per-parameter ``[R, *shape]`` gradients, as
+    ``get_total_norm`` takes it for a session alone: the norm of its parameters' norms."""
+    per = []
+    for x in grads:
+        x = x.unsqueeze(1) if x.dim() == 1 else x  # a scalar parameter
+        per.append(torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))))
+    return torch.linalg.vector_norm(torch.stack(per), dim=0)
 
 
 def _pad(parts: list[torch.Tensor], size: int, value: float = 0.0) -> torch.Tensor:
