@@ -1,6 +1,8 @@
 """An int8 device backbone: close to fp32, a fingerprint of its own, the server's layers intact."""
 
 import functools
+import os
+import shutil
 
 import torch
 from torch import nn
@@ -146,6 +148,33 @@ def test_int8_layers_quantized_later_match_a_fresh_run(model_dir, monkeypatch, t
     fresh = states(Backbone.load(BackboneConfig(source=model_dir, quant="int8")))
     for a, b in zip(later, fresh, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_changed_model_replaces_its_int8_cache(model_dir, monkeypatch, tmp_path):
+    """New weights in the model's folder give a new cache folder, which replaces the old one;
+    another model's folder stays."""
+    from mobillm.backbone import Backbone
+
+    model_dir = shutil.copytree(model_dir, tmp_path / "model")  # its weights will change
+    monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "int8"
+    other = root / "another-model"
+    other.mkdir(parents=True)
+    (other / "source").write_text(str(tmp_path / "elsewhere"))
+    ids = torch.randint(3, 300, (1, 6))
+
+    def load_and_run():  # layers are quantized (and cached) as they first run
+        _states(Backbone.load(BackboneConfig(source=model_dir, quant="int8")), ids, ids > 0)
+
+    load_and_run()
+    (first,) = [p for p in root.iterdir() if p != other]
+    assert (first / "source").read_text() == str(model_dir.resolve())
+    weights = next(model_dir.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    load_and_run()
+    (second,) = [p for p in root.iterdir() if p != other]
+    assert second != first and not first.exists()
+    assert sorted(p.name for p in second.glob("layer-*.safetensors"))
 
 
 def test_a_model_not_from_a_folder_is_not_cached(make_tiny_backbone, monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -374,7 +375,8 @@ class Backbone:
         calibration text, the model's config and its weight files (path, size, modification
         time), so that other weights or another recipe never read them. None for a model not
         loaded from a local folder, or when the folder cannot be made (then nothing is cached).
-        Folders of weights since changed are not removed."""
+        A new folder replaces the model folder's older ones (its weights or the recipe changed
+        since): each is as large as the model's int8 layers."""
         from mobillm.backbone.loader import cache_root
         from mobillm.backbone.quant import CALIBRATION_TEXT, RECIPE
 
@@ -391,8 +393,13 @@ class Backbone:
             st = f.stat()
             h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         folder = cache_root() / "int8" / h.hexdigest()[:24]
+        source = str(where.resolve())
         try:
+            new = not folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
+            if new:
+                (folder / "source").write_text(source)
+                _prune_int8(folder, source)
         except OSError as e:
             log.warning("int8 layers not cached: %s", e)
             return None
@@ -459,3 +466,16 @@ class Backbone:
             for h in handles:
                 h.remove()
         return out.cache if use_cache else None
+
+
+def _prune_int8(keep: Path, source: str) -> None:
+    """Remove the int8 cache folders of ``source`` other than ``keep``. A process still
+    running from one keeps its mapped pages (removing a mapped file leaves the mapping)."""
+    for other in keep.parent.iterdir():
+        try:
+            stale = other != keep and (other / "source").read_text() == source
+        except OSError:
+            continue  # not a folder of ours, or one being made
+        if stale:
+            log.info("removing the int8 cache of %s's earlier weights: %s", source, other)
+            shutil.rmtree(other, ignore_errors=True)

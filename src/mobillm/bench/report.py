@@ -32,8 +32,14 @@ def _ok(cond: bool) -> str:
     return "**met**" if cond else "**not met**"
 
 
+def _ladder(r: dict[str, Any]) -> bool:
+    """A MobiLLM run of the ladder side network (the race's plain learner, not the default)."""
+    return r["method"] == "mobillm" and not r.get("split_layers") and not r.get("learner")
+
+
 def _name(r: dict[str, Any]) -> str:
-    extra = " + attention mixer" if r.get("mixer", "none") != "none" else ""
+    extra = ", ladder" if _ladder(r) else ""
+    extra += " + attention mixer" if r.get("mixer", "none") != "none" else ""
     if r.get("split_layers"):
         extra += f", split: server runs the top {r['split_layers']} layers with LoRA"
     if r.get("learner") == "transformer":
@@ -49,6 +55,8 @@ def _name(r: dict[str, Any]) -> str:
 def _short(r: dict[str, Any]) -> str:
     """A plot label: the method and its variant in a few words."""
     name = METHOD_NAMES[r["method"]].split(" (")[0]
+    if _ladder(r):
+        name += " ladder"
     if r.get("split_layers"):
         name += f" split {r['split_layers']}"
     if r.get("learner") == "transformer":

@@ -443,9 +443,15 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
     machine = f"{platform.machine()}, {os.cpu_count()} cores" + (
         f", {_gpu_name()}" if args.device.startswith("cuda") else ""
     )
+    # a field added to LoadConfig after a point was stored reads as its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(LoadConfig)}
+
+    def same(r: dict[str, Any], want: dict[str, Any]) -> bool:
+        return all(r.get(k, defaults[k]) == v for k, v in want.items())
+
     for i, cfg in enumerate(points):
         want = cfg.to_dict()
-        if not args.fresh and any({k: r.get(k) for k in want} == want for r in done):
+        if not args.fresh and any(same(r, want) for r in done):
             continue
         common.say(
             f"[server] point {i + 1}/{len(points)}: {cfg.shape} S={cfg.sessions} "
@@ -454,7 +460,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
         rec = measure_in_process(cfg, out, args.threads)
         day = time.strftime("%Y-%m-%d", time.gmtime())
         rec |= {"command": command.strip(), "machine": machine, "measured": day}
-        done = [r for r in done if {k: r.get(k) for k in want} != want] + [rec]
+        done = [r for r in done if not same(r, want)] + [rec]
         store.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
         common.say(
             f"[server]   {rec['session_steps_per_s']:.1f} session-steps/s, "
