@@ -1,6 +1,7 @@
 """An int8 device backbone: close to fp32, a fingerprint of its own, the server's layers intact."""
 
 import functools
+import json
 import os
 import shutil
 
@@ -152,15 +153,14 @@ def test_int8_layers_quantized_later_match_a_fresh_run(model_dir, monkeypatch, t
 
 def test_a_changed_model_replaces_its_int8_cache(model_dir, monkeypatch, tmp_path):
     """New weights in the model's folder give a new cache folder, which replaces the old one;
-    another model's folder stays."""
+    a folder made by another recipe for the same model stays."""
     from mobillm.backbone import Backbone
 
     model_dir = shutil.copytree(model_dir, tmp_path / "model")  # its weights will change
     monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "cache" / "int8"
-    other = root / "another-model"
+    other = root / "another-recipe"  # another install's folder for the same model
     other.mkdir(parents=True)
-    (other / "source").write_text(str(tmp_path / "elsewhere"))
     ids = torch.randint(3, 300, (1, 6))
 
     def load_and_run():  # layers are quantized (and cached) as they first run
@@ -168,12 +168,14 @@ def test_a_changed_model_replaces_its_int8_cache(model_dir, monkeypatch, tmp_pat
 
     load_and_run()
     (first,) = [p for p in root.iterdir() if p != other]
-    assert (first / "source").read_text() == str(model_dir.resolve())
+    made_for = json.loads((first / "source.json").read_text())
+    assert made_for["source"] == str(model_dir.resolve())
+    (other / "source.json").write_text(json.dumps({**made_for, "recipe": "another"}))
     weights = next(model_dir.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     load_and_run()
     (second,) = [p for p in root.iterdir() if p != other]
-    assert second != first and not first.exists()
+    assert second != first and not first.exists() and other.exists()
     assert sorted(p.name for p in second.glob("layer-*.safetensors"))
 
 

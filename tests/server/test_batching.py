@@ -114,15 +114,16 @@ def _run_together(trainers, plan, n_steps):
 
 
 @pytest.mark.parametrize(
-    "arch,task,pooling",
+    "arch,task,pooling,taps",
     [
-        ("llama", "classification", "last"),
-        ("llama", "classification", "mean"),
-        ("qwen2", "causal_lm", "last"),
+        ("llama", "classification", "last", "all"),
+        ("llama", "classification", "mean", "all"),
+        ("qwen2", "causal_lm", "last", "all"),
+        ("llama", "classification", "last", "2"),  # one tap: the ladder's gate goes unused
     ],
 )
-def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling):
-    bb = make_tiny_backbone(arch)
+def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling, taps):
+    bb = make_tiny_backbone(arch, taps=taps)
     n = 6
     plan = _data(bb, task, n, all_rows=pooling == "mean")
     alone = _trainers(bb, task, None, pooling)

@@ -375,8 +375,8 @@ class Backbone:
         calibration text, the model's config and its weight files (path, size, modification
         time), so that other weights or another recipe never read them. None for a model not
         loaded from a local folder, or when the folder cannot be made (then nothing is cached).
-        A new folder replaces the model folder's older ones (its weights or the recipe changed
-        since): each is as large as the model's int8 layers."""
+        A new folder replaces the ones made for the model folder's earlier weights by the same
+        recipe: each is as large as the model's int8 layers."""
         from mobillm.backbone.loader import cache_root
         from mobillm.backbone.quant import CALIBRATION_TEXT, RECIPE
 
@@ -393,13 +393,17 @@ class Backbone:
             st = f.stat()
             h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         folder = cache_root() / "int8" / h.hexdigest()[:24]
-        source = str(where.resolve())
+        # what a folder was made for, less the weights' state: folders that share it hold
+        # earlier weights of this model (another recipe may be another install's: kept)
+        made_for = json.dumps(
+            {"source": str(where.resolve()), "recipe": RECIPE, "calibration": CALIBRATION_TEXT}
+        )
         try:
             new = not folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
             if new:
-                (folder / "source").write_text(source)
-                _prune_int8(folder, source)
+                (folder / "source.json").write_text(made_for)
+                _prune_int8(folder, made_for)
         except OSError as e:
             log.warning("int8 layers not cached: %s", e)
             return None
@@ -468,14 +472,15 @@ class Backbone:
         return out.cache if use_cache else None
 
 
-def _prune_int8(keep: Path, source: str) -> None:
-    """Remove the int8 cache folders of ``source`` other than ``keep``. A process still
-    running from one keeps its mapped pages (removing a mapped file leaves the mapping)."""
+def _prune_int8(keep: Path, made_for: str) -> None:
+    """Remove the int8 cache folders other than ``keep`` made for the same ``made_for``. A
+    process still running from one keeps its mapped pages (removing a mapped file leaves the
+    mapping); one still writing to it keeps those layers in memory."""
     for other in keep.parent.iterdir():
         try:
-            stale = other != keep and (other / "source").read_text() == source
+            stale = other != keep and (other / "source.json").read_text() == made_for
         except OSError:
-            continue  # not a folder of ours, or one being made
+            continue  # not a folder of ours, one being made, or one from before this file
         if stale:
-            log.info("removing the int8 cache of %s's earlier weights: %s", source, other)
+            log.info("removing the int8 cache of earlier weights: %s", other)
             shutil.rmtree(other, ignore_errors=True)

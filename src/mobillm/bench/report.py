@@ -34,7 +34,8 @@ def _ok(cond: bool) -> str:
 
 def _ladder(r: dict[str, Any]) -> bool:
     """A MobiLLM run of the ladder side network (the race's plain learner, not the default)."""
-    return r["method"] == "mobillm" and not r.get("split_layers") and not r.get("learner")
+    learner = r.get("learner") or "ladder"
+    return r["method"] == "mobillm" and not r.get("split_layers") and learner == "ladder"
 
 
 def _name(r: dict[str, Any]) -> str:

@@ -443,11 +443,13 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
     machine = f"{platform.machine()}, {os.cpu_count()} cores" + (
         f", {_gpu_name()}" if args.device.startswith("cuda") else ""
     )
-    # a field added to LoadConfig after a point was stored reads as its default there
+    # a field added to LoadConfig after a point was stored reads as its default there, but
+    # CUDA points from before --tf32 ran in float32 (CPU points never used it)
     defaults = {f.name: f.default for f in dataclasses.fields(LoadConfig)}
 
     def same(r: dict[str, Any], want: dict[str, Any]) -> bool:
-        return all(r.get(k, defaults[k]) == v for k, v in want.items())
+        old = defaults | {"tf32": want["tf32"] and not r["device"].startswith("cuda")}
+        return all(r.get(k, old[k]) == v for k, v in want.items())
 
     for i, cfg in enumerate(points):
         want = cfg.to_dict()

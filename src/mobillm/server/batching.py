@@ -305,6 +305,7 @@ class Batcher:
                 held[:] = [i for i in held if id(i) not in taken]
                 self._train(key, [i for i in items if not i.done.is_set()])
         finally:
+            self._buffers.clear()
             shutdown = RemoteError("UNAVAILABLE", "the server is shutting down")
             self._fail(held, shutdown)
             while True:
@@ -421,22 +422,29 @@ class Batcher:
         self._groups.move_to_end(key)
         return group
 
-    def _buffer(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        """A ``(rows, cols)`` float32 buffer kept from round to round while steps keep coming.
-        On a CPU a fresh tensor of a Qwen-sized round's weights (hundreds of MB) is mapped and
-        faulted in page by page each time (glibc returns blocks over 32 MB to the kernel on
-        free), which took longer than the round's matmuls."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.device != device or buf.numel() < rows * cols:
-            self._buffers.pop(name, None)  # the old one goes before the new one comes
-            buf = self._buffers[name] = torch.empty(rows * cols, device=device)
-        return buf[: rows * cols].view(rows, cols)
+    def _buffer(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """A ``(rows, like.numel())`` buffer of ``like``'s dtype and device. On a CPU it is kept
+        from round to round while steps keep coming: a fresh tensor of a Qwen-sized round's
+        weights (hundreds of MB) is mapped and faulted in page by page each time (glibc hands
+        blocks over 32 MB back to the kernel when freed), which took longer than the round's
+        matmuls. A kept one only grows, to what the largest round since the batcher was last
+        idle asked for, which ``round_bytes`` bounds; rounds of any group share it. CUDA's
+        caching allocator reuses blocks itself."""
+        cols, need = like.numel(), rows * like.numel()
+        if like.device.type != "cpu":
+            return like.new_empty(rows, cols)
+        buf = self._buffers.pop(name, None)
+        if buf is None or buf.dtype != like.dtype or buf.numel() < need:
+            buf = None  # freed before the larger one is made
+            buf = like.new_empty(need)
+        self._buffers[name] = buf
+        return buf[:need].view(rows, cols)
 
     def _round(self, key: Any, items: list[Ready]) -> None:
         g = self._group(key, items[0].trainer)
         dev = items[0].trainer.device
         rows = max(i.hidden[0].shape[0] for i in items)
-        weights = self._buffer("weights", len(items), g.numel, dev)
+        weights = self._buffer("weights", items[0].trainer.flat.p, len(items))  # type: ignore[union-attr]
         torch.stack([i.trainer.flat.p for i in items], out=weights)  # type: ignore[union-attr]
         leaves = g.leaves(weights)
         hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
@@ -464,7 +472,9 @@ class Batcher:
             pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
         run = g.batched if classify else g.batched_lm
         loss, logits = run(leaves, hidden, masks, pool, target)
-        grads = torch.autograd.grad(loss.sum(), leaves)
+        # a parameter a round leaves unused (a one-tap ladder's gate) gets a zero gradient,
+        # as its flat slice did: zero moments and gradient leave it where it was, as alone
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True, materialize_grads=True)
         norms = _session_norms(grads)
         ok = torch.isfinite(loss) & torch.isfinite(norms)
         # each session's gradient clipping (clip_grads_with_norm_'s coefficient), applied as
@@ -473,7 +483,7 @@ class Batcher:
         # wrongly on CPU)
         clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
         coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
-        grad = self._buffer("grads", len(items), g.numel, dev)
+        grad = self._buffer("grads", weights[0], len(items))
         for o, part in zip(g.offsets, grads, strict=True):
             scale = coef.view(-1, *[1] * (part.dim() - 1))
             torch.mul(part, scale, out=grad[:, o : o + part[0].numel()].view_as(part))
