@@ -284,6 +284,30 @@ def test_rounds_stay_within_their_memory_bound(make_tiny_backbone):
     assert {a.metrics["batch"] for row in got for a in row} == {1.0}
 
 
+def test_an_idle_batcher_gives_its_round_buffers_back(make_tiny_backbone, monkeypatch):
+    """A CPU batcher keeps a round's stacked weights and gradients for the next round, and
+    frees them once no step came for IDLE_S."""
+    import time
+
+    from mobillm.server import batching
+
+    monkeypatch.setattr(batching, "IDLE_S", 0.5)
+    bb = make_tiny_backbone("llama")
+    plan = _data(bb, "classification", 1)
+    batcher = Batcher(BatchConfig(max_batch=8, wait_ms=300))
+    try:
+        trainers = _trainers(bb, "classification", batcher)
+        _run_together(trainers, plan, 1)
+        held = dict(batcher._buffers)
+        one = trainers[0].flat.p.numel()  # sessions of one shape, one to three a round
+        assert sorted(held) == ["grads", "weights"]
+        assert one <= held["weights"].numel() <= 3 * one
+        time.sleep(1.5)
+        assert not batcher._buffers
+    finally:
+        batcher.close()
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_an_aborted_step_gives_back_its_dropout_draws(make_tiny_backbone, batched):
     """A step dropped halfway (a cut link) and sent again trains as if never dropped."""
