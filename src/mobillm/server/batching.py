@@ -214,16 +214,19 @@ class _Group:
         taps = len(item.hidden)
         return 4 * (3 * self.numel + rows * (3 * hidden * taps + 2 * self.vocab))
 
-    def leaves(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        """The round's leaves, one ``[R, *shape]`` per parameter, views of the sessions' flat
-        weight vectors stacked in ``weights`` ``[R, N]``. Per-parameter leaves take their
-        gradients as the backward pass makes them: one flat leaf would have them reshaped
-        and concatenated, two more passes over the largest tensors of a round."""
-        r = weights.shape[0]
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's ``[R, *shape]`` view of ``R`` stacked flat vectors ``[R, N]``."""
+        r = flat.shape[0]
         return [
-            weights[:, o : o + n].view(r, *shape).detach().requires_grad_()
+            flat[:, o : o + n].view(r, *shape)
             for o, (_, n, shape) in zip(self.offsets, self.layout, strict=True)
         ]
+
+    def leaves(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """The round's leaves: the parameters' views of the stacked weights. Per-parameter
+        leaves take their gradients as the backward pass makes them: one flat leaf would have
+        them reshaped and concatenated, two more passes over the largest tensors of a round."""
+        return [w.detach().requires_grad_() for w in self.views(weights)]
 
     def _one(self, weights, hidden, masks, pool, target):
         named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
@@ -484,9 +487,8 @@ class Batcher:
         clip = torch.tensor([i.trainer.spec.train.grad_clip for i in items], device=dev)
         coef = torch.where(clip > 0, (clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
         grad = self._buffer("grads", weights[0], len(items))
-        for o, part in zip(g.offsets, grads, strict=True):
-            scale = coef.view(-1, *[1] * (part.dim() - 1))
-            torch.mul(part, scale, out=grad[:, o : o + part[0].numel()].view_as(part))
+        for part, out in zip(grads, g.views(grad), strict=True):
+            torch.mul(part, coef.view(-1, *[1] * (part.dim() - 1)), out=out)
         del grads
         losses, oks, norm_list = loss.detach().tolist(), ok.tolist(), norms.tolist()
         if classify:
