@@ -22,6 +22,7 @@ from mobillm.backbone.families import export_head, family_of
 from mobillm.backbone.loader import load_model_and_tokenizer
 from mobillm.config import Config, check
 from mobillm.errors import ConfigError
+from mobillm.files import save_tensors
 from mobillm.fingerprint import BackboneFingerprint
 from mobillm.side.head import HeadSpec, tensors_sha256
 
@@ -365,7 +366,7 @@ class Backbone:
                 h.remove()
         if file is not None:
             try:
-                quant.save_atomic(amax, file)
+                save_tensors(amax, file)
             except OSError as e:
                 log.warning("int8 calibration not cached (%s)", e)
         return amax

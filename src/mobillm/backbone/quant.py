@@ -35,14 +35,14 @@ named like Llama's (``SMOOTH_FAMILIES``); other families have every linear quant
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from mobillm.files import save_tensors
 
 ALPHA = 0.5
 # Left in float: the MLP's down projection. Its inputs' outliers belong to a few tokens (the
@@ -154,20 +154,8 @@ def save_layer(layer: nn.Module, names: Iterable[str], path: Path) -> None:
     """Write the quantized ``layer``'s ``names`` (``saved_shapes`` of it, taken before it was
     quantized) to ``path``, atomically."""
     state = layer.state_dict()
-    save_atomic({n: state[n].contiguous() for n in sorted(names)}, path, {"recipe": RECIPE})
-
-
-def save_atomic(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    """``tensors`` to the safetensors file ``path``, whole or not at all (another process may
-    be reading or writing the same cache file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # atomically: another process may be reading or writing the same cache file
+    save_tensors({n: state[n].contiguous() for n in sorted(names)}, path, {"recipe": RECIPE})
 
 
 def load_layer(layer: nn.Module, keep_float: Sequence[str], path: Path) -> bool:

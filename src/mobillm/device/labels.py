@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from mobillm.files import save_tensors
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.model import task_classifier
@@ -242,8 +242,8 @@ class LabelHead:
             return
         tensors, meta = _snapshot_tensors(self._snapshot())
         path = self.folder / f"state-{self.acked:07d}.safetensors"
-        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"state": json.dumps(meta)})
-        path.with_suffix(".tmp").replace(path)  # a crash mid-write leaves the previous one
+        # a crash mid-write leaves the previous one
+        save_tensors(tensors, path, metadata={"state": json.dumps(meta)})
         (self.folder / f"state-{self.acked - MAX_SNAPSHOTS:07d}.safetensors").unlink(
             missing_ok=True
         )
@@ -257,9 +257,7 @@ class LabelHead:
         if self.classifier is not None and self._stepping == step:
             tensors = {f"grad.{k}": p.grad for k, p in self.classifier.named_parameters()}
         meta = {"step": step, "entry": self._open[step]}
-        tmp = self.folder / "pending.tmp"
-        save_file(tensors, str(tmp), metadata={"pending": json.dumps(meta)})
-        tmp.replace(self.folder / PENDING)
+        save_tensors(tensors, self.folder / PENDING, metadata={"pending": json.dumps(meta)})
 
     def _reload_pending(self, path: Path) -> None:
         with safe_open(str(path), "pt") as f:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mobillm.files import write_atomically
 from mobillm.transport.messages import SessionSpec
 
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -40,12 +41,7 @@ def head_file_key(head_sha256: str, head_json: str) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data), sync=True)
 
 
 class SessionStore:
