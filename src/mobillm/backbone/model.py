@@ -300,20 +300,18 @@ class Backbone:
         files = {i: cache / f"layer-{i}.safetensors" for i, _ in todo} if cache else {}
         # the float weights' pages: handed back once their layer is quantized (streamed)
         floats = {i: pages.regions(m.parameters()) for i, m in todo} if stream else {}
-        missing = [i for i, _ in todo if not (i in files and files[i].is_file())]
-        kept = cache is not None and (cache / "calibration.safetensors").is_file()
-        # calibrated while every layer is float: a cached file may still prove unusable below
-        if smooth and self._amax is None and (missing or not kept):
+        # read from the cache or measured while every layer is float: a cached layer may
+        # still prove unusable below
+        if smooth and self._amax is None:
             self._amax = self._calibration(cache)
-        cached = set()
-        for i, layer in todo:
-            if i in files and i not in missing and quant.load_layer(layer, keep, files[i]):
-                cached.add(i)
+        cached = {
+            i
+            for i, layer in todo
+            if i in files and files[i].is_file() and quant.load_layer(layer, keep, files[i])
+        }
         # one layer at a time: its smoothed float copy lives only until it is quantized
         for i, layer in todo:
             if i not in cached:
-                if smooth and self._amax is None:  # kept beside the cache: read, not measured
-                    self._amax = self._calibration(cache)
                 names = quant.saved_shapes(layer, keep)
                 if smooth:
                     assert self._amax is not None

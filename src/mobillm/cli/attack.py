@@ -227,8 +227,8 @@ def _merged(paths: list[Path]) -> dict[str, Any]:
     out["rows"] = list(out["rows"])
 
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        setting = (r.get("mode"), r.get("codec"), r.get("frame_noise"), r.get("layer"))
-        return (*setting, r.get("label_epsilon"))
+        fields = ("mode", "codec", "frame_noise", "layer", "label_epsilon")
+        return tuple(r.get(k) for k in fields)
 
     seen = {key(r) for r in out["rows"]}
     for path, other in zip(paths[1:], results[1:], strict=True):
