@@ -68,7 +68,7 @@ def test_device_trains_over_grpc(
 def test_same_run_twice_gives_identical_weights(
     tmp_path, make_tiny_backbone, cls_data, start_server, device_trainer
 ):
-    """The basis of the refusal test's comparison: a gRPC run is deterministic."""
+    """A gRPC run alone on its server is deterministic (the resume tests compare bit for bit)."""
     server = start_server()
     bb = make_tiny_backbone("llama")
     data, _ = cls_data(bb.tokenizer, n=32)

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from safetensors.torch import load
 
 from mobillm.codec import CodecConfig, encode
 from mobillm.proto.v1 import mobillm_pb2 as pb
@@ -176,7 +177,13 @@ def test_refusals_while_another_session_trains(
     assert "error" not in result, result.get("error")
     summary = result["summary"]
     assert summary["steps"] == 24 and [r.step for r in good.records] == list(range(24))
-    assert good.transport.download().weights == ref_weights
+    # The misused session's last, valid step may share a batched round with one of the good
+    # session's: same weights up to reassociation (mobillm.server.batching), not bit for bit.
+    # Any leak of the other session's data into this one would be far larger.
+    got, want = load(good.transport.download().weights), load(ref_weights)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
     assert good.transport.close()["steps"] == 24
 
     log = Path(server.cfg.workdir) / "server.jsonl"
