@@ -179,6 +179,25 @@ def test_a_changed_model_replaces_its_int8_cache(model_dir, monkeypatch, tmp_pat
     assert sorted(p.name for p in second.glob("layer-*.safetensors"))
 
 
+def test_int8_layers_are_cached_under_the_weights_as_loaded(model_dir, monkeypatch, tmp_path):
+    """Weights replaced after a process loaded the model: that process's layers (quantized
+    from the old weights) must not be cached where a load of the new weights would look."""
+    from mobillm.backbone import Backbone
+
+    model_dir = shutil.copytree(model_dir, tmp_path / "model")
+    monkeypatch.setenv("MOBILLM_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "int8"
+    ids = torch.randint(3, 300, (1, 6))
+    old = Backbone.load(BackboneConfig(source=model_dir, quant="int8"))
+    weights = next(model_dir.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    _states(old, ids, ids > 0)  # quantized now, after the change
+    (first,) = root.iterdir()
+    _states(Backbone.load(BackboneConfig(source=model_dir, quant="int8")), ids, ids > 0)
+    (second,) = root.iterdir()
+    assert second != first
+
+
 def test_a_model_not_from_a_folder_is_not_cached(make_tiny_backbone, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "stray.safetensors").write_bytes(b"")  # a cwd with weights must not key it

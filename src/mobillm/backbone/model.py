@@ -170,6 +170,9 @@ class Backbone:
         self.split_layers = 0  # top layers the server runs (split mode): the device stops below
         self._regions: list[list[pages.Region]] | None = None  # streamed weights' pages
         self._amax: dict[str, torch.Tensor] | None = None  # int8: smoothing maxima, per layer
+        # the weights' state as loaded, not as found when the first layer is quantized: files
+        # replaced in between must not have this process's layers cached under their key
+        self._weights_key = _weights_key(model)
 
     @classmethod
     def load(cls, cfg: BackboneConfig) -> Backbone:
@@ -371,26 +374,18 @@ class Backbone:
 
     def _int8_cache(self) -> Path | None:
         """Where this model's quantized layers are kept: a folder named by the recipe, the
-        calibration text, the model's config and its weight files (path, size, modification
-        time), so that other weights or another recipe never read them. None for a model not
-        loaded from a local folder, or when the folder cannot be made (then nothing is cached).
+        calibration text, the model's config and its weight files as loaded (``_weights_key``),
+        so that other weights or another recipe never read them. None for a model not loaded
+        from a local folder, or when the folder cannot be made (then nothing is cached).
         A new folder replaces the ones made for the model folder's earlier weights by the same
         recipe: each is as large as the model's int8 layers."""
         from mobillm.backbone.loader import cache_root
         from mobillm.backbone.quant import CALIBRATION_TEXT, RECIPE
 
-        name = str(getattr(self.model.config, "_name_or_path", "") or "")
-        where = Path(name) if name else None
-        if where is None or not (where / "config.json").is_file():
+        if self._weights_key is None:
             return None
-        files = sorted(where.glob("*.safetensors"))
-        if not files:
-            return None
-        h = hashlib.sha256(f"{RECIPE}|{CALIBRATION_TEXT}|".encode())
-        h.update((where / "config.json").read_bytes())
-        for f in files:
-            st = f.stat()
-            h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        where, weights = self._weights_key
+        h = hashlib.sha256(f"{RECIPE}|{CALIBRATION_TEXT}|".encode() + weights)
         folder = cache_root() / "int8" / h.hexdigest()[:24]
         # what a folder was made for, less the weights' state: folders that share it hold
         # earlier weights of this model (another recipe may be another install's: kept)
@@ -469,6 +464,27 @@ class Backbone:
             for h in handles:
                 h.remove()
         return out.cache if use_cache else None
+
+
+def _weights_key(model: nn.Module) -> tuple[Path, bytes] | None:
+    """The model's local folder and its weights' state: the config's bytes and each weight
+    file's path, size and modification time (a digest of the contents would read gigabytes).
+    None for a model not loaded from a local folder of safetensors files."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    where = Path(name) if name else None
+    try:
+        if where is None or not (where / "config.json").is_file():
+            return None
+        files = sorted(where.glob("*.safetensors"))
+        if not files:
+            return None
+        key = (where / "config.json").read_bytes()
+        for f in files:
+            st = f.stat()
+            key += f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    except OSError:
+        return None
+    return where, key
 
 
 def _prune_int8(keep: Path, made_for: str) -> None:
