@@ -11,12 +11,18 @@ from mobillm.server.batching import BatchConfig, Batcher, Ready
 from mobillm.server.trainer import Trainer
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
-from mobillm.transport.messages import RemoteError, StepBegin, TrainConfig, chunk_frame
+from mobillm.transport.messages import (
+    Gradient,
+    RemoteError,
+    StepBegin,
+    TrainConfig,
+    chunk_frame,
+)
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _spec(bb, task, seed, lr, pooling="last", dropout=0.1):
+def _spec(bb, task, seed, lr, pooling="last", dropout=0.1, private=False):
     side = SideConfig(
         hidden_size=bb.hidden_size,
         num_taps=len(bb.taps),
@@ -27,14 +33,14 @@ def _spec(bb, task, seed, lr, pooling="last", dropout=0.1):
     )
     train = TrainConfig(lr=lr, total_steps=12, seed=seed, label_smoothing=0.0)
     positions = "valid" if pooling == "mean" else "loss"
-    return build_session(bb, side, CodecConfig("int8"), train, positions)
+    return build_session(bb, side, CodecConfig("int8"), train, positions, private)
 
 
-def _trainers(bb, task, batcher, pooling="last"):
+def _trainers(bb, task, batcher, pooling="last", private=False):
     out = []
     head = None
     for seed, lr in ((0, 1e-2), (1, 3e-3), (2, 2e-2)):
-        spec, tensors = _spec(bb, task, seed, lr, pooling)
+        spec, tensors = _spec(bb, task, seed, lr, pooling, private=private)
         head = head or FrozenHead(spec.head, tensors)  # one shared head, as the server's cache
         out.append(Trainer(spec, head, batcher=batcher))
     return out
@@ -148,6 +154,71 @@ def test_batched_sessions_match_alone(make_tiny_backbone, arch, task, pooling, t
             torch.testing.assert_close(have[0][k], v, **TOL, msg=k)
         assert have[1]["optimizer_steps"] == want[1]["optimizer_steps"] == n
         assert have[1]["scheduler"] == want[1]["scheduler"]
+
+
+def _private_step(trainer, begin, frames, scale):
+    """A private-label step as its device drives it: the step's frames (no labels), then a
+    gradient for the features the server sent back (drawn from the step, ``scale`` times)."""
+    sid, step = begin.session_id, begin.step
+    if begin.labels is not None:
+        begin = StepBegin(sid, step, begin.rows_per_sample, begin.pool_rows)
+    else:
+        mask = begin.targets != -100
+        begin = StepBegin(sid, step, begin.rows_per_sample, begin.pool_rows, loss_mask=mask)
+    assert trainer.begin(begin) is None
+    feats = None
+    for tap, f in enumerate(frames):
+        for c in chunk_frame(sid, step, tap, f, 1 << 20):
+            feats = feats or trainer.add_chunk(c)
+    g = torch.Generator().manual_seed(100 * int(sid[1:]) + step)
+    grad = scale * torch.randn(feats.data.shape, generator=g)
+    (ack,) = trainer.add_gradient(Gradient(sid, step, grad.reshape(-1), 0.04 * scale**2))
+    return feats.data, ack
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_private_label_sessions_batched_match_alone(make_tiny_backbone, task):
+    """Private-label steps train in rounds once their devices' gradients are in: the features
+    sent, the clipping factors and the weights as trained alone; rounds mix clipped and
+    unclipped sessions."""
+    bb = make_tiny_backbone("llama" if task == "classification" else "qwen2")
+    n = 4
+    plan = _data(bb, task, n)
+    scales = (0.05, 1.0, 20.0)  # session 0 under grad_clip (1.0), 2 far over it
+
+    def run(trainers, i, s):
+        return _private_step(trainers[i], *plan[i][s], scales[i])
+
+    alone = _trainers(bb, task, None, private=True)
+    ref = [[run(alone, i, s) for s in range(n)] for i in range(3)]
+    batcher = Batcher(BatchConfig(max_batch=8, wait_ms=300))
+    try:
+        together = _trainers(bb, task, batcher, private=True)
+        assert all(t.batcher is batcher for t in together)
+        got = [[None] * n for _ in range(3)]
+        for s in range(n):
+            threads = [
+                threading.Thread(target=lambda i=i, s=s: got[i].__setitem__(s, run(together, i, s)))
+                for i in range(3)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        batcher.close()
+    acks = [a for row in got for _, a in row]
+    assert max(a.metrics["batch"] for a in acks) == 3  # they did share rounds
+    clips = [a.metrics["clip"] for a in acks]
+    assert min(clips) < 1.0 == max(clips)
+    for i in range(3):
+        for (f_got, a_got), (f_ref, a_ref) in zip(got[i], ref[i], strict=True):
+            torch.testing.assert_close(f_got, f_ref, **TOL)
+            assert a_got.metrics["clip"] == pytest.approx(a_ref.metrics["clip"], rel=1e-4)
+        want, have = alone[i].state(), together[i].state()
+        for k, v in want[0].items():
+            torch.testing.assert_close(have[0][k], v, **TOL, msg=k)
+        assert have[1]["optimizer_steps"] == want[1]["optimizer_steps"] == n
 
 
 def test_batched_checkpoint_resumes_and_trains_alone_after(make_tiny_backbone):

@@ -70,7 +70,7 @@ def cls_data():
 def device_trainer():
     """Factory: a ``DeviceTrainer`` for a deterministic classification run (no dropout)."""
 
-    def make(bb, transport, epochs=2, lr=5e-3, window=2, seed=0, replay=True):
+    def make(bb, transport, epochs=2, lr=5e-3, window=2, seed=0, replay=True, private=False):
         side = build_side_config(bb, "classification", 2, ("bad", "good"), dropout=0.0)
         return DeviceTrainer(
             bb,
@@ -78,7 +78,7 @@ def device_trainer():
             transport,
             CodecConfig("int8"),
             TrainConfig(lr=lr, seed=seed),
-            DeviceConfig(window=window, epochs=epochs, replay=replay, private_labels=False),
+            DeviceConfig(window=window, epochs=epochs, replay=replay, private_labels=private),
         )
 
     return make

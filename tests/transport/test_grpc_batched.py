@@ -13,9 +13,9 @@ from mobillm.transport.grpc_client import GrpcTransport
 DEVICES = 3
 
 
-def _train(server, bb, data, device_trainer, seed):
+def _train(server, bb, data, device_trainer, seed, private=False):
     transport = GrpcTransport(f"127.0.0.1:{server.port}")
-    tr = device_trainer(bb, transport, epochs=1, lr=5e-3, seed=seed)
+    tr = device_trainer(bb, transport, epochs=1, lr=5e-3, seed=seed, private=private)
     tr.train(data, 16)
     blob = server.manager.download(tr.info.session_id, tr.info.token)
     return tr, transport, blob
@@ -71,3 +71,39 @@ def test_batched_devices_end_as_alone_and_metrics_count_them(
     m = _scrape(server.metrics_port)
     assert ("mobillm_session_steps_total", (("session", sid),)) not in m
     assert m[("mobillm_steps_total", ())] == steps
+
+
+def test_private_label_devices_share_rounds_and_end_as_alone(
+    make_tiny_backbone, cls_data, start_server, device_trainer
+):
+    """Devices keeping their labels (the default) train in a batching server's rounds too:
+    each round runs once its devices' gradients are in, and every device ends, on both
+    halves of its model, where it ends trained alone."""
+    bbs = [make_tiny_backbone("llama") for _ in range(DEVICES)]
+    data, _ = cls_data(bbs[0].tokenizer, n=96)
+    alone_server = start_server(max_batch=1)
+    alone = [
+        _train(alone_server, bbs[0], data, device_trainer, s, private=True) for s in range(DEVICES)
+    ]
+    server = start_server(max_batch=8, batch_wait_ms=200)
+    results = [None] * DEVICES
+
+    def run(i):
+        results[i] = _train(server, bbs[i], data, device_trainer, i, private=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(DEVICES)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None for r in results)
+    for (tr, _, blob), (ref, _, want) in zip(results, alone, strict=True):
+        got, exp = load(blob.weights), load(want.weights)
+        assert got.keys() == exp.keys() and not any(k.startswith("classifier") for k in got)
+        for k in exp:
+            torch.testing.assert_close(got[k], exp[k], rtol=1e-4, atol=1e-5, msg=k)
+        mine, theirs = tr.labels.classifier.state_dict(), ref.labels.classifier.state_dict()
+        for k in theirs:
+            torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+    batches = [r.metrics.get("batch", 1) for tr, _, _ in results for r in tr.records]
+    assert max(batches) > 1, "the devices never shared a round"

@@ -3,7 +3,8 @@
 Each simulated device is a thread that opens a session on a ``SessionManager`` (the object the
 gRPC servicer calls; the network is left out so that the figure is the server's), uploads a
 frozen head, and then replays recorded frames as fast as the server takes them: StepBegin, one
-chunk per tapped layer, wait for the ack, next step. Nothing is computed on the "device".
+chunk per tapped layer, wait for the ack, next step. Nothing is computed on the "device": a
+private-label device answers the server's features with a fixed gradient of their shape.
 
 Frames are either recorded from a real backbone on real text (``record_frames``: SST-2 through
 SmolLM2, the template's last token, the int8 codec) or, for shapes whose model is not at hand,
@@ -39,7 +40,15 @@ from mobillm.server.sessions import ServerConfig, SessionManager
 from mobillm.server.trainer import Trainer, use_tf32
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead, HeadSpec, tensors_sha256
-from mobillm.transport.messages import SessionSpec, StepBegin, TrainConfig, chunk_frame
+from mobillm.transport.messages import (
+    Ack,
+    Features,
+    Gradient,
+    SessionSpec,
+    StepBegin,
+    TrainConfig,
+    chunk_frame,
+)
 
 # hidden size, decoder layers, vocabulary: the side network's shape depends on nothing else
 SHAPES = {
@@ -52,7 +61,8 @@ SHAPES = {
 class LoadConfig(Config):
     """One measured point: ``sessions`` devices of one ``shape``, each step ``batch`` samples
     of ``seq`` rows (1 = the last token, pooled "last"; more = that many tokens, mean-pooled,
-    every row in the loss), trained ``max_batch`` at a time by the server (1 = unbatched)."""
+    every row in the loss), trained ``max_batch`` at a time by the server (1 = unbatched);
+    ``private``: the devices keep their labels (the server trains on their gradients)."""
 
     shape: str = "smollm2-135m"
     sessions: int = 8
@@ -68,6 +78,7 @@ class LoadConfig(Config):
     frames: str = ""  # a file from record_frames ('' = synthetic frames)
     path: str = "server"  # "server": encoded frames into a SessionManager; "trainer": decoded
     tf32: bool = True  # on CUDA, as the server's default (ServerConfig.tf32)
+    private: bool = False
 
     def validate(self) -> None:
         check(self.shape in SHAPES, f"LoadConfig.shape must be one of {sorted(SHAPES)}")
@@ -77,20 +88,20 @@ class LoadConfig(Config):
         check(self.path in ("server", "trainer"), "LoadConfig.path must be server or trainer")
 
 
-def _head(shape: str) -> tuple[HeadSpec, dict[str, torch.Tensor]]:
+def _head(shape: str, private: bool) -> tuple[HeadSpec, dict[str, torch.Tensor]]:
     d = SHAPES[shape][0]
     g = torch.Generator().manual_seed(0)
-    tensors = {
-        "norm.weight": 1.0 + 0.1 * torch.randn(d, generator=g),
-        "lm_head.weight": 0.02 * torch.randn(2, d, generator=g),  # the two label words' rows
-    }
-    return HeadSpec(hidden_size=d, out_size=d, vocab_rows=2, norm="rms", norm_eps=1e-6), tensors
+    tensors = {"norm.weight": 1.0 + 0.1 * torch.randn(d, generator=g)}
+    if not private:  # a private-label device sends no LM-head rows
+        tensors["lm_head.weight"] = 0.02 * torch.randn(2, d, generator=g)  # the label words'
+    rows = 0 if private else 2
+    return HeadSpec(hidden_size=d, out_size=d, vocab_rows=rows, norm="rms", norm_eps=1e-6), tensors
 
 
 def session_spec(cfg: LoadConfig, seed: int) -> tuple[SessionSpec, bytes]:
     """The spec a device of ``cfg.shape`` proposes (SST-2-like classification) and its head."""
     d, layers, vocab = SHAPES[cfg.shape]
-    head_spec, tensors = _head(cfg.shape)
+    head_spec, tensors = _head(cfg.shape, cfg.private)
     digest = tensors_sha256(tensors)
     fp = BackboneFingerprint(
         architecture=cfg.shape,
@@ -103,7 +114,8 @@ def session_spec(cfg: LoadConfig, seed: int) -> tuple[SessionSpec, bytes]:
     side = SideConfig(
         hidden_size=d,
         num_taps=layers,
-        verbalizer_ids=(0, 1),
+        verbalizer_ids=() if cfg.private else (0, 1),
+        head_init="random" if cfg.private else "verbalizer",
         pooling="last" if cfg.seq == 1 else "mean",
     )
     total = cfg.warmup + cfg.steps
@@ -116,6 +128,7 @@ def session_spec(cfg: LoadConfig, seed: int) -> tuple[SessionSpec, bytes]:
         codec=CodecConfig(cfg.codec),
         train=TrainConfig(total_steps=total, seed=seed, epochs=1),
         positions="loss" if cfg.seq == 1 else "valid",
+        private_labels=cfg.private,
     )
     return spec, save(tensors)
 
@@ -127,6 +140,7 @@ class Frames:
     labels: list[torch.Tensor]
     frames: list[list[bytes]]
     source: str
+    gradient: torch.Tensor | None = None  # what private-label devices answer
 
 
 def synthetic_frames(cfg: LoadConfig, steps: int = 4) -> Frames:
@@ -217,15 +231,18 @@ def _server_steps(cfg: LoadConfig, frames: Frames, workdir: str | Path):
             manager.upload_head(info.session_id, info.token, head, True, True)
         sessions.append(info)
 
-    def step(i: int, begin: StepBegin, k: int):
-        info = sessions[i]
-        begin = dataclasses.replace(begin, session_id=info.session_id)
-        manager.begin_step(info.session_id, info.token, begin)
+    def step(i: int, begin: StepBegin, k: int) -> Ack | None:
+        sid, token = sessions[i].session_id, sessions[i].token
+        begin = dataclasses.replace(begin, session_id=sid)
+        manager.begin_step(sid, token, begin)
         replies = []
         for tap, frame in enumerate(frames.frames[k]):
-            for c in chunk_frame(info.session_id, begin.step, tap, frame, info.max_chunk_bytes):
-                replies = manager.add_chunk(info.session_id, info.token, c)
-        return replies[0] if replies else None
+            for c in chunk_frame(sid, begin.step, tap, frame, sessions[i].max_chunk_bytes):
+                replies = manager.add_chunk(sid, token, c)
+        reply = replies[0] if replies else None
+        if isinstance(reply, Features):
+            (reply,) = manager.add_gradient(sid, token, _gradient(sid, reply, frames))
+        return reply
 
     return step, manager.park_all
 
@@ -244,16 +261,29 @@ def _trainer_steps(cfg: LoadConfig, frames: Frames):
     ]
     hidden = [[decode(f).to(cfg.device) for f in step] for step in frames.frames]
 
-    def step(i: int, begin: StepBegin, k: int):
+    def step(i: int, begin: StepBegin, k: int) -> Ack | None:
         trainers[i].begin(begin)
-        return trainers[i].add_hidden(hidden[k])
+        reply = trainers[i].add_hidden(hidden[k])
+        if isinstance(reply, Features):
+            (reply,) = trainers[i].add_gradient(_gradient(begin.session_id, reply, frames))
+        return reply  # type: ignore[return-value]
 
     return step, batcher.close if batcher is not None else (lambda: None)
+
+
+def _gradient(sid: str, features: Features, frames: Frames) -> Gradient:
+    """A private-label device's answer: a fixed gradient for the step's pooled features (the
+    server's work does not depend on its values)."""
+    assert frames.gradient is not None and frames.gradient.shape == features.data.shape
+    return Gradient(sid, features.step, frames.gradient.reshape(-1), 0.0)
 
 
 def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
     """Measure one point; returns throughput, ack latency percentiles and memory per session."""
     frames = load_frames(cfg.frames, cfg) if cfg.frames else synthetic_frames(cfg)
+    if cfg.private:
+        g = torch.Generator().manual_seed(2)
+        frames.gradient = 0.01 * torch.randn(cfg.batch, SHAPES[cfg.shape][0], generator=g)
     cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -276,7 +306,8 @@ def run_load(cfg: LoadConfig, workdir: str | Path) -> dict[str, Any]:
                     start.wait()
                 k = (s + i) % len(frames.frames)
                 t0 = time.perf_counter()
-                ack = step(i, StepBegin(f"d{i}", s, rows, pool, frames.labels[k]), k)
+                labels = None if cfg.private else frames.labels[k]
+                ack = step(i, StepBegin(f"d{i}", s, rows, pool, labels), k)
                 assert ack is not None and ack.step == s
                 if s >= cfg.warmup:
                     lat[i].append(time.perf_counter() - t0)
@@ -362,6 +393,7 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         r["batch"],
         r["seq"],
         r["sessions"],
+        bool(r.get("private")),
     )
 
     def when(r: dict[str, Any]) -> str:
@@ -373,6 +405,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
             mode += f", wait {r['wait_ms']:g} ms"
         if r["device"].startswith("cuda"):  # rows from before the option ran in float32
             mode += ", TF32" if r.get("tf32") else ", FP32"
+        if r.get("private"):
+            mode += ", private labels"
         lines.append(
             f"| {r['device']} ({r.get('machine', '?')}{when(r)}) | {r.get('path', 'server')} | "
             f"{r['shape']} | "
@@ -389,8 +423,9 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         pairs.setdefault(k, {})["b" if r["max_batch"] > 1 else "u"] = r["session_steps_per_s"]
     for k, v in sorted(pairs.items()):
         if "b" in v and "u" in v:
-            dev, path, shape, b, t, s, tf32 = k
+            dev, path, shape, b, t, s, private, tf32 = k
             prec = (", TF32" if tf32 else ", FP32") if dev.startswith("cuda") else ""
+            prec += ", private labels" if private else ""
             lines.append(
                 f"- {dev}, {path} path, {shape}, B{b}xT{t}, {s} sessions{prec}: "
                 f"**{v['b'] / v['u']:.2f}x**"
@@ -402,7 +437,12 @@ def _verdicts(records: list[dict[str, Any]]) -> list[str]:
     """Issue 11's targets, as these records meet them or not."""
 
     def best(**want: Any) -> dict[str, Any] | None:
-        hits = [r for r in records if all(r.get(k) == v for k, v in want.items())]
+        # the targets are for standard-label steps (points before the option had them)
+        hits = [
+            r
+            for r in records
+            if all(r.get(k) == v for k, v in want.items()) and not r.get("private")
+        ]
         return max(hits, key=lambda r: r["session_steps_per_s"], default=None)
 
     out = []

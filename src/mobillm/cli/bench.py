@@ -163,6 +163,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = all)")
     s.add_argument(
+        "--private-labels",
+        action="store_true",
+        help="devices keep their labels (the classification default): the server answers "
+        "each step with its features and trains on the device's gradient",
+    )
+    s.add_argument(
         "--tf32",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -437,6 +443,7 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
                         wait_ms=args.wait_ms,
                         round_mb=args.round_mb,
                         tf32=args.tf32,
+                        private=args.private_labels,
                     )
                 )
     command = "mobillm bench server " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])

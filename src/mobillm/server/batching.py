@@ -62,6 +62,7 @@ class Trainer(Protocol):
     flat: FlatState | None
     optimizer_steps: int
     batch_key: Any
+    private: bool
 
 
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the per-session trainer uses
@@ -183,15 +184,45 @@ class _Objective(nn.Module):
         return task_loss(logits, target, self.smoothing), logits
 
 
+class _Features(nn.Module):
+    """A private-label step: the features the device's half reads (pooled per sample, or every
+    row for causal LM), dotted with the device's gradient for them. The gradient of that dot
+    product is the vector-Jacobian product the per-session trainer back-propagates; the loss
+    stays on the device."""
+
+    def __init__(self, net: SideNetwork) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = net.dropout_calls()
+
+    def forward(
+        self,
+        hidden: list[torch.Tensor],
+        masks: torch.Tensor,
+        pool: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> torch.Tensor:
+        for drop, mask in zip(self.calls, masks.unbind(0), strict=True):
+            drop.next_mask = mask
+        feats = self.net.features(hidden)
+        out = feats if pool is None else self.net.pooled(feats, pool_weights=pool)
+        return (out * grad).sum()
+
+
 class _Group:
     """A template learner for one shape: parameter layout, decay mask, the batched loss."""
 
     def __init__(self, trainer: Trainer, smoothing: float) -> None:
+        # a private-label session's classifier is on its device: not in its flat vector
+        self.private = trainer.private
         with INIT_LOCK, torch.random.fork_rng(devices=[]):
-            net = build_learner(trainer.spec.side, trainer.net.frozen).to(trainer.device)
+            net = build_learner(
+                trainer.spec.side, trainer.net.frozen, with_classifier=not self.private
+            ).to(trainer.device)
         assert isinstance(net, SideNetwork)
         net.train()
         self.objective = _Objective(net, smoothing)
+        self.features = _Features(net)
         named = flat_order(net)
         self.layout = [(f"net.{k}", p.numel(), tuple(p.shape)) for k, p in named]
         # decayed parameters come first in the flat vector: this many of its elements
@@ -200,11 +231,15 @@ class _Group:
         self.numel = self.offsets.pop()
         for _, p in named:  # every round supplies the weights: the template keeps none
             p.data = p.data.new_empty(0)
-        self.vocab = 0 if net.classifier is not None else net.frozen.spec.vocab_rows
+        # LM-head logits: on the server for a standard causal-LM session only
+        lm_head = net.classifier is None and not self.private
+        self.vocab = net.frozen.spec.vocab_rows if lm_head else 0
         self.width = net.cfg.width
         # pool: (B, rows) weights per session for classification, None for causal LM
         self.batched = vmap(self._one, in_dims=(0, 0, 0, 0, 0))
         self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
+        self.private_batched = vmap(self._one_private, in_dims=(0, 0, 0, 0, 0))
+        self.private_batched_lm = vmap(self._one_private, in_dims=(0, 0, 0, None, 0))
 
     def round_cost(self, item: Ready) -> int:
         """Bytes a step adds to a round, roughly: stacked weights, gradients as the backward
@@ -232,6 +267,10 @@ class _Group:
         named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
         return functional_call(self.objective, named, (hidden, masks, pool, target))
 
+    def _one_private(self, weights, hidden, masks, pool, grad):
+        named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
+        return functional_call(self.features, named, (hidden, masks, pool, grad))
+
 
 @dataclasses.dataclass
 class Ready:
@@ -239,11 +278,16 @@ class Ready:
 
     trainer: Trainer
     hidden: list[torch.Tensor]  # per tap, (rows, hidden) on the server's device
-    target: torch.Tensor  # (B,) class ids or (rows,) token ids, IGNORE where no loss
+    # (B,) class ids or (rows,) token ids, IGNORE where no loss; None for a private-label step
+    target: torch.Tensor | None
     # classification: the step's (B,) rows per sample and pool rows, from which the round
     # builds every step's pooling weights at once on the device; None for causal LM
     layout: tuple[torch.Tensor, torch.Tensor] | None
     masks: torch.Tensor | None = None  # (calls, rows, width) dropout keep-masks
+    # a private-label step: the device's gradient for the features it read, (B, out) pooled
+    # or (rows, out) with zeros where no loss; and its own half's squared gradient norm
+    grad: torch.Tensor | None = None
+    device_sq: float = 0.0
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: tuple[float, dict[str, float]] | None = None
     error: RemoteError | None = None
@@ -464,22 +508,36 @@ class Batcher:
             ]
         )
         classify = items[0].layout is not None
+        private = g.private
+        # per session: (B, ...) per sample for classification, (rows, ...) for causal LM
+        per = [i.grad if private else i.target for i in items]
+        size = max(x.shape[0] for x in per) if classify else rows  # type: ignore[union-attr]
+        pool = None
         if classify:
-            samples = max(i.target.shape[0] for i in items)
             # padding samples have no rows and pool row -1: zero pooling weights, no loss
-            counts = _pad([i.layout[0] for i in items], samples, 0).to(dev)  # type: ignore[index]
-            last = _pad([i.layout[1] for i in items], samples, -1).to(dev)  # type: ignore[index]
+            counts = _pad([i.layout[0] for i in items], size, 0).to(dev)  # type: ignore[index]
+            last = _pad([i.layout[1] for i in items], size, -1).to(dev)  # type: ignore[index]
             pool = pool_matrix(counts, last, items[0].trainer.spec.side.pooling, rows)
-            target = _pad([i.target for i in items], samples, IGNORE).to(dev)
+        if private:
+            # the device's gradients, zero on padding: the product's gradient is each
+            # session's vector-Jacobian product, its value no loss (the device has that)
+            out_grad = _pad(per, size).to(dev)  # type: ignore[arg-type]
+            run = g.private_batched if classify else g.private_batched_lm
+            loss, logits, target = run(leaves, hidden, masks, pool, out_grad), None, None
         else:
-            pool, target = None, _pad([i.target for i in items], rows, IGNORE).to(dev)
-        run = g.batched if classify else g.batched_lm
-        loss, logits = run(leaves, hidden, masks, pool, target)
+            target = _pad(per, size, IGNORE).to(dev)  # type: ignore[arg-type]
+            run = g.batched if classify else g.batched_lm
+            loss, logits = run(leaves, hidden, masks, pool, target)
         # a parameter a round leaves unused (a one-tap ladder's gate) gets a zero gradient,
         # as its flat slice did: zero moments and gradient leave it where it was, as alone
         grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True, materialize_grads=True)
         norms = _session_norms(grads)
-        ok = torch.isfinite(loss) & torch.isfinite(norms)
+        if private:  # the clipping norm spans both halves of the model, as alone
+            sq = torch.tensor([i.device_sq for i in items], device=dev, dtype=norms.dtype)
+            norms = (norms.square() + sq).sqrt()
+            ok = torch.isfinite(norms)
+        else:
+            ok = torch.isfinite(loss) & torch.isfinite(norms)
         # each session's gradient clipping (clip_grads_with_norm_'s coefficient), applied as
         # the gradients are gathered into one contiguous [R, N] tensor: clipping and AdamW then
         # touch a few tensors per session (and PyTorch's fused AdamW reads a strided gradient
@@ -491,9 +549,14 @@ class Batcher:
             torch.mul(part, coef.view(-1, *[1] * (part.dim() - 1)), out=out)
         del grads
         losses, oks, norm_list = loss.detach().tolist(), ok.tolist(), norms.tolist()
-        if classify:
+        coefs = coef.tolist()
+        if private:
+            losses = [float("nan")] * len(items)  # the loss is the device's to know
+        elif classify:
+            assert logits is not None and target is not None
             hits = ((logits.argmax(-1) == target) & (target != IGNORE)).sum(-1).tolist()
         else:
+            assert target is not None
             tokens = (target != IGNORE).sum(-1).tolist()
         # sessions at the same learning rate, step and decay (devices in lockstep) take their
         # AdamW step in one fused call
@@ -518,14 +581,18 @@ class Batcher:
             if not oks[j]:
                 item.error = RemoteError(
                     "INVALID_ARGUMENT",
-                    f"this step's activations give a loss of {losses[j]} or overflowing "
+                    "this step's gradients overflow; step dropped, nothing trained"
+                    if private
+                    else f"this step's activations give a loss of {losses[j]} or overflowing "
                     "gradients (values too large?); step dropped, nothing trained",
                 )
                 continue
             metrics = {"lr": t.opt.param_groups[0]["lr"], "batch": float(len(items))}
             if t.spec.train.grad_clip:
                 metrics["grad_norm"] = norm_list[j]
-            if classify:
+            if private:  # the device scales its own half's gradient by the same factor
+                metrics["clip"] = coefs[j]
+            elif classify:
                 b = item.target.shape[0]
                 metrics |= {"accuracy": hits[j] / b, "correct": float(hits[j])}
             else:

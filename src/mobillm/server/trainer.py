@@ -153,9 +153,11 @@ class Trainer:
         self._epoch_losses: list[float] = []
         # the untrained network, the baseline every epoch must beat on the validation split
         self._initial = _copy_state(self.net)
-        # Streamed training steps of a stackable learner train in the batcher's rounds
-        # together with other sessions'; everything else (validation, cache epochs) here.
-        stacks = stackable(self.net) and not self.private  # a round cannot wait for a device
+        # Training steps of a stackable learner train in the batcher's rounds together with
+        # other sessions'; validation steps here. A private-label step's round runs once its
+        # device's gradient is in (its forward runs here first, without a graph): a round
+        # never waits on a device.
+        stacks = stackable(self.net)
         self.batcher = batcher if batcher is not None and stacks else None
         self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
         self.batch_key = (
@@ -163,6 +165,7 @@ class Trainer:
             spec.head,
             spec.side,
             spec.train.label_smoothing,
+            self.private,
             str(self.device),
         )
         if self.batcher is not None:
@@ -489,7 +492,9 @@ class Trainer:
         if isinstance(self.net, SideNetwork) and not b.validation:
             self.net.use_dropout(p.masks)  # drawn at its begin, as in the standard mode
         assert p.hidden is not None
-        with self._mode(p):
+        # a batched step's round runs its forward again, with the graph, and keeps the taps
+        batched = self.batcher is not None and not b.validation
+        with self._mode(p), torch.no_grad() if batched else contextlib.nullcontext():
             state = None
             for tap, h in enumerate(p.hidden):
                 state = self.net.step(state, tap, h, b.rows_per_sample)
@@ -502,7 +507,9 @@ class Trainer:
                 assert b.loss_mask is not None
                 out = feats[b.loss_mask.to(dev)]
         self._ready.popleft()
-        p.hidden, p.out = None, out
+        p.out = out
+        if not batched:
+            p.hidden = None
         self._awaiting = p
         return Features(b.step, out.detach().to("cpu", torch.float32))
 
@@ -530,7 +537,10 @@ class Trainer:
                 assert self.cache is not None
                 self.cache.check(CachedStep(b, p.frames))
             grad = g.grad.reshape(p.out.shape).to(self.device, p.out.dtype)
-            self._train_private(p.out, grad, g.device_sq_norm, metrics)
+            if p.hidden is not None:
+                _, metrics = self._train_batched(p, grad, g.device_sq_norm)
+            else:
+                self._train_private(p.out, grad, g.device_sq_norm, metrics)
         self._awaiting = None
         # the loss is the device's to know; its ack tells the device's records its own
         replies: list[Ack | Features] = [self._complete(p, math.nan, metrics)]
@@ -577,15 +587,25 @@ class Trainer:
         self.last_ack = Ack(step=b.step, loss=loss, metrics=metrics)
         return Ack(step=b.step, loss=loss, metrics=dict(metrics))
 
-    def _train_batched(self, p: _Pending) -> tuple[float, dict[str, float]]:
-        """Train this step in the batcher's next round, with other sessions' steps."""
+    def _train_batched(
+        self, p: _Pending, grad: torch.Tensor | None = None, device_sq: float = 0.0
+    ) -> tuple[float, dict[str, float]]:
+        """Train this step in the batcher's next round, with other sessions' steps (private
+        labels: on ``grad``, the device's gradient for the features it read)."""
         assert self.batcher is not None and p.hidden is not None
         b = p.begin
-        if self.spec.side.task == "classification":
-            layout = (b.rows_per_sample, b.pool_rows)
-            item = Ready(self, p.hidden, b.labels.long(), layout, p.masks)
+        classify = self.spec.side.task == "classification"
+        layout = (b.rows_per_sample, b.pool_rows) if classify else None
+        if grad is not None:
+            if not classify:  # every row's, zero where the step carries no loss
+                assert b.loss_mask is not None
+                full = grad.new_zeros(b.num_rows, grad.shape[-1])
+                full[b.loss_mask.to(self.device)] = grad
+                grad = full
+            item = Ready(self, p.hidden, None, layout, p.masks, grad, device_sq)
         else:
-            item = Ready(self, p.hidden, b.targets.long(), None, p.masks)
+            target = b.labels if classify else b.targets
+            item = Ready(self, p.hidden, target.long(), layout, p.masks)
         loss, metrics = self.batcher.train(item)  # a RemoteError drops the step (abort_step)
         self.opt._opt_called = True  # type: ignore[attr-defined] # the batcher stepped it
         self.sched.step()
