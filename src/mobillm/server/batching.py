@@ -186,9 +186,7 @@ class _Objective(nn.Module):
 
 class _Features(nn.Module):
     """A private-label step: the features the device's half reads (pooled per sample, or every
-    row for causal LM), dotted with the device's gradient for them. The gradient of that dot
-    product is the vector-Jacobian product the per-session trainer back-propagates; the loss
-    stays on the device."""
+    row for causal LM)."""
 
     def __init__(self, net: SideNetwork) -> None:
         super().__init__()
@@ -200,13 +198,11 @@ class _Features(nn.Module):
         hidden: list[torch.Tensor],
         masks: torch.Tensor,
         pool: torch.Tensor | None,
-        grad: torch.Tensor,
     ) -> torch.Tensor:
         for drop, mask in zip(self.calls, masks.unbind(0), strict=True):
             drop.next_mask = mask
         feats = self.net.features(hidden)
-        out = feats if pool is None else self.net.pooled(feats, pool_weights=pool)
-        return (out * grad).sum()
+        return feats if pool is None else self.net.pooled(feats, pool_weights=pool)
 
 
 class _Group:
@@ -240,6 +236,8 @@ class _Group:
         self.batched_lm = vmap(self._one, in_dims=(0, 0, 0, None, 0))
         self.private_batched = vmap(self._one_private, in_dims=(0, 0, 0, 0, 0))
         self.private_batched_lm = vmap(self._one_private, in_dims=(0, 0, 0, None, 0))
+        self.features_batched = vmap(self._one_features, in_dims=(0, 0, 0, 0))
+        self.features_batched_lm = vmap(self._one_features, in_dims=(0, 0, 0, None))
 
     def round_cost(self, item: Ready) -> int:
         """Bytes a step adds to a round, roughly: stacked weights, gradients as the backward
@@ -267,9 +265,15 @@ class _Group:
         named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
         return functional_call(self.objective, named, (hidden, masks, pool, target))
 
-    def _one_private(self, weights, hidden, masks, pool, grad):
+    def _one_features(self, weights, hidden, masks, pool):
         named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
-        return functional_call(self.features, named, (hidden, masks, pool, grad))
+        return functional_call(self.features, named, (hidden, masks, pool))
+
+    def _one_private(self, weights, hidden, masks, pool, grad):
+        """The features dotted with the device's gradient for them: its gradient is the
+        vector-Jacobian product the per-session trainer back-propagates (the loss stays on
+        the device)."""
+        return (self._one_features(weights, hidden, masks, pool) * grad).sum()
 
 
 @dataclasses.dataclass
@@ -288,8 +292,11 @@ class Ready:
     # or (rows, out) with zeros where no loss; and its own half's squared gradient norm
     grad: torch.Tensor | None = None
     device_sq: float = 0.0
+    # a private-label step before its device's gradient: only its features, no graph
+    forward: bool = False
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: tuple[float, dict[str, float]] | None = None
+    features: torch.Tensor | None = None  # (B, out) pooled, or (rows, out) for causal LM
     error: RemoteError | None = None
 
 
@@ -318,6 +325,19 @@ class Batcher:
 
     def train(self, item: Ready) -> tuple[float, dict[str, float]]:
         """Train ``item`` in the next round; its loss and metrics, or its RemoteError."""
+        self._submit(item)
+        assert item.result is not None
+        return item.result
+
+    def features(self, item: Ready) -> torch.Tensor:
+        """A private-label step's features, computed in the next round without a graph (its
+        training round runs them again once the device's gradient is in)."""
+        item.forward = True
+        self._submit(item)
+        assert item.features is not None
+        return item.features
+
+    def _submit(self, item: Ready) -> None:
         with self._lock:  # checked and queued together: close() cannot slip in between
             if self._closed:
                 raise RemoteError("UNAVAILABLE", "the server is shutting down")
@@ -325,8 +345,6 @@ class Batcher:
         item.done.wait()
         if item.error is not None:
             raise item.error
-        assert item.result is not None
-        return item.result
 
     def close(self) -> None:
         """Stop after the round in progress; steps still queued fail with UNAVAILABLE."""
@@ -488,12 +506,29 @@ class Batcher:
         return buf[:need].view(rows, cols)
 
     def _round(self, key: Any, items: list[Ready]) -> None:
+        """One round: the features of private-label steps still waiting for their devices'
+        gradients (no graph), then the training steps."""
         g = self._group(key, items[0].trainer)
+        ahead = [i for i in items if i.forward]
+        train = [i for i in items if not i.forward]
+        if ahead:
+            self._features(g, ahead)
+        if train:
+            self._train_round(g, train)
+        self.rounds += 1
+        # every result first, then the wake-ups in one tight loop: a session woken early
+        # competes for the GIL with this thread's remaining work (measured on an H200 at 128
+        # sessions: the acks took 30 ms of a 125 ms round when interleaved)
+        for item in items:
+            item.done.set()
+
+    def _stacked(self, g: _Group, items: list[Ready]) -> tuple[torch.Tensor, ...]:
+        """A round's stacked weights, taps and dropout masks, and (classification) pooling
+        weights, every step padded to the round's longest: rows, and samples."""
         dev = items[0].trainer.device
         rows = max(i.hidden[0].shape[0] for i in items)
         weights = self._buffer("weights", items[0].trainer.flat.p, len(items))  # type: ignore[union-attr]
         torch.stack([i.trainer.flat.p for i in items], out=weights)  # type: ignore[union-attr]
-        leaves = g.leaves(weights)
         hidden = [_pad([i.hidden[t] for i in items], rows) for t in range(len(items[0].hidden))]
         # each session's masks, drawn when its step opened, padded: (R, calls, rows, width)
         none = torch.zeros(0, rows, g.width, device=dev)
@@ -507,17 +542,34 @@ class Batcher:
                 for i in items
             ]
         )
-        classify = items[0].layout is not None
+        pool = None
+        if items[0].layout is not None:
+            samples = max(i.layout[0].shape[0] for i in items)  # type: ignore[index]
+            # padding samples have no rows and pool row -1: zero pooling weights, no loss
+            counts = _pad([i.layout[0] for i in items], samples, 0).to(dev)  # type: ignore[index]
+            last = _pad([i.layout[1] for i in items], samples, -1).to(dev)  # type: ignore[index]
+            pool = pool_matrix(counts, last, items[0].trainer.spec.side.pooling, rows)
+        return weights, hidden, masks, pool
+
+    def _features(self, g: _Group, items: list[Ready]) -> None:
+        weights, hidden, masks, pool = self._stacked(g, items)
+        run = g.features_batched if pool is not None else g.features_batched_lm
+        with torch.no_grad():
+            out = run(g.views(weights), hidden, masks, pool)
+        for j, item in enumerate(items):
+            n = item.layout[0].shape[0] if item.layout is not None else item.hidden[0].shape[0]
+            item.features = out[j, :n]
+            item.result = (float("nan"), {"batch": float(len(items))})
+
+    def _train_round(self, g: _Group, items: list[Ready]) -> None:
+        dev = items[0].trainer.device
+        weights, hidden, masks, pool = self._stacked(g, items)
+        leaves = g.leaves(weights)
+        classify = pool is not None
         private = g.private
         # per session: (B, ...) per sample for classification, (rows, ...) for causal LM
         per = [i.grad if private else i.target for i in items]
-        size = max(x.shape[0] for x in per) if classify else rows  # type: ignore[union-attr]
-        pool = None
-        if classify:
-            # padding samples have no rows and pool row -1: zero pooling weights, no loss
-            counts = _pad([i.layout[0] for i in items], size, 0).to(dev)  # type: ignore[index]
-            last = _pad([i.layout[1] for i in items], size, -1).to(dev)  # type: ignore[index]
-            pool = pool_matrix(counts, last, items[0].trainer.spec.side.pooling, rows)
+        size = pool.shape[1] if classify else hidden[0].shape[1]
         if private:
             # the device's gradients, zero on padding: the product's gradient is each
             # session's vector-Jacobian product, its value no loss (the device has that)
@@ -575,7 +627,6 @@ class Batcher:
         for (lr, step, wd), js in same.items():
             parts = [[rows_dec[j] for j in js], [rows_rest[j] for j in js]]
             _adamw([items[j].trainer for j in js], parts, lr, step, wd, g.split)
-        self.rounds += 1
         for j, item in enumerate(items):
             t = item.trainer
             if not oks[j]:
@@ -599,11 +650,6 @@ class Batcher:
                 metrics["tokens"] = float(tokens[j])
             item.result = (losses[j], metrics)
             self.session_steps += 1
-        # every result first, then the wake-ups in one tight loop: a session woken early
-        # competes for the GIL with this thread's remaining work (measured on an H200 at 128
-        # sessions: the acks took 30 ms of a 125 ms round when interleaved)
-        for item in items:
-            item.done.set()
 
 
 def _adamw(

@@ -267,13 +267,19 @@ class Trainer:
 
     @contextlib.contextmanager
     def _mode(self, p: _Pending) -> Iterator[None]:
-        """Validation steps run without dropout and without autograd; training steps with."""
-        self.net.train(not p.begin.validation)
+        """Validation steps run without dropout and without autograd; training steps with.
+        The learner's mode is set only when it changes: setting it walks every module (over
+        200 for a 30-tap ladder), and a step folded tap by tap enters here once per tap (it
+        took half of a SmolLM2-shaped step's server time)."""
+        train = not p.begin.validation
+        if self.net.training != train:
+            self.net.train(train)
         try:
-            with torch.set_grad_enabled(not p.begin.validation):
+            with torch.set_grad_enabled(train):
                 yield
         finally:
-            self.net.train()
+            if not self.net.training:
+                self.net.train()
 
     @property
     def _replays(self) -> bool:
@@ -489,23 +495,31 @@ class Trainer:
             return None
         p = self._ready[0]  # stays queued until its forward ran: a failure must find it
         b, dev = p.begin, self.device
-        if isinstance(self.net, SideNetwork) and not b.validation:
-            self.net.use_dropout(p.masks)  # drawn at its begin, as in the standard mode
         assert p.hidden is not None
-        # a batched step's round runs its forward again, with the graph, and keeps the taps
+        classify = self.spec.side.task == "classification"
+        # a batched step's features come from a round, without a graph: its training round
+        # runs them again on the device's gradient, from the taps it keeps until then
         batched = self.batcher is not None and not b.validation
-        with self._mode(p), torch.no_grad() if batched else contextlib.nullcontext():
-            state = None
-            for tap, h in enumerate(p.hidden):
-                state = self.net.step(state, tap, h, b.rows_per_sample)
-            feats = self.net.finish(state, p.hidden[-1])
-            if self.spec.side.task == "classification":
-                out = self.net.pooled(
-                    feats, b.pool_rows.to(dev), _row_sample(b).to(dev), b.num_samples
-                )
-            else:
-                assert b.loss_mask is not None
-                out = feats[b.loss_mask.to(dev)]
+        if batched:
+            assert self.batcher is not None
+            layout = (b.rows_per_sample, b.pool_rows) if classify else None
+            feats = self.batcher.features(Ready(self, p.hidden, None, layout, p.masks))
+            out = feats if classify else feats[b.loss_mask.to(dev)]  # type: ignore[union-attr]
+        else:
+            if isinstance(self.net, SideNetwork) and not b.validation:
+                self.net.use_dropout(p.masks)  # drawn at its begin, as in the standard mode
+            with self._mode(p):
+                state = None
+                for tap, h in enumerate(p.hidden):
+                    state = self.net.step(state, tap, h, b.rows_per_sample)
+                feats = self.net.finish(state, p.hidden[-1])
+                if classify:
+                    out = self.net.pooled(
+                        feats, b.pool_rows.to(dev), _row_sample(b).to(dev), b.num_samples
+                    )
+                else:
+                    assert b.loss_mask is not None
+                    out = feats[b.loss_mask.to(dev)]
         self._ready.popleft()
         p.out = out
         if not batched:
