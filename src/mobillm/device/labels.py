@@ -33,6 +33,7 @@ from safetensors import safe_open
 from mobillm.files import save_tensors
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
+from mobillm.side.learner import seeded
 from mobillm.side.model import task_classifier
 from mobillm.side.objective import correct, task_loss
 from mobillm.side.optim import adamw
@@ -65,8 +66,7 @@ class LabelHead:
         # side network; this one draws it alone, so only a verbalizer start is the same run.
         self.train = train
         self.session_id = session_id
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train.seed)  # a "random" classifier is the same in every run
+        with seeded(train.seed):  # a "random" classifier is the same in every run
             self.classifier = task_classifier(side, head)
         self.opt = self.sched = None
         if self.classifier is not None:

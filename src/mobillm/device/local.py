@@ -21,7 +21,7 @@ from mobillm.device.rows import RowPlan, plan_rows
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.io import SideFileError, SideMeta, load_side
-from mobillm.side.learner import Learner, build_learner
+from mobillm.side.learner import Learner, build_learner, seeded
 from mobillm.side.split import SplitLearner
 
 
@@ -63,9 +63,9 @@ class LocalModel:
     @classmethod
     def untrained(cls, backbone: Backbone, side_cfg: SideConfig, seed: int = 0) -> LocalModel:
         """A fresh side network: with a verbalizer head this is zero-shot prompting exactly."""
-        torch.manual_seed(seed)
         head, layers = _frozen_parts(backbone, side_cfg, backbone.taps)
-        return cls(backbone, build_learner(side_cfg, head, layers, cast=False))
+        with seeded(seed):
+            return cls(backbone, build_learner(side_cfg, head, layers, cast=False))
 
     def _positions(self) -> str:
         return self.side.cfg.positions

@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from mobillm.config import Config, check
-from mobillm.side.learner import build_learner
+from mobillm.side.learner import build_learner, seeded
 from mobillm.side.model import SideNetwork, pool_matrix
 from mobillm.side.objective import IGNORE, task_loss
 from mobillm.side.optim import decays
@@ -70,9 +70,6 @@ EPS = 1e-8
 ACTIVE_S = 10.0  # a session that submitted within this long is waited for (up to wait_ms)
 IDLE_S = 5.0  # a batcher with no step for this long gives its round buffers back
 _GROUPS = 8  # learner templates kept (one per distinct shape); a rebuilt one costs one init
-# Learners are built under this lock with the global RNG forked and seeded: concurrent builds
-# (sessions opening, the batcher's templates) must not interleave their draws.
-INIT_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +208,7 @@ class _Group:
     def __init__(self, trainer: Trainer, smoothing: float) -> None:
         # a private-label session's classifier is on its device: not in its flat vector
         self.private = trainer.private
-        with INIT_LOCK, torch.random.fork_rng(devices=[]):
+        with seeded(0):  # the template's weights are never used: every round supplies them
             net = build_learner(
                 trainer.spec.side, trainer.net.frozen, with_classifier=not self.private
             ).to(trainer.device)

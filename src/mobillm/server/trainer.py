@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from mobillm.codec import CodecError, decode, encoded_nbytes, read_header
-from mobillm.server.batching import INIT_LOCK, Batcher, FlatState, Ready, stackable
+from mobillm.server.batching import Batcher, FlatState, Ready, stackable
 from mobillm.server.budget import check_step
 from mobillm.server.cache import ActivationCache, CachedStep
 from mobillm.side.head import FrozenHead
-from mobillm.side.learner import Learner, build_learner
+from mobillm.side.learner import Learner, build_learner, seeded
 from mobillm.side.model import SideNetwork
 from mobillm.side.objective import IGNORE, correct, task_loss
 from mobillm.side.optim import adamw, clip_coefficient
@@ -121,8 +121,7 @@ class Trainer:
                 "this server keeps no activation cache, which a private-label session's cache "
                 "epochs replay; train with --no-replay",
             )
-        with INIT_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.train.seed)
+        with seeded(spec.train.seed):
             self.net: Learner = build_learner(
                 spec.side, head, layers, with_classifier=not self.private
             ).to(self.device)

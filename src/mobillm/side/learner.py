@@ -6,6 +6,10 @@ sides: the server trains it, the device runs the downloaded copy for inference a
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 
 from mobillm.side.config import SideConfig
@@ -15,6 +19,21 @@ from mobillm.side.split import SplitLearner
 from mobillm.side.transformer import SideTransformer
 
 Learner = SideNetwork | SplitLearner | SideTransformer
+
+# Learners and heads draw their initial weights from torch's global RNG. A server builds them
+# in many threads (sessions opening, the batcher's templates), and an in-process device in
+# another: each build forks the RNG, seeds it and draws under this lock, or one thread's seed
+# lands in the middle of another's draws (a session would start from other weights).
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global RNG seeded with ``seed``, no other build drawing meanwhile,
+    and leave the RNG as it was."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def build_learner(
