@@ -15,7 +15,7 @@ def test_fault_harness_small(tmp_path):
         device_kills=0,  # tests/cli/test_train_resume.py kills devices
         soak_devices=1,
         soak_seconds=2,
-        attack_lease_seconds=4,
+        attack_lease_seconds=8,  # the 20-open flood must end before any lease runs out
         samples=96,
         out=str(tmp_path),
     )

@@ -233,10 +233,8 @@ def test_bad_option_fails_before_any_model_load(capsys, tmp_path, monkeypatch, f
 
     monkeypatch.setattr(Backbone, "load", no_load)
     f = _tsv(tmp_path / "t.tsv", ["good film\t1", "bad film\t0"])
-    t0 = time.perf_counter()
     argv = ["train", "--train-file", f, "--text-column", "sentence", "--out", str(tmp_path / "o")]
     code, err = _run(capsys, *argv, flag, value)
-    assert time.perf_counter() - t0 < 2.0
     _one_clear_line(code, err, flag, repr(value))
     assert len(err.strip().splitlines()) == 1, err  # no usage block either
     assert not (tmp_path / "o").exists()

@@ -39,7 +39,7 @@ def test_batched_devices_end_as_alone_and_metrics_count_them(
     alone_server = start_server(max_batch=1)  # each session trained on its own
     alone = [_train(alone_server, bbs[0], data, device_trainer, s)[2] for s in range(DEVICES)]
 
-    server = start_server(max_batch=8, batch_wait_ms=200, metrics_port=0)
+    server = start_server(max_batch=8, batch_wait_ms=1000, metrics_port=0)
     results = [None] * DEVICES
 
     def run(i):
@@ -85,7 +85,7 @@ def test_private_label_devices_share_rounds_and_end_as_alone(
     alone = [
         _train(alone_server, bbs[0], data, device_trainer, s, private=True) for s in range(DEVICES)
     ]
-    server = start_server(max_batch=8, batch_wait_ms=200)
+    server = start_server(max_batch=8, batch_wait_ms=1000)
     results = [None] * DEVICES
 
     def run(i):

@@ -42,7 +42,7 @@ def _send_step(t, info, step=0):
 def test_rate_limit_paces_the_sender(make_tiny_backbone, start_server, session_spec):
     server = start_server()
     bb = make_tiny_backbone("llama")
-    t, info = _open(server, bb, session_spec, LinkConfig(mbps=1.0))
+    t, info = _open(server, bb, session_spec, LinkConfig(mbps=0.25))  # about 1.3 s a step
     before = t.bytes_sent
     t0 = time.perf_counter()
     _send_step(t, info)
@@ -56,7 +56,7 @@ def test_rate_limit_paces_the_sender(make_tiny_backbone, start_server, session_s
     assert t.close()["steps"] == 1
 
 
-@pytest.mark.parametrize("rtt_ms", [0, 300])
+@pytest.mark.parametrize("rtt_ms", [0, 1000])
 def test_round_trip_delays_acks(make_tiny_backbone, start_server, session_spec, rtt_ms):
     server = start_server()
     bb = make_tiny_backbone("llama")
@@ -68,5 +68,5 @@ def test_round_trip_delays_acks(make_tiny_backbone, start_server, session_spec, 
     if rtt_ms:
         assert waited >= 0.95 * rtt_ms / 1000
     else:
-        assert waited < 0.3
+        assert waited < 0.5  # the first step of a fresh server: 0.02-0.1 s on a busy 2-core box
     t.close()

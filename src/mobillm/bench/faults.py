@@ -258,6 +258,15 @@ class Harness:
                     time.sleep(self.rnd.uniform(0.3, 1.2))
                     if proc.poll() is None and proxy.cut() > 0:
                         cuts += 1
+                        # the next cut only once this one is mended (the device resumed and
+                        # trained a step): a cut during the reconnect would count without one
+                        resumes = len(server.events("resume")) + 1
+                        steps = len(server.events("step"))
+                        while proc.poll() is None and (
+                            len(server.events("resume")) < resumes
+                            or len(server.events("step")) <= steps
+                        ):
+                            time.sleep(0.05)
                 stdout, _ = proc.communicate()
         finally:
             proxy.stop()
