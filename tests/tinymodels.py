@@ -39,7 +39,7 @@ def build_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
 
 
-TINY_FAMILIES = ("llama", "qwen2", "gemma", "gpt2", "opt")
+TINY_FAMILIES = ("llama", "qwen2", "gemma", "gpt2", "opt", "olmo")
 
 
 def tiny_model(family: str, vocab: int = 400, layers: int = 3, seed: int = 0):
@@ -50,6 +50,7 @@ def tiny_model(family: str, vocab: int = 400, layers: int = 3, seed: int = 0):
         GemmaConfig,
         GPT2Config,
         LlamaConfig,
+        OlmoConfig,
         OPTConfig,
         Qwen2Config,
     )
@@ -87,6 +88,14 @@ def tiny_model(family: str, vocab: int = 400, layers: int = 3, seed: int = 0):
             num_attention_heads=4,
             num_key_value_heads=1,
             head_dim=8,
+            **common,
+        ),
+        "olmo": lambda: OlmoConfig(  # norms without weights
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
             **common,
         ),
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=layers, n_head=4, **common),

@@ -71,6 +71,16 @@ def spec_codec():
     return CodecConfig("int8")
 
 
+def test_a_causal_lm_side_transformer_session_is_valid(make_tiny_backbone):
+    """Its upload is the whole LM head plus the pruned blocks: hashed together, so the head
+    hash is not the backbone's, as for a split session."""
+    bb = make_tiny_backbone("llama", layers=4)
+    side = build_side_config(bb, "causal_lm", 0, (), kind="transformer")
+    spec, tensors = build_session(bb, side, spec_codec(), TrainConfig(), positions="valid")
+    assert spec.head.vocab_rows == bb.fingerprint.vocab_size
+    assert any(k.startswith("layers.") for k in tensors)
+
+
 def test_pruning_keeps_the_largest_units(make_tiny_backbone):
     bb = make_tiny_backbone("llama", layers=2)
     config = bb.model.config

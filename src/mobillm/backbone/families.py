@@ -70,6 +70,8 @@ def _norm_spec(norm: nn.Module | None) -> tuple[str, float, bool]:
     name = type(norm).__name__
     if isinstance(norm, nn.LayerNorm):
         return "layer", float(norm.eps), norm.bias is not None
+    if name == "OlmoLayerNorm":  # a layer norm without weight or bias, eps fixed at 1e-5
+        return "layer", 1e-5, False
     if "RMSNorm" in name:
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         # Gemma-style norms store w and scale by (1 + w); they initialise w at zero.
@@ -115,7 +117,8 @@ def export_head(
     # vocabulary costs no device memory (callers treat these tensors as read-only).
     tensors: dict[str, torch.Tensor] = {}
     if norm is not None:
-        tensors["norm.weight"] = norm.weight.detach().float()
+        w = getattr(norm, "weight", None)  # OLMo's has none: a weight of ones is the same
+        tensors["norm.weight"] = w.detach().float() if w is not None else torch.ones(hidden)
         if has_bias:
             tensors["norm.bias"] = norm.bias.detach().float()
     if proj is not None:

@@ -151,8 +151,13 @@ class SessionSpec(Config):
             "causal-LM tuning takes positions 'loss' or 'valid'",
         )
         check(len(self.head_sha256) == 64, "SessionSpec.head_sha256 must be a sha256 hex digest")
+        # the whole head is the backbone's, unless layers ride with it (split, transformer)
+        head_only = self.side.kind == "ladder"
         check(
-            rows is not None or split or self.private_labels or self.head_sha256 == fp.head_sha256,
+            rows is not None
+            or not head_only
+            or self.private_labels
+            or self.head_sha256 == fp.head_sha256,
             "SessionSpec.head_sha256 differs from the backbone's head hash: the head to upload "
             "is not this backbone's",
         )
