@@ -128,6 +128,17 @@ def test_causal_lm_generate(model_dir, tmp_path):
     assert isinstance(lm.generate("Q: 3?\nA:", max_new_tokens=4, frozen=True), str)
     with pytest.raises(ConfigError, match="causal-LM"):
         mobillm.Device(model_dir).generate("hi")
+    with pytest.raises(ConfigError, match="this model takes 2048"):  # its position table
+        lm.generate("word " * 2100)
+
+
+def test_lengths_the_model_cannot_take_are_clear_errors(device, tmp_path):
+    with pytest.raises(ConfigError, match="more than the 2048 positions"):
+        device.train(reviews(8), config=CONFIG.replace(max_length=4096), out=tmp_path / "a")
+    rows = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "response": f" {2 * i}"} for i in range(8)]
+    lm = mobillm.DataConfig(task="causal_lm", batch_size=4, max_length=4)
+    with pytest.raises(ConfigError, match="none of the 7 training examples"):
+        device.train(rows, config=lm, out=tmp_path / "b")  # one of the 8 validates
 
 
 def test_train_against_a_server_in_a_thread(device, tmp_path):

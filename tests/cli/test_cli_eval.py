@@ -1,6 +1,7 @@
 """``mobillm eval`` on the user's own eval file alone: no train file, with --side or --zero-shot."""
 
 import json
+from pathlib import Path
 
 import pytest
 from clidata import TASK_FLAGS, write_reviews
@@ -71,6 +72,15 @@ def test_side_needs_only_the_eval_file(capsys, tmp_path, model_dir, cls_side):
         capsys, "eval", "--model", model_dir, "--side", cls_side, "--eval-file", dev, *TASK_FLAGS
     )
     assert full["accuracy"] == res["accuracy"]
+
+
+def test_side_remembers_its_model(capsys, tmp_path, model_dir, cls_side):
+    """Without --model, eval loads the model the side network was trained on (the default
+    model would not fit it)."""
+    dev = write_reviews(tmp_path / "dev.tsv", 3)
+    capsys.readouterr()
+    res = run_json(capsys, "eval", "--side", cls_side, "--eval-file", dev)
+    assert res["model"] == str(Path(model_dir).resolve()) and res["samples"] == 6
 
 
 def test_side_causal_lm_needs_only_the_eval_file(capsys, tmp_path, model_dir, lm_side):

@@ -208,12 +208,26 @@ class Device:
         dcfg, train_ex, val_ex, eval_ex = self._examples(
             data, eval_data, config, streaming.validation_fraction
         )
+        self._check_length(dcfg)
         tok = self.backbone.tokenizer
         train = tokenize_examples(train_ex, tok, dcfg)
         val = tokenize_examples(val_ex, tok, dcfg) if val_ex else None
         held = tokenize_examples(eval_ex, tok, dcfg) if eval_ex and evaluate else None
+        # a split whose every example was dropped (no response token within max_length) is
+        # no split: trained without validation, evaluated on nothing
+        val = val if val is not None and len(val) else None
+        held = held if held is not None and len(held) else None
+        if not len(train):
+            raise ConfigError(
+                f"none of the {len(train_ex)} training examples leaves a response token to "
+                f"predict within max_length={dcfg.max_length}: raise --max-length"
+            )
         if callback is not None:
-            counts = {"train": len(train), "validation": len(val_ex), "held_out": len(eval_ex)}
+            counts = {
+                "train": len(train),
+                "validation": len(val) if val is not None else 0,
+                "held_out": len(held) if held is not None else 0 if evaluate else len(eval_ex),
+            }
             callback({"examples": {**counts, "task": dcfg.task}})
         side = self._side_config(dcfg, learner)
         training = (training or TrainConfig()).replace(seed=dcfg.seed)
@@ -264,7 +278,15 @@ class Device:
             validation=val,
             stop=stop.is_set if isinstance(stop, threading.Event) else stop,
         )
-        trainer.download(out, {"data": _task_dict(dcfg)})
+        # what a later `mobillm eval --side` loads by default
+        source = self.backbone.cfg.source
+        where = Path(source)
+        task = {
+            "data": _task_dict(dcfg),
+            "model": str(where.resolve()) if where.exists() else source,
+            "device_quant": self.backbone.cfg.quant,
+        }
+        trainer.download(out, task)
         result["server"] = transport.close()
         trainer.write_log(out / "train_log.jsonl")
         (out / SESSION_FILE).unlink(missing_ok=True)  # the session is closed: nothing to resume
@@ -377,6 +399,7 @@ class Device:
         ``callback`` hears ``{"evaluating": "eval", "done": n, "total": N}`` as it goes.
         """
         dcfg, examples = self._eval_examples(data, config)
+        self._check_length(dcfg)
         if self.model is not None:
             model = self.model
         else:
@@ -394,6 +417,16 @@ class Device:
         if dcfg.task == "classification":
             res["labels"] = list(dcfg.labels)
         return res
+
+    def _check_length(self, dcfg: DataConfig) -> None:
+        """Refuse a max_length over what the model takes (a learned position table raises an
+        IndexError deep in the forward pass)."""
+        n = self.backbone.max_positions
+        if n is not None and dcfg.max_length > n:
+            raise ConfigError(
+                f"max_length {dcfg.max_length} is more than the {n} positions this model takes "
+                f"(--max-length at most {n})"
+            )
 
     def _eval_examples(
         self, data: DataConfig | Records | str | Path | None, config: DataConfig | None

@@ -233,6 +233,14 @@ class Backbone:
         return int(getattr(c, "hidden_size", None) or c.n_embd)
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (its position table or trained context), if
+        its config says."""
+        c = self.model.config
+        n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        return int(n) if n else None
+
+    @property
     def pad_token_id(self) -> int:
         tok = self.tokenizer
         pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -64,12 +64,19 @@ def _taps(spec: str) -> str:
     return spec
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_model_args(p: argparse.ArgumentParser, side: bool = False) -> None:
+    """The backbone options; ``side``: a command that loads a side network, whose recorded
+    model and ``--device-quant`` are the defaults (``model_from_side``)."""
     g = p.add_argument_group("backbone")
     g.add_argument(
         "--model",
-        default="smollm2-135m",
-        help="model folder, .gguf file, alias (smollm2-135m) or hub id (default: %(default)s)",
+        default=None if side else DEFAULT_MODEL,
+        help="model folder, .gguf file, alias (smollm2-135m) or hub id (default: "
+        + ("the model the side network was trained on, else " if side else "")
+        + f"{DEFAULT_MODEL})",
     )
     g.add_argument(
         "--dtype",
@@ -82,10 +89,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--device-quant",
-        default="none",
+        default=None if side else "none",
         choices=["none", "int8"],
         help="run the device's frozen linear layers in int8 (the side network is trained on "
-        "that backbone; evaluate with the same flag) (default: %(default)s)",
+        "that backbone; evaluate with the same flag) (default: "
+        + ("as the side network was trained, else " if side else "")
+        + "none)",
     )
     g.add_argument(
         "--stream-weights",
@@ -102,6 +111,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "step reads the weights from storage again (a device under memory pressure; for "
         "measuring)",
     )
+
+
+def model_from_side(args: argparse.Namespace, side: str | None) -> None:
+    """Fill ``--model`` and ``--device-quant`` left unset from what ``side`` (a side network's
+    folder) was trained on; side networks saved before it was recorded: the defaults."""
+    from mobillm.side.io import read_meta
+
+    recorded = read_meta(side).task if side else {}
+    if args.model is None:
+        args.model = str(recorded.get("model") or DEFAULT_MODEL)
+    if args.device_quant is None:
+        args.device_quant = str(recorded.get("device_quant") or "none")
 
 
 def backbone_config(args: argparse.Namespace, taps: str = "all") -> Any:

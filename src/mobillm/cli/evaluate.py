@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a saved side network locally (no server)", description=__doc__
     )
-    common.add_model_args(p)
+    common.add_model_args(p, side=True)
     p.add_argument("--side", default="", help="folder of a saved side network")
     p.add_argument(
         "--zero-shot",
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dcfg = dcfg.replace(labels=resolve_labels(dcfg))
     examples = load_examples(dcfg, "eval")
     common.say(f"[eval] {len(examples)} examples")
+    common.model_from_side(args, args.side)
     device = Device(common.backbone_config(args))
     if args.side:
         device.load(args.side)

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate with a saved causal-LM side network (no server)",
         description=__doc__,
     )
-    common.add_model_args(p)
+    common.add_model_args(p, side=True)
     p.add_argument("--side", required=True, help="folder of a saved causal-LM side network")
     p.add_argument(
         "--prompt", action="append", required=True, help="prompt text; repeat for several prompts"
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mobillm.api import Device
 
     common.setup(args)
+    common.model_from_side(args, args.side)
     device = Device(common.backbone_config(args)).load(args.side)
     assert device.model is not None
     if device.model.side.cfg.task != "causal_lm":

@@ -18,6 +18,7 @@ from mobillm.backbone import Backbone, pages
 from mobillm.backbone.model import stream_hooks
 from mobillm.data import IGNORE_INDEX, Batch, TokenizedDataset, collate
 from mobillm.device.rows import RowPlan, plan_rows
+from mobillm.errors import ConfigError
 from mobillm.side.config import SideConfig
 from mobillm.side.head import FrozenHead
 from mobillm.side.io import SideFileError, SideMeta, load_side
@@ -41,9 +42,11 @@ class LocalModel:
     @classmethod
     def load(cls, backbone: Backbone, folder: str | Path) -> LocalModel:
         """Load a saved side network for ``backbone`` (its fingerprint must match)."""
-        from mobillm.side.io import read_meta
+        from mobillm.side.io import check_fingerprint, read_meta
 
         meta = read_meta(folder)
+        # another backbone's side network fails here, not on its taps or head below
+        check_fingerprint(meta, backbone.fingerprint, str(folder))
         head, layers = _frozen_parts(backbone, meta.side, meta.taps)
         side, meta = load_side(folder, head, expect=backbone.fingerprint, layers=layers)
         return cls(backbone, side, meta)
@@ -161,9 +164,17 @@ class LocalModel:
         top_p: float = 1.0,
         seed: int = 0,
     ) -> str:
-        """Continue ``prompt`` (formatted as in training: ``prompt + "\\n"``) token by token."""
+        """Continue ``prompt`` (formatted as in training: ``prompt + "\\n"``) token by token,
+        at most ``max_new_tokens``, and no further than the positions the model takes."""
         tok = self.backbone.tokenizer
         ids = torch.tensor([tok(prompt + "\n", add_special_tokens=True)["input_ids"]])
+        limit = self.backbone.max_positions
+        if limit is not None:
+            if ids.shape[1] >= limit:
+                raise ConfigError(
+                    f"the prompt takes {ids.shape[1]} tokens; this model takes {limit} in all"
+                )
+            max_new_tokens = min(max_new_tokens, limit - ids.shape[1])
         gen = torch.Generator().manual_seed(seed)
         eos = tok.eos_token_id
         out: list[int] = []
