@@ -244,6 +244,13 @@ def test_empty_data_set(tmp_path, content):
         load_examples(cls_cfg(p, labels=("1",)), "train")
 
 
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_jsonl(tmp_path, content):
+    p = write(tmp_path / "a.jsonl", content)
+    with pytest.raises(DataError, match=r"a\.jsonl: file is empty"):
+        load_examples(DataConfig(task="causal_lm", train_path=p), "train")
+
+
 def test_causal_lm_missing_columns(tmp_path):
     p = jsonl(tmp_path / "lm.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=r"row 1 has columns \['question', 'answer'\]"):

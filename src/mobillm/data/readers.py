@@ -168,6 +168,9 @@ def read_rows(
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "file not found"
         raise DataError(f"{what}: {p}")
+    # datasets gives no reason for a JSONL file of blank lines (a large file is not one)
+    if fmt == "jsonl" and p.stat().st_size < 1 << 16 and not p.read_bytes().strip():
+        raise DataError(f"{p}: file is empty (expected one JSON object per line)")
     try:
         ds = _load(str(p), fmt, _builder_kwargs(fmt, encoding, quoting))
     except Exception as e:
