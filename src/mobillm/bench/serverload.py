@@ -359,7 +359,8 @@ def measure_in_process(cfg: LoadConfig, workdir: str | Path, threads: int = 0) -
 
 def render(records: list[dict[str, Any]], command: str) -> str:
     """docs/server.md: one row per point, and batched / unbatched at each session count."""
-    commands = list(dict.fromkeys([*(r["command"] for r in records if r.get("command")), command]))
+    # the commands the rows came from (a run that measured nothing only re-rendered them)
+    commands = list(dict.fromkeys(r["command"] for r in records if r.get("command"))) or [command]
     lines = [
         "# Many devices, one server",
         "",

@@ -455,8 +455,20 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
     defaults = {f.name: f.default for f in dataclasses.fields(LoadConfig)}
 
     def same(r: dict[str, Any], want: dict[str, Any]) -> bool:
+        """The same point: how many steps measured it does not make it another (a rerun
+        with more steps replaces it, and a verdict never pairs rows of two runs)."""
         old = defaults | {"tf32": want["tf32"] and not r["device"].startswith("cuda")}
-        return all(r.get(k, old[k]) == v for k, v in want.items())
+        return all(r.get(k, old[k]) == v for k, v in want.items() if k not in _LENGTH)
+
+    # records stored before a rerun replaced their point: the latest of each point is kept
+    kept: list[dict[str, Any]] = []
+    for r in reversed(done):
+        mine = {k: r.get(k, defaults[k]) for k in defaults}
+        if "tf32" not in r and r["device"].startswith("cuda"):
+            mine["tf32"] = False  # CUDA points from before the option ran in float32
+        if not any(same(k, mine) for k in kept):
+            kept.append(r)
+    done = kept[::-1]
 
     for i, cfg in enumerate(points):
         want = cfg.to_dict()
@@ -475,10 +487,14 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
             f"[server]   {rec['session_steps_per_s']:.1f} session-steps/s, "
             f"ack p50 {rec['ack_p50_ms']:.0f} ms"
         )
+    store.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(args.doc).write_text(render(done, command.strip()))
     common.say(f"[server] wrote {store} and {args.doc}")
     return {"points": len(done)}
+
+
+_LENGTH = ("steps", "warmup")  # how long a point was measured, not which point it is
 
 
 def _gpu_name() -> str:
