@@ -106,20 +106,25 @@ def _step(trainer, begin, frames):
     return ack
 
 
-def _run_together(trainers, plan, n_steps):
-    """Each step of every session at once, from its own thread, as the server's pool does."""
-    acks = [[None] * n_steps for _ in trainers]
+def _at_once(sessions, n_steps, step):
+    """``step(i, s)`` for each step ``s`` of every session ``i`` at once, from its own thread,
+    as the server's pool does; the results by session and step."""
+    out = [[None] * n_steps for _ in range(sessions)]
 
     def go(i, s):
-        acks[i][s] = _step(trainers[i], *plan[i][s])
+        out[i][s] = step(i, s)
 
     for s in range(n_steps):
-        threads = [threading.Thread(target=go, args=(i, s)) for i in range(len(trainers))]
+        threads = [threading.Thread(target=go, args=(i, s)) for i in range(sessions)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-    return acks
+            t.join(120)
+    return out
+
+
+def _run_together(trainers, plan, n_steps):
+    return _at_once(len(trainers), n_steps, lambda i, s: _step(trainers[i], *plan[i][s]))
 
 
 @pytest.mark.parametrize(
@@ -198,16 +203,7 @@ def test_private_label_sessions_batched_match_alone(make_tiny_backbone, task):
     try:
         together = _trainers(bb, task, batcher, private=True)
         assert all(t.batcher is batcher for t in together)
-        got = [[None] * n for _ in range(3)]
-        for s in range(n):
-            threads = [
-                threading.Thread(target=lambda i=i, s=s: got[i].__setitem__(s, run(together, i, s)))
-                for i in range(3)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        got = _at_once(3, n, lambda i, s: run(together, i, s))
     finally:
         batcher.close()
     acks = [a for row in got for _, a in row]
@@ -322,18 +318,7 @@ def test_model_shaped_sessions_match_alone(device):
     batcher = Batcher(BatchConfig(max_batch=8, wait_ms=WAIT_MS))
     try:
         together = make(batcher)
-        got = [[None] * 4 for _ in range(3)]
-        for s in range(4):
-            threads = [
-                threading.Thread(
-                    target=lambda i=i, s=s: got[i].__setitem__(s, run(together[i], *steps[i][s]))
-                )
-                for i in range(3)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        got = _at_once(3, 4, lambda i, s: run(together[i], *steps[i][s]))
     finally:
         batcher.close()
     assert max(a.metrics["batch"] for row in got for a in row) == 3

@@ -158,48 +158,45 @@ class FlatState:
             opt.state[p]["step"].fill_(float(steps))
 
 
-class _Objective(nn.Module):
-    """The learner's loss as one module call, so ``functional_call`` can swap its weights."""
-
-    def __init__(self, net: SideNetwork, smoothing: float) -> None:
-        super().__init__()
-        self.net = net
-        self.smoothing = smoothing
-        self.calls = net.dropout_calls()
-
-    def forward(
-        self,
-        hidden: list[torch.Tensor],
-        masks: torch.Tensor,
-        pool: torch.Tensor | None,
-        target: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        for drop, mask in zip(self.calls, masks.unbind(0), strict=True):
-            drop.next_mask = mask
-        feats = self.net.features(hidden)
-        logits = self.net.logits(feats, pool_weights=pool)
-        return task_loss(logits, target, self.smoothing), logits
-
-
 class _Features(nn.Module):
-    """A private-label step: the features the device's half reads (pooled per sample, or every
-    row for causal LM)."""
+    """A step's side-network features as one module call, so ``functional_call`` can swap its
+    weights: a private-label step's are what the device's half reads (pooled per sample, or
+    every row for causal LM)."""
 
     def __init__(self, net: SideNetwork) -> None:
         super().__init__()
         self.net = net
         self.calls = net.dropout_calls()
 
+    def rows(self, hidden: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """Every row's features, with the step's own dropout masks."""
+        for drop, mask in zip(self.calls, masks.unbind(0), strict=True):
+            drop.next_mask = mask
+        return self.net.features(hidden)
+
     def forward(
+        self, hidden: list[torch.Tensor], masks: torch.Tensor, pool: torch.Tensor | None
+    ) -> torch.Tensor:
+        feats = self.rows(hidden, masks)
+        return feats if pool is None else self.net.pooled(feats, pool_weights=pool)
+
+
+class _Objective(_Features):
+    """The learner's loss (a standard step: the labels are here)."""
+
+    def __init__(self, net: SideNetwork, smoothing: float) -> None:
+        super().__init__(net)
+        self.smoothing = smoothing
+
+    def forward(  # type: ignore[override]
         self,
         hidden: list[torch.Tensor],
         masks: torch.Tensor,
         pool: torch.Tensor | None,
-    ) -> torch.Tensor:
-        for drop, mask in zip(self.calls, masks.unbind(0), strict=True):
-            drop.next_mask = mask
-        feats = self.net.features(hidden)
-        return feats if pool is None else self.net.pooled(feats, pool_weights=pool)
+        target: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net.logits(self.rows(hidden, masks), pool_weights=pool)
+        return task_loss(logits, target, self.smoothing), logits
 
 
 class _Group:
