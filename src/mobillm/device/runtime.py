@@ -694,7 +694,11 @@ class DeviceTrainer:
                 break
             except RemoteError as e:
                 last = e
-                if e.code not in RETRY_RESUME or time.monotonic() + delay > deadline:
+                if e.code not in RETRY_RESUME:  # no retry can mend it: said as it is
+                    raise RemoteError(
+                        e.code, f"{e.message} (when reconnecting after: {err.message})"
+                    ) from None
+                if time.monotonic() + delay > deadline:
                     raise RemoteError(
                         e.code,
                         f"{e.message} (gave up reconnecting after {self.cfg.reconnect_seconds:.0f}"
