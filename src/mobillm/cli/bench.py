@@ -462,17 +462,19 @@ def run_server_cmd(args: argparse.Namespace) -> dict[str, Any]:
 
     # records stored before a rerun replaced their point: the latest of each point is kept
     kept: list[dict[str, Any]] = []
-    for r in reversed(done):
-        mine = {k: r.get(k, defaults[k]) for k in defaults}
-        if "tf32" not in r and r["device"].startswith("cuda"):
-            mine["tf32"] = False  # CUDA points from before the option ran in float32
-        if not any(same(k, mine) for k in kept):
-            kept.append(r)
+    for rec in reversed(done):
+        point = {k: rec.get(k, defaults[k]) for k in defaults}
+        if "tf32" not in rec and rec["device"].startswith("cuda"):
+            point["tf32"] = False  # CUDA points from before the option ran in float32
+        if not any(same(later, point) for later in kept):
+            kept.append(rec)
     done = kept[::-1]
 
     for i, cfg in enumerate(points):
         want = cfg.to_dict()
-        if not args.fresh and any(same(r, want) for r in done):
+        # measured already, as long or longer (a rerun with more steps measures it again)
+        have = [r for r in done if same(r, want)]
+        if not args.fresh and any(r.get("steps", 0) >= cfg.steps for r in have):
             continue
         common.say(
             f"[server] point {i + 1}/{len(points)}: {cfg.shape} S={cfg.sessions} "

@@ -4,7 +4,7 @@ A side-network step with a few rows per sample is tiny, so a server that trains 
 after another is bound by per-operation overhead (kernel launches on a GPU, the optimizer's
 per-tensor loop on a CPU). The ``Batcher`` collects the streamed training steps that are ready
 across sessions, groups those whose learners have the same shape (same side config, same frozen
-head, same label smoothing), and trains each group at once:
+head, same label smoothing, same label mode), and trains each group at once:
 
 * each session's trainable parameters and AdamW moments live in three flat vectors
   (``FlatState``; the module's parameters and the optimizer's state are views of them), so
@@ -20,7 +20,11 @@ head, same label smoothing), and trains each group at once:
   shares its round;
 * each session's gradient clipping is applied to the stacked gradients, and sessions at the
   same learning rate and step take their AdamW step in one call of PyTorch's fused kernel,
-  the one ``torch.optim.AdamW(fused=True)`` runs for the per-session trainer.
+  the one ``torch.optim.AdamW(fused=True)`` runs for the per-session trainer;
+* a private-label step (its labels stay on the device) takes two rounds: one computes the
+  features its device reads, without a graph; once the device's gradient for them is in, a
+  later round runs the forward again and back-propagates that gradient, the clipping norm
+  including the device's half. A round never holds a step for its device's answer.
 
 A session trained in a batch ends with the same weights as trained alone, up to floating-point
 reassociation. A round waits at most ``wait_ms`` for the sessions active lately, so a slow
@@ -552,8 +556,9 @@ class Batcher:
             out = run(g.views(weights), hidden, masks, pool)
         for j, item in enumerate(items):
             n = item.layout[0].shape[0] if item.layout is not None else item.hidden[0].shape[0]
-            item.features = out[j, :n]
-            item.result = (float("nan"), {"batch": float(len(items))})
+            # its own tensor: a view would keep the whole round's output alive while the
+            # session waits for its device, and share storage with other sessions' features
+            item.features = out[j, :n].clone()
 
     def _train_round(self, g: _Group, items: list[Ready]) -> None:
         dev = items[0].trainer.device

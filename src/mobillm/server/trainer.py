@@ -87,7 +87,9 @@ class _Pending:
         self.last_hidden: torch.Tensor | None = None
         self.started = time.perf_counter()
         self.rng: torch.Tensor | None = None  # the dropout generator's state at its begin
-        self.out: torch.Tensor | None = None  # private labels: the features sent, with graph
+        # private labels: the features sent (with their graph, unless a batched round runs
+        # them again once the gradient is in)
+        self.out: torch.Tensor | None = None
 
 
 class Trainer:
@@ -163,7 +165,7 @@ class Trainer:
             spec.head_sha256,
             spec.head,
             spec.side,
-            spec.train.label_smoothing,
+            0.0 if self.private else spec.train.label_smoothing,  # the device's, then
             self.private,
             str(self.device),
         )
