@@ -226,7 +226,8 @@ class Device:
             counts = {
                 "train": len(train),
                 "validation": len(val) if val is not None else 0,
-                "held_out": len(held) if held is not None else 0 if evaluate else len(eval_ex),
+                # not evaluating: the examples that would have been
+                "held_out": len(held) if held is not None else (0 if evaluate else len(eval_ex)),
             }
             callback({"examples": {**counts, "task": dcfg.task}})
         side = self._side_config(dcfg, learner)

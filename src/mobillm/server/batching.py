@@ -259,13 +259,14 @@ class _Group:
         them reshaped and concatenated, two more passes over the largest tensors of a round."""
         return [w.detach().requires_grad_() for w in self.views(weights)]
 
+    def _named(self, weights):
+        return {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
+
     def _one(self, weights, hidden, masks, pool, target):
-        named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
-        return functional_call(self.objective, named, (hidden, masks, pool, target))
+        return functional_call(self.objective, self._named(weights), (hidden, masks, pool, target))
 
     def _one_features(self, weights, hidden, masks, pool):
-        named = {n: w for (n, _, _), w in zip(self.layout, weights, strict=True)}
-        return functional_call(self.features, named, (hidden, masks, pool))
+        return functional_call(self.features, self._named(weights), (hidden, masks, pool))
 
     def _one_private(self, weights, hidden, masks, pool, grad):
         """The features dotted with the device's gradient for them: its gradient is the

@@ -155,9 +155,9 @@ class Trainer:
         # the untrained network, the baseline every epoch must beat on the validation split
         self._initial = _copy_state(self.net)
         # Training steps of a stackable learner train in the batcher's rounds together with
-        # other sessions'; validation steps here. A private-label step's round runs once its
-        # device's gradient is in (its forward runs here first, without a graph): a round
-        # never waits on a device.
+        # other sessions'; validation steps here. A private-label step takes two rounds: its
+        # features, without a graph, then its training once its device's gradient is in (no
+        # round holds a step while the device answers).
         stacks = stackable(self.net)
         self.batcher = batcher if batcher is not None and stacks else None
         self.flat = FlatState(self.net, self.opt) if self.batcher is not None else None
@@ -503,8 +503,7 @@ class Trainer:
         batched = self.batcher is not None and not b.validation
         if batched:
             assert self.batcher is not None
-            layout = (b.rows_per_sample, b.pool_rows) if classify else None
-            feats = self.batcher.features(Ready(self, p.hidden, None, layout, p.masks))
+            feats = self.batcher.features(Ready(self, p.hidden, None, self._layout(b), p.masks))
             out = feats if classify else feats[b.loss_mask.to(dev)]  # type: ignore[union-attr]
         else:
             if isinstance(self.net, SideNetwork) and not b.validation:
@@ -602,6 +601,11 @@ class Trainer:
         self.last_ack = Ack(step=b.step, loss=loss, metrics=metrics)
         return Ack(step=b.step, loss=loss, metrics=dict(metrics))
 
+    def _layout(self, b: StepBegin) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What a round pools a classification step's rows by (``Ready.layout``)."""
+        classify = self.spec.side.task == "classification"
+        return (b.rows_per_sample, b.pool_rows) if classify else None
+
     def _train_batched(
         self, p: _Pending, grad: torch.Tensor | None = None, device_sq: float = 0.0
     ) -> tuple[float, dict[str, float]]:
@@ -610,7 +614,7 @@ class Trainer:
         assert self.batcher is not None and p.hidden is not None
         b = p.begin
         classify = self.spec.side.task == "classification"
-        layout = (b.rows_per_sample, b.pool_rows) if classify else None
+        layout = self._layout(b)
         if grad is not None:
             if not classify:  # every row's, zero where the step carries no loss
                 assert b.loss_mask is not None
